@@ -1,0 +1,1 @@
+"""Quantization/precision backends. One module per backend; `registry.get_backend(name)` builds one."""

@@ -1,0 +1,94 @@
+"""The policy contract (DESIGN.md): a batch of LIBERO observations + instructions -> action chunk [B, H, 7].
+
+A policy is any object with the attributes and methods of `Policy`. Rollout workers build
+`Observation`s; the rollout engine stacks the ones waiting for an action into an `ObsBatch`
+and makes one `predict` call for all of them (batched across workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Observation:
+    """One environment's observation after openpi's processing.
+
+    Images are only present when the policy (or a video) asked for cameras.
+    """
+
+    state: np.ndarray  # [8] eef pos (3) + eef axis-angle (3) + gripper qpos (2), float32
+    instruction: str
+    episode_key: str  # unique per episode: "<suite>/<task>/<init>" ; lets stateful policies keep per-episode memory
+    step: int  # env steps taken so far (after settle)
+    agentview: np.ndarray | None = None  # [224, 224, 3] uint8, rotated 180° and resized with padding
+    wrist: np.ndarray | None = None  # [224, 224, 3] uint8
+    # Privileged simulator state for scripted/state-based policies: object positions/quaternions etc.
+    # Keys are the raw LIBERO observation keys (e.g. "akita_black_bowl_1_pos").
+    privileged: dict[str, np.ndarray] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=dict)  # suite, task_id, bddl_file, language
+
+
+@dataclass
+class ObsBatch:
+    observations: list[Observation]
+
+    def __len__(self) -> int:
+        return len(self.observations)
+
+    @property
+    def instructions(self) -> list[str]:
+        return [o.instruction for o in self.observations]
+
+    def stacked_state(self) -> np.ndarray:
+        return np.stack([o.state for o in self.observations]).astype(np.float32)
+
+    def stacked_images(self, view: str) -> np.ndarray:
+        imgs = [getattr(o, view) for o in self.observations]
+        if any(i is None for i in imgs):
+            raise ValueError(f"observation batch has no '{view}' images; does the policy declare needs_images?")
+        return np.stack(imgs)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the rollout engine, backends and fidelity checks rely on."""
+
+    name: str
+    needs_images: bool  # False: envs run without cameras (a state-only policy must not pay for rendering)
+    needs_privileged: bool  # True: observations carry simulator object poses
+    action_horizon: int  # H of the returned chunk
+
+    def predict(self, batch: ObsBatch, noise_seed: int | None = None) -> np.ndarray:
+        """Return float32 actions [B, H, 7] in LIBERO's action space. Deterministic given noise_seed."""
+        ...
+
+    def reset(self, episode_key: str) -> None:
+        """Forget any per-episode memory (called when an episode starts)."""
+        ...
+
+
+class TorchPolicy:
+    """Base for policies backed by an nn.Module: backends and fidelity operate on `self.model`.
+
+    Subclasses set `model` and implement `predict`. `transformer_stacks()` names the layer stacks
+    (e.g. {"prefix": model.prefix.layers, "expert": model.expert.layers}) so backends and the
+    fidelity checks can find layers by stable names.
+    """
+
+    name = "torch"
+    needs_images = False
+    needs_privileged = False
+    action_horizon = 10
+    model: torch.nn.Module
+    device: torch.device = torch.device("cpu")
+
+    def reset(self, episode_key: str) -> None:  # stateless by default
+        return None
+
+    def transformer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+        return {}
