@@ -8,10 +8,12 @@ and makes one `predict` call for all of them (batched across workers).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch stays out of rollout worker processes
+    import torch
 
 
 @dataclass
@@ -31,6 +33,9 @@ class Observation:
     # Keys are the raw LIBERO observation keys (e.g. "akita_black_bowl_1_pos").
     privileged: dict[str, np.ndarray] = field(default_factory=dict)
     task: dict[str, Any] = field(default_factory=dict)  # suite, task_id, bddl_file, language
+    # Per-observation flow-matching noise seed, set by the rollout engine from (episode seed, call index)
+    # so results do not depend on how observations were batched across workers.
+    noise_seed: int | None = None
 
 
 @dataclass
@@ -64,7 +69,11 @@ class Policy(Protocol):
     action_horizon: int  # H of the returned chunk
 
     def predict(self, batch: ObsBatch, noise_seed: int | None = None) -> np.ndarray:
-        """Return float32 actions [B, H, 7] in LIBERO's action space. Deterministic given noise_seed."""
+        """Return float32 actions [B, H, 7] in LIBERO's action space.
+
+        Deterministic given the noise: `noise_seed` (one seed for the whole batch, used by probes/benchmarks)
+        or, when it is None, each observation's own `noise_seed` (rollouts).
+        """
         ...
 
     def reset(self, episode_key: str) -> None:
@@ -84,11 +93,11 @@ class TorchPolicy:
     needs_images = False
     needs_privileged = False
     action_horizon = 10
-    model: torch.nn.Module
-    device: torch.device = torch.device("cpu")
+    model: "torch.nn.Module"
+    device: "torch.device | str" = "cpu"
 
     def reset(self, episode_key: str) -> None:  # stateless by default
         return None
 
-    def transformer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+    def transformer_stacks(self) -> "dict[str, torch.nn.ModuleList]":
         return {}

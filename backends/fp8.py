@@ -1,0 +1,100 @@
+"""fp8 backends (e4m3): `fp8` W8A8 dynamic and `fp8_weight_only`.
+
+`fp8` native: weights e4m3 per output channel (fp32 scales), activations quantized per token at run time by
+our fused Triton kernel (amax + cast in one launch), matmul by `torch._scaled_mm` with row-wise scales
+(cuBLASLt fp8, bf16 out). Needs sm_89+ and Triton. `engine=emulated` stores the same e4m3 weights and
+fake-quantizes activations per token in torch, multiplying in fp32: accuracy studies only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.quant import QuantBackend, QuantLinear, capability_line, fake_quant_fp8_rows, linear_fp32, quant_fp8_rows
+from backends.triton_kernels import rowwise_quant, triton_available
+from evalkit.errors import CapabilityError
+
+
+class Fp8Linear(QuantLinear):
+    weight_format = "e4m3, per-channel fp32 scales"
+    scale_buffers = ("wscale",)
+    activation_precision = "fp8_e4m3 (dynamic per-token)"
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, emulated: bool, fast_accum: bool = True) -> None:
+        super().__init__(linear, out_dtype)
+        q, s = quant_fp8_rows(linear.weight.detach())
+        self.register_buffer("qweight", q)  # [N, K] row-major: .t() is the column-major operand _scaled_mm wants
+        self.register_buffer("wscale", s.reshape(1, -1).contiguous())  # [1, N]
+        self.emulated = emulated
+        self.fast_accum = fast_accum
+        self.kernel = (
+            "emulated: fake-quant e4m3 (x per-token, w per-channel) + fp32 F.linear"
+            if emulated
+            else f"triton:rowwise_quant_fp8 + torch._scaled_mm(rowwise{', fast_accum' if fast_accum else ''})"
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.wscale.reshape(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.emulated:
+            y = linear_fp32(fake_quant_fp8_rows(x2), self.dequantized_weight())
+            return self._finish(y, shape)
+        xq, xs = rowwise_quant(x2.to(torch.bfloat16), "fp8")
+        y = torch._scaled_mm(
+            xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum
+        )
+        return self._finish(y, shape)
+
+
+class Fp8WeightOnlyLinear(QuantLinear):
+    weight_format = "e4m3, per-channel fp32 scales"
+    scale_buffers = ("wscale",)
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype) -> None:
+        super().__init__(linear, out_dtype)
+        q, s = quant_fp8_rows(linear.weight.detach())
+        self.register_buffer("qweight", q)
+        self.register_buffer("wscale", s.reshape(-1, 1).to(torch.bfloat16))
+        self.activation_precision = "bf16" if out_dtype == torch.bfloat16 else str(out_dtype)
+        self.kernel = "dequant e4m3->bf16 per call + torch F.linear (bf16)"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.qweight.to(torch.bfloat16) * self.wscale).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        w = self.qweight.to(torch.bfloat16) * self.wscale
+        y = torch.nn.functional.linear(x.reshape(-1, self.in_features).to(torch.bfloat16), w)
+        return self._finish(y, shape)
+
+
+class FP8Backend(QuantBackend):
+    name = "fp8"
+    engines = ("native", "emulated")
+
+    def check_engine(self, device: torch.device) -> None:
+        if self.engine == "emulated":
+            self.capability_notes.append(capability_line(True, "emulated fp8 runs anywhere (accuracy only, not latency)"))
+            return
+        self.require_cuda_cc(device, (8, 9), "fp8 tensor cores for torch._scaled_mm")
+        ver = triton_available()
+        if ver is None:
+            raise CapabilityError("backend 'fp8' needs Triton for its fused activation quantization; install triton")
+        self.capability_notes.append(capability_line(True, f"triton {ver} (fused per-token fp8 quantization)"))
+
+    def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
+        return Fp8Linear(linear, self.base_dtype, emulated=self.engine == "emulated", fast_accum=bool(self.options.get("fast_accum", True)))
+
+
+class FP8WeightOnlyBackend(QuantBackend):
+    name = "fp8_weight_only"
+
+    def check_engine(self, device: torch.device) -> None:
+        self.capability_notes.append(capability_line(True, f"e4m3 storage + dequant to bf16 runs on {device.type} (no fp8 tensor cores used)"))
+
+    def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
+        return Fp8WeightOnlyLinear(linear, self.base_dtype)

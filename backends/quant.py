@@ -1,0 +1,274 @@
+"""Shared pieces of the quantization backends: the QuantLinear base, quantization math, the report builder.
+
+Every quantized module stores its real low-precision tensors as buffers (so `module_weight_bytes` counts
+them), names the buffer that holds the weights (`weight_store`), says what its matmul consumes
+(`activation_precision`) and what computes it (`kernel`), and can return the effective weight
+(`dequantized_weight()`) for fidelity fingerprints. The report is read off these modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.base import Backend, BackendReport, ModuleReport, module_weight_bytes
+from backends.targets import model_device, replace_module, select_linears
+from evalkit.errors import BadInput, CapabilityError
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+ENGINES = ("native", "emulated", "fake_quant")
+
+
+class QuantLinear(nn.Module):
+    """Base of every quantized Linear replacement. Subclasses fill the buffers and `forward`."""
+
+    weight_store: str = "qweight"  # name of the buffer that holds the (packed) weights
+    weight_format: str = ""  # human description appended to the storage dtype in the report
+    scale_buffers: tuple[str, ...] = ()  # buffers a correct kernel must apply (fault_ignored_scale zeroes their effect)
+    activation_precision: str = "bf16"
+    kernel: str = ""
+
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.out_dtype = out_dtype
+        b = linear.bias
+        self.register_buffer("bias", None if b is None else b.detach().to(out_dtype).clone())
+        self.scales_ignored = False
+
+    # -- what the report reads
+    def weight_dtype_str(self) -> str:
+        store = getattr(self, self.weight_store)
+        return f"{store.dtype} ({self.weight_format})" if self.weight_format else str(store.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective weight [out, in] in fp32 after dequantization (what the kernel multiplies by)."""
+        raise NotImplementedError
+
+    def ignore_scales(self) -> None:
+        """Fault injection: make the kernel run the quantized weights as if every scale were 1 (zero points 0)."""
+        for name in self.scale_buffers:
+            t = getattr(self, name)
+            setattr(self, name, torch.ones_like(t))
+        for name in getattr(self, "zero_buffers", ()):
+            setattr(self, name, torch.zeros_like(getattr(self, name)))
+        self.scales_ignored = True
+        self._after_scale_change()
+
+    def _after_scale_change(self) -> None:  # subclasses that pre-pack scales re-pack here
+        return None
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w={self.weight_dtype_str()}, act={self.activation_precision}, kernel={self.kernel}"
+
+
+# ------------------------------------------------------------------------------------------------ math
+def quant_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric e4m3 per row: q [R, C] float8_e4m3fn, scale [R] fp32 with t ≈ q * scale."""
+    t32 = t.float()
+    scale = (t32.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    q = (t32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fake_quant_fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    q, s = quant_fp8_rows(x)
+    return q.float() * s[..., None]
+
+
+def quant_int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: q int8 [R, C], scale [R] fp32 with t ≈ q * scale."""
+    t32 = t.float()
+    scale = (t32.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)
+    q = torch.round(t32 / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quant_int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint4 per (row, group of `group` along K), tinygemm convention w ≈ (q - 8) * s + z.
+
+    Returns q uint8 [N, K] in 0..15, scales [N, K/g] fp32, zeros [N, K/g] fp32.
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    s = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8)
+    z = lo + 8.0 * s
+    return q.reshape(n, k), s, z
+
+
+def dequant_int4_groups(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    g = (q.float().reshape(n, k // group, group) - 8.0) * s.float()[..., None] + z.float()[..., None]
+    return g.reshape(n, k)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] -> uint8 [N, K/2], even column in the high nibble (tinygemm's input order)."""
+    return ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p >> 4, p & 0xF], dim=-1).reshape(p.shape[0], -1)
+
+
+def check_group(name: str, k: int, group: int) -> None:
+    if k % group:
+        raise BadInput(f"{name}: in_features {k} is not a multiple of group size {group}; set backend.options.group_size")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def describe_module(name: str, mod: nn.Module) -> ModuleReport | None:
+    """One report row for a module that holds weights directly (a leaf in the weight sense), else None.
+
+    Foreign modules (ModelOpt, Torch-TensorRT) are described by an `_evalkit_desc` dict set on them by the
+    backend that made them: {"weight_store", "weight_format", "activation_precision", "kernel"}.
+    """
+    if isinstance(mod, QuantLinear):
+        return ModuleReport(name, type(mod).__name__, mod.weight_dtype_str(), module_weight_bytes(mod), mod.activation_precision, mod.kernel)
+    desc = getattr(mod, "_evalkit_desc", None)
+    if desc is not None:
+        store = getattr(mod, desc["weight_store"])
+        wd = f"{store.dtype} ({desc['weight_format']})" if desc.get("weight_format") else str(store.dtype)
+        return ModuleReport(name, type(mod).__name__, wd, module_weight_bytes(mod), desc["activation_precision"], desc["kernel"])
+    w = mod._parameters.get("weight", None)
+    if w is None:
+        w = mod._buffers.get("weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    act = DTYPE_SHORT.get(w.dtype, str(w.dtype)) if isinstance(mod, nn.Linear) else "-"
+    return ModuleReport(name, type(mod).__name__, str(w.dtype), module_weight_bytes(mod), act, f"torch:{type(mod).__name__}")
+
+
+def describe_model(model: nn.Module) -> list[ModuleReport]:
+    rows = []
+    for name, mod in model.named_modules():
+        r = describe_module(name, mod)
+        if r is not None:
+            rows.append(r)
+    return rows
+
+
+def device_str(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        cc = torch.cuda.get_device_capability(dev)
+        return f"{dev} ({torch.cuda.get_device_name(dev)}, sm_{cc[0]}{cc[1]})"
+    return str(dev)
+
+
+def capability_line(ok: bool, what: str) -> str:
+    return f"capability: {'ok ' if ok else 'MISSING '}{what}"
+
+
+# ------------------------------------------------------------------------------------------------ base backend
+class QuantBackend(Backend):
+    """Cast the model to `base_dtype` (bf16) and replace every targeted nn.Linear with `make_module(name, linear)`.
+
+    Subclasses set `engines` (which `engine` values they accept), override `check_engine` for up-front
+    capability checks (one clear line each) and implement `make_module`.
+    """
+
+    engines: tuple[str, ...] = ("native",)
+    base_dtype = torch.bfloat16
+    replaces_targets = True  # False: `prepare` transforms the targets itself (ModelOpt converts modules in place)
+
+    def __init__(self, targets: str = "prefix_mlp", engine: str = "native", **options: Any) -> None:
+        super().__init__(targets=targets, **options)
+        if engine not in self.engines:
+            raise BadInput(f"backend '{self.name}' has no engine '{engine}'; valid: {', '.join(self.engines)}")
+        self.engine = engine
+        self.capability_notes: list[str] = []
+
+    def check_engine(self, device: torch.device) -> None:
+        """Raise CapabilityError (one line) when `self.engine` cannot run on `device`; record what was checked."""
+        return None
+
+    def require_cuda_cc(self, device: torch.device, cc: tuple[int, int], why: str) -> None:
+        if device.type != "cuda":
+            raise CapabilityError(
+                f"backend '{self.name}' (engine={self.engine}) needs a CUDA GPU with compute capability >= {cc[0]}.{cc[1]} "
+                f"({why}); device is {device}"
+                + ("; use backend.engine=emulated for an accuracy-only emulation" if "emulated" in self.engines else "")
+            )
+        have = torch.cuda.get_device_capability(device)
+        if tuple(have) < cc:
+            raise CapabilityError(
+                f"backend '{self.name}' (engine={self.engine}) needs compute capability >= {cc[0]}.{cc[1]} ({why}); "
+                f"{torch.cuda.get_device_name(device)} has {have[0]}.{have[1]}"
+                + ("; use backend.engine=emulated for an accuracy-only emulation" if "emulated" in self.engines else "")
+            )
+        self.capability_notes.append(capability_line(True, f"compute capability {have[0]}.{have[1]} >= {cc[0]}.{cc[1]} ({why})"))
+
+    @property
+    def latency_representative(self) -> bool:
+        return self.engine == "native"
+
+    def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, calib: Iterable[Any] | None = None) -> BackendReport:
+        device = model_device(model)
+        self.check_requirements(device)
+        self.check_engine(device)
+        targets = select_linears(model, self.targets)  # BadInput before touching the model
+        before = module_weight_bytes(model)
+        model.to(self.base_dtype)
+        self.prepare(model, targets, calib)
+        for name, lin in targets if self.replaces_targets else ():
+            replace_module(model, name, self.make_module(name, lin, device))
+        notes = list(self.capability_notes)
+        notes.append(f"targets={self.targets}: {len(targets)} Linear modules quantized; the rest of the model cast to {self.base_dtype}")
+        notes += self.extra_notes()
+        return BackendReport(
+            backend=self.name,
+            device=device_str(device),
+            modules=describe_model(model),
+            weight_bytes_before=before,
+            weight_bytes_after=module_weight_bytes(model),
+            latency_representative=self.latency_representative,
+            notes=notes,
+        )
+
+    def prepare(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], calib: Iterable[Any] | None) -> None:
+        """Hook before replacement (calibration); default nothing."""
+        return None
+
+    def extra_notes(self) -> list[str]:
+        return []
+
+
+def run_calibration(model: nn.Module, calib: Iterable[Any]) -> int:
+    """Run every calibration item through the model: a callable is called (it runs the policy on probe
+    observations), a dict is passed as keyword arguments, a tuple/list as positional arguments."""
+    n = 0
+    with torch.no_grad():
+        for item in calib:
+            if callable(item):
+                item()
+            elif isinstance(item, dict):
+                model(**item)
+            elif isinstance(item, (tuple, list)):
+                model(*item)
+            else:
+                model(item)
+            n += 1
+    return n
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Reference matmul of the emulation paths, in fp32 so the only error is the quantization being emulated."""
+    return F.linear(x.float(), w.float())
+
+
+Maker = Callable[[str, nn.Linear, torch.device], nn.Module]

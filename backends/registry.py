@@ -1,0 +1,76 @@
+"""Backend name -> class. Custom backends come by import path (`backend._target_=pkg.module.Class`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.base import Backend
+from evalkit.errors import BadInput
+from evalkit.imports import import_object
+
+BACKENDS: dict[str, str] = {
+    "bf16": "backends.casts:BF16Backend",
+    "fp16": "backends.casts:FP16Backend",
+    "fp32": "backends.casts:FP32Backend",
+    "fp8": "backends.fp8:FP8Backend",
+    "fp8_weight_only": "backends.fp8:FP8WeightOnlyBackend",
+    "int8": "backends.int8:Int8Backend",
+    "int8_weight_only": "backends.int8:Int8WeightOnlyBackend",
+    "int4": "backends.int4:Int4Backend",
+    "sparse24": "backends.sparse24:Sparse24Backend",
+    "torch_trt_fp8": "backends.torch_trt_fp8:TorchTRTFP8Backend",
+    "nvfp4": "backends.fp4:NVFP4Backend",
+    "w4a8": "backends.fp4:W4A8Backend",
+    "fault_shared_layer_weights": "backends.faults:SharedLayerWeightsFault",
+    "fault_drop_mlp_residual": "backends.faults:DropMLPResidualFault",
+    "fault_ignored_scale": "backends.faults:IgnoredScaleFault",
+    "fault_silent_fallback": "backends.faults:SilentFallbackFault",
+}
+
+
+def backend_names() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def get_backend(name: str, target_path: str | None = None, **options: Any) -> Backend:
+    """Build a backend by registered name, or by `target_path` ("pkg.module.Class") for custom ones."""
+    path = target_path or BACKENDS.get(name)
+    if path is None:
+        raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend._target_=pkg.module.Class)")
+    cls = import_object(path)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BadInput(f"'{path}' is not a backends.base.Backend subclass")
+    return cls(**options)
+
+
+def backend_from_config(cfg: Any) -> Backend:
+    """Build a backend from the `backend` config group (name, targets, engine, inner, target, options).
+
+    `engine` and `inner` are passed only to backends whose constructor takes them; a non-default value
+    for a backend that has no such knob is a BadInput (never silently ignored).
+    """
+    import inspect
+
+    get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+    name = get("name")
+    target = get("target", None) or get("_target_", None)
+    options = dict(get("options", None) or {})
+    path = target or BACKENDS.get(name)
+    if path is None:
+        raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend.target=pkg.module.Class)")
+    cls = import_object(path)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BadInput(f"'{path}' is not a backends.base.Backend subclass")
+    params = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            params |= set(inspect.signature(klass.__init__).parameters)
+    kwargs: dict[str, Any] = {"targets": get("targets", None) or "prefix_mlp", **options}
+    for key, default in (("engine", "native"), ("inner", None)):
+        value = get(key, None)
+        if key in params:
+            if value is not None:
+                kwargs[key] = value
+        elif value not in (None, default):
+            raise BadInput(f"backend '{name}' has no '{key}' setting (got {key}={value})")
+    return cls(**kwargs)

@@ -1,0 +1,94 @@
+"""`python -m evalkit [overrides]`: Hydra composes the run, `evalkit.run.execute` runs it.
+
+Exit codes: 0 pass, 1 regression, 2 bad input/config (one clear line, no traceback),
+3 internal error (a bug: traceback printed). In a multirun the worst job decides.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from evalkit.config import CONF_DIR, GROUPS, group_options, register, validate
+from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
+
+EXIT_INTERNAL = 3
+INT_KNOBS = ("denoise_steps", "workers", "seed", "videos_per_task", "suite.trials", "suite.max_steps")
+_job_codes: list[int] = []
+
+
+def prevalidate(argv: list[str]) -> str | None:
+    """Catch the common mistakes before Hydra, with one line naming the valid choices."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key.startswith("hydra"):
+            continue
+        values = [v.strip() for v in value.split(",")] if not value.startswith("[") else [value]
+        if key in GROUPS:
+            valid = group_options(key)
+            for v in values:
+                if v and v != "null" and v not in valid and not any(ch in v for ch in "*()$"):
+                    return f"unknown {key} '{v}'; valid: {', '.join(valid)}"
+        if key in INT_KNOBS:
+            for v in values:
+                try:
+                    int(v)
+                except ValueError:
+                    if not any(ch in v for ch in "()$"):  # leave sweep functions like range(1,3) to Hydra
+                        return f"{key}={v!r} is not an integer"
+    return None
+
+
+def run_from_config(cfg: DictConfig) -> int:
+    from evalkit.run import execute
+
+    try:
+        settings = validate(cfg)
+        hc = HydraConfig.get()
+        fresh_dir = Path(hc.runtime.output_dir)
+        sweep_key = str(Path(hc.sweep.dir).resolve()) if hc.mode == RunMode.MULTIRUN else None
+        outputs_root = Path(hydra.utils.get_original_cwd()) / "outputs"
+        return execute(settings, fresh_dir, OmegaConf.to_yaml(cfg, resolve=True), outputs_root, sweep_key)
+    except (BadInput, CapabilityError) as e:
+        print(f"evalkit: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        raise
+    except Exception:
+        traceback.print_exc()
+        print("evalkit: internal error (exit 3); the journal keeps finished episodes: rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+# An absolute path: the config tree lives at the repo root (DESIGN.md), beside the packages.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> int:
+    code = run_from_config(cfg)
+    _job_codes.append(code)
+    return code
+
+
+def main() -> None:
+    register()
+    problem = prevalidate(sys.argv[1:])
+    if problem:
+        print(f"evalkit: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra exits 1 when composing the config fails (bad override, type error): that is bad input.
+        if not _job_codes and e.code not in (0, None):
+            sys.exit(EXIT_BAD_INPUT)
+        raise
+    sys.exit(max(_job_codes) if _job_codes else 0)

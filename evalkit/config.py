@@ -1,0 +1,161 @@
+"""Structured config schema (dataclasses in Hydra's ConfigStore) and its validation.
+
+Hydra validates types at compose time (a non-numeric `workers` is refused); `validate()` checks
+the values Hydra cannot (ranges, suite tasks) and raises BadInput with the valid choices.
+Every suite in suites/specs.py is registered as an option of the `suite` group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from evalkit.errors import BadInput
+from suites.specs import SUITES, SuiteSpec, customize
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("policy", "backend", "suite", "gate", "tracking", "experiment")
+
+
+class VideoMode(str, Enum):
+    none = "none"
+    failures = "failures"
+    all = "all"
+
+
+class TrackingMode(str, Enum):
+    online = "online"
+    offline = "offline"
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING
+    targets: str = "prefix_mlp"  # prefix_mlp | expert_mlp | attn | vision | all
+    engine: str = "native"  # native | emulated | fake_quant
+    inner: Optional[str] = None  # fault backends: the real backend they wrap
+    target: Optional[str] = None  # import path of a custom backend class (pkg.module.Class)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SuiteConfig:
+    name: str = MISSING
+    libero_name: str = MISSING
+    tasks: Optional[List[int]] = None  # null: the suite's own task list
+    trials: Optional[int] = None  # null: the suite's own trial count
+    max_steps: Optional[int] = None
+    num_steps_wait: int = 10
+    replan_steps: int = 5
+    seed: int = 7
+
+
+@dataclass
+class TrackingConfig:
+    mode: TrackingMode = TrackingMode.online
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "evalkit"
+    log_videos: bool = True
+
+
+@dataclass
+class RunConfig:
+    policy: Any = MISSING
+    backend: BackendConfig = MISSING
+    suite: SuiteConfig = MISSING
+    gate: Any = MISSING
+    tracking: TrackingConfig = MISSING
+    denoise_steps: int = 10
+    seed: int = 7
+    device: str = "auto"  # auto: cuda if present, else cpu
+    workers: int = 2  # env worker processes; 0 runs envs in the main process
+    video: VideoMode = VideoMode.failures
+    videos_per_task: int = 5
+    resume: Optional[str] = None  # null: continue only if this run dir already holds a journal; "latest" or a run dir
+    quiet: bool = False  # plain log lines instead of a live progress bar (CI logs)
+    baseline: Optional[str] = None  # MLflow run id, "latest", or a reference key: judged by the gate after rollouts
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="evalkit_schema", node=RunConfig)
+    for name, spec in SUITES.items():
+        cs.store(group="suite", name=name,
+                 node=SuiteConfig(name=name, libero_name=spec.libero_name, max_steps=spec.max_steps))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group: YAML files under conf/<group>/ plus ConfigStore entries."""
+    names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")} if (CONF_DIR / group).is_dir() else set()
+    if group == "suite":
+        names |= set(SUITES)
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunSettings:
+    """The validated, plain-Python view of a composed config that the stages use."""
+
+    policy: dict
+    backend: dict
+    suite: SuiteSpec
+    gate: dict
+    tracking: dict
+    denoise_steps: int
+    seed: int
+    device: str
+    workers: int
+    video: str
+    videos_per_task: int
+    resume: Optional[str]
+    quiet: bool
+    baseline: Optional[str]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
+        return device
+    raise BadInput(f"device={device}: valid: auto, cpu, cuda, cuda:N")
+
+
+def validate(cfg) -> RunSettings:
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if c["denoise_steps"] < 1:
+        raise BadInput(f"denoise_steps={c['denoise_steps']}: must be >= 1 (Euler steps of the flow-matching sampler)")
+    if c["workers"] < 0:
+        raise BadInput(f"workers={c['workers']}: must be >= 0 (0 runs envs in the main process)")
+    if c["videos_per_task"] < 0:
+        raise BadInput(f"videos_per_task={c['videos_per_task']}: must be >= 0")
+    s = c["suite"]
+    if s["libero_name"] not in {sp.libero_name for sp in SUITES.values()} and s["name"] not in SUITES:
+        raise BadInput(f"suite '{s['name']}' names unknown LIBERO benchmark '{s['libero_name']}'")
+    base = SUITES.get(s["name"]) or next(sp for sp in SUITES.values() if sp.libero_name == s["libero_name"])
+    spec = customize(base, tasks=s["tasks"], trials=s["trials"], max_steps=s["max_steps"],
+                     num_steps_wait=s["num_steps_wait"], replan_steps=s["replan_steps"], seed=s["seed"])
+    pol = c["policy"]
+    if not isinstance(pol, dict) or "kind" not in pol:
+        raise BadInput("the policy config must be a mapping with a 'kind' (see conf/policy/)")
+    pol.setdefault("name", pol["kind"])
+    pol["denoise_steps"] = c["denoise_steps"]
+    return RunSettings(
+        policy=pol, backend=c["backend"], suite=spec, gate=c["gate"] or {}, tracking=c["tracking"],
+        denoise_steps=c["denoise_steps"], seed=c["seed"], device=resolve_device(c["device"]), workers=c["workers"],
+        video=c["video"], videos_per_task=c["videos_per_task"], resume=c["resume"], quiet=c["quiet"],
+        baseline=c["baseline"],
+    )

@@ -1,0 +1,7 @@
+"""The regression gate (DESIGN.md): judge a candidate run against a baseline with stated error rates."""
+
+from evalkit.gate.config import GateConfig
+from evalkit.gate.judge import GateCheck, GateResult, judge
+from evalkit.gate.runs import StoredRun, load_run
+
+__all__ = ["GateConfig", "GateCheck", "GateResult", "StoredRun", "judge", "load_run"]

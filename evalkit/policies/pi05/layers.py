@@ -1,0 +1,248 @@
+"""Building blocks: Gemma decoder layers (prefix LM and action expert) and SigLIP encoder layers.
+
+Every projection is a plain `torch.nn.Linear`, so backends can replace them by dotted name.
+Every layer's forward is the plain pre-norm residual form
+    h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+(the expert multiplies each branch by its adaRMSNorm gate), so a fault that drops the MLP residual
+or swaps `layer.mlp` changes exactly what it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evalkit.policies.pi05.config import GemmaSize, VisionSize
+
+
+# ----------------------------------------------------------------------------------------------- context
+@dataclass
+class AttnContext:
+    """What attention needs beyond the hidden states, shared by all layers of one forward.
+
+    cos/sin: RoPE tables for the query tokens [B, T, head_dim].
+    key_mask: bool [B, S_total] (True = attend) or None when every key is valid (lets SDPA use flash).
+    cache: prefill fills it (layer index -> (k, v) after RoPE); the expert reads it and appends its own keys.
+    cond: adaRMSNorm condition [B, width] for the expert, None for the prefix.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    write_cache: bool = False
+    read_cache: bool = False
+    cond: torch.Tensor | None = None
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """RoPE cos/sin [B, T, head_dim] for integer positions [B, T] (Gemma's half-split layout), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, heads, T, D]; cos/sin [B, T, D]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+# ----------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: x / rms(x) * (1 + weight), computed in fp32. Returns (y, gate=None)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype), None
+
+
+class AdaRMSNorm(nn.Module):
+    """π0.5's adaptive RMSNorm: `dense(cond)` -> (scale, shift, gate); y = norm(x)*(1+scale)+shift.
+
+    The gate multiplies the residual branch that follows this norm.
+    """
+
+    def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.dense = nn.Linear(cond_dim, 3 * dim, bias=True)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        if cond is None:
+            raise ValueError("AdaRMSNorm needs the time condition")
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        mod = self.dense(cond.to(self.dense.weight.dtype) if self.dense.weight.is_floating_point() else cond)
+        if x.dim() == 3:
+            mod = mod[:, None, :]
+        scale, shift, gate = mod.chunk(3, dim=-1)
+        y = y * (1.0 + scale.float()) + shift.float()
+        return y.to(x.dtype), gate.to(x.dtype)
+
+
+def _gated(branch: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return branch if gate is None else branch * gate
+
+
+# ----------------------------------------------------------------------------------------------- gemma
+class GemmaAttention(nn.Module):
+    """Grouped-query attention (num_kv_heads shared by all query heads) with RoPE and the prefix KV cache."""
+
+    def __init__(self, size: GemmaSize, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = size.num_heads, size.num_kv_heads, size.head_dim
+        self.q_proj = nn.Linear(size.width, size.num_heads * size.head_dim, bias=False)
+        self.k_proj = nn.Linear(size.width, size.num_kv_heads * size.head_dim, bias=False)
+        self.v_proj = nn.Linear(size.width, size.num_kv_heads * size.head_dim, bias=False)
+        self.o_proj = nn.Linear(size.num_heads * size.head_dim, size.width, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.write_cache:
+            ctx.cache[self.layer_idx] = (k, v)
+        if ctx.read_cache:
+            pk, pv = ctx.cache[self.layer_idx]
+            k = torch.cat([pk.to(k.dtype), k], dim=2)
+            v = torch.cat([pv.to(v.dtype), v], dim=2)
+        mask = None if ctx.key_mask is None else ctx.key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class GemmaMLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, width: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.up_proj = nn.Linear(width, mlp_dim, bias=False)
+        self.down_proj = nn.Linear(mlp_dim, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, size: GemmaSize, layer_idx: int, eps: float, adaptive: bool) -> None:
+        super().__init__()
+        self.self_attn = GemmaAttention(size, layer_idx)
+        self.mlp = GemmaMLP(size.width, size.mlp_dim)
+        norm = (lambda: AdaRMSNorm(size.width, size.width, eps)) if adaptive else (lambda: RMSNorm(size.width, eps))
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        a, gate = self.input_layernorm(x, ctx.cond)
+        h = x + _gated(self.self_attn(a, ctx), gate)
+        m, gate = self.post_attention_layernorm(h, ctx.cond)
+        return h + _gated(self.mlp(m), gate)
+
+
+class GemmaStack(nn.Module):
+    """`layers` + final `norm`; the prefix stack also owns `embed_tokens` (tied with PaliGemma's lm_head)."""
+
+    def __init__(self, size: GemmaSize, eps: float, adaptive: bool, vocab_size: int | None) -> None:
+        super().__init__()
+        self.size = size
+        if vocab_size is not None:
+            self.embed_tokens = nn.Embedding(vocab_size, size.width)
+        self.layers = nn.ModuleList([GemmaDecoderLayer(size, i, eps, adaptive) for i in range(size.depth)])
+        self.norm = AdaRMSNorm(size.width, size.width, eps) if adaptive else RMSNorm(size.width, eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return self.norm(x, ctx.cond)[0]
+
+
+# ----------------------------------------------------------------------------------------------- siglip
+class SiglipAttention(nn.Module):
+    def __init__(self, size: VisionSize) -> None:
+        super().__init__()
+        self.num_heads = size.num_heads
+        self.q_proj = nn.Linear(size.width, size.width)
+        self.k_proj = nn.Linear(size.width, size.width)
+        self.v_proj = nn.Linear(size.width, size.width)
+        self.out_proj = nn.Linear(size.width, size.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        h = self.num_heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, h, w // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, size: VisionSize) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(size.width, size.mlp_dim)
+        self.fc2 = nn.Linear(size.mlp_dim, size.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, size: VisionSize, eps: float) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(size.width, eps=eps)
+        self.self_attn = SiglipAttention(size)
+        self.layer_norm2 = nn.LayerNorm(size.width, eps=eps)
+        self.mlp = SiglipMLP(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.layer_norm1(x))
+        return h + self.mlp(self.layer_norm2(h))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, size: VisionSize) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, size.width, kernel_size=size.patch_size, stride=size.patch_size)
+        self.position_embedding = nn.Embedding(size.tokens_per_view, size.width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight[None].to(x.dtype)
+
+
+class SiglipVision(nn.Module):
+    """SigLIP So400m/14 without the pooling head (PaliGemma uses every patch token)."""
+
+    def __init__(self, size: VisionSize, eps: float) -> None:
+        super().__init__()
+        self.size = size
+        self.embeddings = SiglipEmbeddings(size)
+        self.layers = nn.ModuleList([SiglipEncoderLayer(size, eps) for _ in range(size.depth)])
+        self.post_layernorm = nn.LayerNorm(size.width, eps=eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels)
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_layernorm(x)

@@ -1,0 +1,251 @@
+"""Pi05Policy: ObsBatch -> actions [B, H, 7], and the registry builder `build(cfg, device)`.
+
+Stages inside one `predict` (each wrapped by the timer passed in): pre (host processing + copy),
+encode (vision + embeddings), prefill (prefix KV cache), denoise (one per Euler step), post.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from evalkit.errors import BadInput, CapabilityError
+from evalkit.latency.timer import NullTimer
+from evalkit.policies.base import ObsBatch, TorchPolicy
+from evalkit.policies.pi05 import processing as proc
+from evalkit.policies.pi05.checkpoint import load_state_dict_into, read_checkpoint_config
+from evalkit.policies.pi05.config import Pi05Config, full_config, tiny_config
+from evalkit.policies.pi05.model import Pi05Model
+
+VIEW_ORDER = ("agentview", "wrist")  # openpi LIBERO: base_0_rgb = agentview, left_wrist_0_rgb = wrist
+
+
+def default_state_features(batch: ObsBatch) -> np.ndarray:
+    """state_tokens mode: proprio state followed by the privileged arrays in sorted key order."""
+    rows = []
+    for o in batch.observations:
+        parts = [np.asarray(o.state, np.float32).ravel()]
+        parts += [np.asarray(o.privileged[k], np.float32).ravel() for k in sorted(o.privileged)]
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+class Pi05Policy(TorchPolicy):
+    name = "pi05"
+    needs_privileged = False
+
+    def __init__(
+        self,
+        model: Pi05Model,
+        device: torch.device,
+        tokenizer: proc.Tokenizer,
+        norm_stats: proc.NormStats,
+        denoise_steps: int = 10,
+        num_views: int = 2,
+        compile: bool = False,
+        cuda_graph: bool = False,
+        feature_fn: Callable[[ObsBatch], np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.cfg: Pi05Config = model.cfg
+        self.tokenizer = tokenizer
+        self.norm_stats = norm_stats
+        self.denoise_steps = int(denoise_steps)
+        if self.denoise_steps < 1:
+            raise BadInput(f"pi05 denoise_steps must be >= 1, got {denoise_steps}")
+        if num_views not in (1, 2):
+            raise BadInput(f"pi05 num_views must be 1 or 2, got {num_views}")
+        self.num_views = num_views
+        self.action_horizon = self.cfg.action_horizon
+        self.needs_images = self.cfg.prefix_inputs == "images"
+        self.needs_privileged = self.cfg.prefix_inputs == "state_tokens"
+        self.feature_fn = feature_fn or default_state_features
+        self._rng = torch.Generator().manual_seed(seed)
+        self._graphs = None
+        self._compiled = False
+        if cuda_graph:
+            from evalkit.policies.pi05.graphs import GraphedSampler
+
+            self._graphs = GraphedSampler(model, device)  # raises CapabilityError off-GPU
+        if compile:
+            self.enable_compile()
+
+    # ------------------------------------------------------------------ options
+    def enable_compile(self) -> None:
+        """torch.compile each stage's tensor math (embed_prefix, prefix_kv, expert_forward). Compilation is lazy
+        (first call), so it sees the modules a backend installed in between."""
+        if self._compiled:
+            return
+        m = self.model
+        m.embed_prefix = torch.compile(m.embed_prefix, dynamic=False)  # type: ignore[method-assign]
+        m.prefix_kv = torch.compile(m.prefix_kv, dynamic=False)  # type: ignore[method-assign]
+        m.expert_forward = torch.compile(m.expert_forward, dynamic=False)  # type: ignore[method-assign]
+        self._compiled = True
+
+    def enable_cuda_graph(self) -> None:
+        from evalkit.policies.pi05.graphs import GraphedSampler
+
+        self._graphs = GraphedSampler(self.model, self.device)
+
+    def transformer_stacks(self) -> dict[str, torch.nn.ModuleList]:
+        stacks = {"prefix": self.model.prefix.layers, "expert": self.model.expert.layers}
+        if hasattr(self.model, "vision"):
+            stacks["vision"] = self.model.vision.layers
+        return stacks
+
+    # ------------------------------------------------------------------ processing
+    def preprocess(self, batch: ObsBatch) -> dict[str, np.ndarray | None]:
+        """Host-side inputs (numpy): tokens, token_mask, images, state_features."""
+        if len(batch) == 0:
+            raise BadInput("pi05 predict got an empty batch")
+        state = batch.stacked_state()
+        norm_state = self.norm_stats.state.normalize(state) if self.norm_stats.state is not None else state
+        tokens, mask = proc.tokenize_batch(
+            self.tokenizer, batch.instructions, norm_state if self.cfg.state_in_prompt else None,
+            self.cfg.max_token_len, self.cfg.pad_to_max_len,
+        )
+        out: dict[str, np.ndarray | None] = {"tokens": tokens, "token_mask": None if mask.all() else mask,
+                                             "images": None, "state_features": None}
+        if self.cfg.prefix_inputs == "images":
+            out["images"] = proc.stack_views([batch.stacked_images(v) for v in VIEW_ORDER[: self.num_views]])
+        else:
+            feats = self.feature_fn(batch)
+            if feats.shape[-1] != self.cfg.state_feature_dim:
+                raise BadInput(
+                    f"pi05 state_tokens: feature vector has {feats.shape[-1]} dims, model expects "
+                    f"state_feature_dim={self.cfg.state_feature_dim}"
+                )
+            out["state_features"] = feats.astype(np.float32)
+        return out
+
+    def noise(self, batch: ObsBatch, noise_seed: int | None) -> torch.Tensor:
+        """N(0,1) noise [B, H, action_dim] drawn on the CPU (identical on every device).
+
+        `noise_seed` seeds the whole batch; when None, each observation's own `noise_seed` seeds its row
+        (batching-invariant rollouts); with neither, the policy's own generator advances.
+        """
+        shape = (self.cfg.action_horizon, self.cfg.action_dim)
+        if noise_seed is not None:
+            return torch.randn((len(batch), *shape), generator=torch.Generator().manual_seed(int(noise_seed)))
+        seeds = [getattr(o, "noise_seed", None) for o in batch.observations]
+        if all(s is not None for s in seeds):
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return torch.randn((len(batch), *shape), generator=self._rng)
+
+    # ------------------------------------------------------------------ predict
+    @torch.no_grad()
+    def predict(self, batch: ObsBatch, noise_seed: int | None = None, timer=None) -> np.ndarray:
+        timer = timer or NullTimer()
+        dev = self.device
+        with timer.stage("pre"):
+            host = self.preprocess(batch)
+            inputs = {k: (None if v is None else torch.from_numpy(v).to(dev, non_blocking=True)) for k, v in host.items()}
+            inputs["noise"] = self.noise(batch, noise_seed).to(dev)
+            if inputs["images"] is not None:  # uint8 travels (4x fewer bytes); [-1, 1] floats are made on device
+                inputs["images"] = proc.images_to_model(inputs["images"])
+        if self._graphs is not None:
+            x = self._graphs.run(inputs, self.denoise_steps, timer)
+        else:
+            m = self.model
+            with timer.stage("encode"):
+                embs, key_mask = m.embed_prefix(inputs["tokens"], inputs["token_mask"], images=inputs["images"],
+                                                state_features=inputs["state_features"])
+            with timer.stage("prefill"):
+                cache = m.prefill(embs, key_mask)
+            x = m.denoise(cache, inputs["noise"], self.denoise_steps, on_step=lambda k: timer.stage("denoise"))
+        with timer.stage("post"):
+            actions = x.float().cpu().numpy()
+            out = proc.actions_to_env(actions, self.norm_stats, self.cfg.env_action_dim)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- builder
+_POLICY_KEYS = {
+    "kind", "name", "variant", "init", "checkpoint", "denoise_steps", "compile", "cuda_graph", "num_views",
+    "tokenizer", "norm_stats", "seed", "dtype", "model", "prefix_inputs", "state_feature_dim", "state_prefix_tokens",
+    "state_in_prompt", "action_horizon",
+}
+
+
+def _model_config(cfg: dict[str, Any]) -> Pi05Config:
+    overrides = dict(cfg.get("model") or {})
+    for k in ("prefix_inputs", "state_feature_dim", "state_prefix_tokens", "state_in_prompt", "action_horizon",
+              "num_views"):
+        if cfg.get(k) is not None:
+            overrides[k] = cfg[k]
+    variant = cfg.get("variant", "full")
+    if variant == "tiny":
+        return tiny_config(**overrides)
+    if variant == "full":
+        return full_config(**overrides)
+    raise BadInput(f"pi05 variant must be 'tiny' or 'full', got '{variant}'")
+
+
+def _tokenizer(cfg: dict[str, Any], mcfg: Pi05Config, ckpt: Path | None) -> proc.Tokenizer:
+    tok = cfg.get("tokenizer")
+    if tok == "bytes":
+        return proc.ByteTokenizer(mcfg.vocab_size)
+    if tok in (None, "checkpoint"):
+        if ckpt is None:
+            raise BadInput("pi05 tokenizer: set policy.tokenizer=bytes (tiny/latency) or a SentencePiece .model path")
+        found = [p for n in ("paligemma_tokenizer.model", "tokenizer.model") for p in sorted(ckpt.rglob(n))]
+        if not found:
+            raise BadInput(f"{ckpt}: no SentencePiece model (paligemma_tokenizer.model / tokenizer.model); "
+                           "set policy.tokenizer to its path")
+        return proc.SentencePieceTokenizer(found[0])
+    return proc.SentencePieceTokenizer(Path(tok))
+
+
+def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
+    """cfg: the resolved `policy` group (conf/policy/pi05*.yaml) plus denoise_steps."""
+    unknown = sorted(set(cfg) - _POLICY_KEYS)
+    if unknown:
+        raise BadInput(f"unknown pi05 policy fields {unknown}; valid: {sorted(_POLICY_KEYS)}")
+    device = torch.device(device)
+    if cfg.get("cuda_graph") and device.type != "cuda":
+        raise CapabilityError(f"pi05 cuda_graph=true needs a CUDA GPU; device is {device}")
+    if cfg.get("compile") and device.type != "cuda":
+        raise CapabilityError(f"pi05 compile=true is supported on CUDA only (GPU-side option); device is {device}")
+    mcfg = _model_config(cfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.get("dtype") or "float32")
+    if dtype is None:
+        raise BadInput(f"pi05 dtype must be float32|bfloat16|float16, got {cfg.get('dtype')}")
+    with torch.device(device):
+        model = Pi05Model(mcfg).to(dtype)
+    model.eval()
+    init = cfg.get("init", "random")
+    ckpt = None
+    norm_stats = proc.NormStats.identity()
+    if init == "random":
+        model.init_random(seed=int(cfg.get("seed") or 0))
+    elif init == "checkpoint":
+        if not cfg.get("checkpoint"):
+            raise BadInput("pi05 init=checkpoint needs policy.checkpoint=<directory>")
+        ckpt = Path(cfg["checkpoint"]).expanduser()
+        if not (ckpt / "model.safetensors").is_file():
+            load_state_dict_into(model, ckpt)  # raises the one-line BadInput naming what is there
+        meta = read_checkpoint_config(ckpt)
+        for k in ("action_dim", "action_horizon"):
+            if k in meta and int(meta[k]) != getattr(mcfg, k):
+                raise BadInput(f"{ckpt}/config.json: {k}={meta[k]} but the pi05 config has {getattr(mcfg, k)}")
+        load_state_dict_into(model, ckpt)
+        ns_path = Path(cfg["norm_stats"]) if cfg.get("norm_stats") else proc.find_norm_stats(ckpt)
+        norm_stats = proc.load_norm_stats(ns_path)
+    else:
+        raise BadInput(f"pi05 init must be 'random' or 'checkpoint', got '{init}'")
+    if cfg.get("norm_stats") and init == "random":
+        norm_stats = proc.load_norm_stats(Path(cfg["norm_stats"]))
+    tokenizer = _tokenizer(cfg, mcfg, ckpt)
+    return Pi05Policy(
+        model, device, tokenizer, norm_stats,
+        denoise_steps=int(cfg.get("denoise_steps") or 10),
+        num_views=int(cfg.get("num_views") or mcfg.num_views),
+        compile=bool(cfg.get("compile")), cuda_graph=bool(cfg.get("cuda_graph")),
+        seed=int(cfg.get("seed") or 0),
+    )

@@ -1,0 +1,38 @@
+"""The one-screen table printed at the end of a run (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f}%"
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    p = summary["params"]
+    t = Table(title=f"evalkit · {p['policy']} · {p['backend']} · {p['suite']} · denoise_steps={p['denoise_steps']} · {p['device']}")
+    t.add_column("task")
+    t.add_column("success", justify="right")
+    t.add_column("95% CI (Wilson)", justify="right")
+    t.add_column("episodes", justify="right")
+    t.add_column("failures", justify="left")
+    for name, r in summary["per_task"].items():
+        fails = ", ".join(f"{k} {v}" for k, v in r.get("failures", {}).items())
+        t.add_row(f"{r['task_id']}: {name[:60]}", _pct(r["success_rate"]), f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]",
+                  str(r["episodes"]), fails)
+    t.add_section()
+    t.add_row("[b]overall[/b]", f"[b]{_pct(summary['success_rate'])}[/b]",
+              f"[{_pct(summary['success_ci_low'])}, {_pct(summary['success_ci_high'])}]", str(summary["episodes"]),
+              ", ".join(f"{k} {v}" for k, v in summary.get("failure_reasons", {}).items()))
+    console.print(t)
+    lat = summary.get("latency") or {}
+    if lat:
+        console.print(
+            f"policy latency p50 {lat['latency_ms_p50']:.1f} ms  p90 {lat['latency_ms_p90']:.1f}  p99 {lat['latency_ms_p99']:.1f}"
+            f"  (±{lat['latency_ms_std']:.1f} ms std, {lat['calls']} calls, mean batch {lat['mean_batch']:.1f})"
+        )
+    if summary.get("episodes_per_min"):
+        console.print(f"throughput {summary['episodes_per_min']:.1f} episodes/min over {summary['wall_time_s']:.0f} s")

@@ -1,0 +1,1 @@
+"""Rollouts: worker processes own LIBERO envs; the main process batches policy calls across them."""

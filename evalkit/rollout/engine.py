@@ -1,0 +1,269 @@
+"""Rollout engine: N worker processes step LIBERO envs; the main process batches policy calls.
+
+Written here rather than with a library: the policy must stay in the main process (one model,
+one GPU) while envs run in parallel, and each episode must be journaled the moment it ends.
+Loop: every worker that waits for actions is served by ONE `policy.predict` call as soon as no
+worker is still stepping; finished episodes go to the journal; a worker that dies is replaced
+and its episode recorded as failed with the reason.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_connections
+from typing import Callable
+
+import numpy as np
+
+from evalkit.policies.base import ObsBatch, Observation
+from evalkit.rollout.journal import Journal
+from evalkit.rollout.records import EXCEPTION, EpisodeRecord
+from evalkit.rollout.worker import EpisodeRunner, EpisodeSpec, worker_main
+from suites.specs import SuiteSpec
+
+
+@dataclass
+class RolloutOptions:
+    workers: int = 2  # 0: run envs in this process (debugging, tests)
+    video_mode: str = "failures"  # none | failures | all
+    videos_per_task: int = 5
+    video_dir: str | None = None
+
+
+@dataclass
+class RolloutResult:
+    records: list[EpisodeRecord]
+    policy_call_s: list[float] = field(default_factory=list)  # wall time of each batched predict
+    policy_batch_sizes: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    resumed: int = 0  # episodes taken from the journal
+
+
+class _LocalWorker:
+    """Same interface as a process worker, runs in this process (workers=0)."""
+
+    def __init__(self, spec: SuiteSpec):
+        self.runner = EpisodeRunner(spec)
+        self._reply = None
+        self.conn = None
+
+    def send(self, msg):
+        self._reply = self.runner.handle(msg)
+
+    def ready(self) -> bool:
+        return self._reply is not None
+
+    def recv(self):
+        r, self._reply = self._reply, None
+        return r
+
+    def alive(self) -> bool:
+        return True
+
+    def exitcode(self):
+        return None
+
+    def close(self):
+        self.runner.close()
+
+
+class _ProcessWorker:
+    def __init__(self, spec: SuiteSpec, ctx):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def send(self, msg):
+        self.conn.send(msg)
+
+    def ready(self) -> bool:
+        return self.conn.poll()
+
+    def recv(self):
+        return self.conn.recv()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def exitcode(self):
+        return self.proc.exitcode
+
+    def close(self):
+        try:
+            self.conn.send(("close",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+@dataclass
+class _Slot:
+    """One worker and the episode it is running."""
+
+    worker: object
+    ep: EpisodeSpec | None = None
+    state: str = "idle"  # idle | stepping | waiting
+    obs: Observation | None = None
+    calls: int = 0
+    policy_s: float = 0.0
+    t_start: float = 0.0
+
+
+def _order_for_reuse(todo: list[tuple[int, int]]) -> deque:
+    return deque(sorted(todo))
+
+
+def _next_episode(queue: deque, prefer_task: int | None) -> tuple[int, int] | None:
+    """Pop the next episode, preferring the worker's current task so its env is reused."""
+    if not queue:
+        return None
+    if prefer_task is not None:
+        for i, (t, _) in enumerate(queue):
+            if t == prefer_task:
+                item = queue[i]
+                del queue[i]
+                return item
+    return queue.popleft()
+
+
+def run_rollouts(
+    policy,
+    spec: SuiteSpec,
+    journal: Journal,
+    options: RolloutOptions,
+    on_record: Callable[[EpisodeRecord], None] | None = None,
+) -> RolloutResult:
+    """Run every episode of `spec` not already in `journal`; return all records (old + new)."""
+    t0 = time.perf_counter()
+    done = {r.key: r for r in journal.load() if r.suite == spec.name}
+    wanted = spec.episodes()
+    done = {k: r for k, r in done.items() if k in set(wanted)}
+    resumed = len(done)
+    queue = _order_for_reuse([k for k in wanted if k not in done])
+    videos_used: dict[int, int] = {}
+    for r in done.values():
+        if r.video_path:
+            videos_used[r.task_id] = videos_used.get(r.task_id, 0) + 1
+
+    result = RolloutResult(records=[], resumed=resumed)
+    n_workers = min(options.workers, len(queue)) if options.workers > 0 else 1
+    ctx = mp.get_context("spawn")  # fork + an initialised torch/OpenGL parent is not safe
+    make = (lambda: _LocalWorker(spec)) if options.workers == 0 else (lambda: _ProcessWorker(spec, ctx))
+    slots = [_Slot(make()) for _ in range(n_workers)] if queue else []
+
+    def start(slot: _Slot, prefer: int | None) -> None:
+        item = _next_episode(queue, prefer)
+        if item is None:
+            slot.ep, slot.state = None, "idle"
+            return
+        task_id, init_id = item
+        allowed = videos_used.get(task_id, 0) < options.videos_per_task
+        slot.ep = EpisodeSpec(
+            task_id=task_id,
+            init_state_id=init_id,
+            seed=spec.episode_seed(task_id, init_id),
+            render=bool(policy.needs_images),
+            privileged=bool(getattr(policy, "needs_privileged", False)),
+            video_mode=options.video_mode,
+            video_allowed=allowed,
+            video_dir=options.video_dir,
+        )
+        slot.calls, slot.policy_s, slot.t_start = 0, 0.0, time.perf_counter()
+        slot.state = "stepping"
+        slot.worker.send(("start", slot.ep))
+
+    def finish(slot: _Slot, rec: EpisodeRecord) -> None:
+        if rec.video_path:
+            videos_used[rec.task_id] = videos_used.get(rec.task_id, 0) + 1
+        journal.append(rec)
+        done[rec.key] = rec
+        if on_record:
+            on_record(rec)
+        prev = slot.ep.task_id
+        start(slot, prev)
+
+    def crash_record(slot: _Slot, reason: str) -> EpisodeRecord:
+        ep = slot.ep
+        return EpisodeRecord(
+            suite=spec.name, task_id=ep.task_id, task_name="", init_state_id=ep.init_state_id, seed=ep.seed,
+            success=False, steps=0, failure_reason=f"{EXCEPTION}: {reason}"[:500],
+            wall_time_s=time.perf_counter() - slot.t_start, policy_time_s=slot.policy_s, policy_calls=slot.calls,
+        )
+
+    def handle_reply(slot: _Slot, reply) -> None:
+        kind = reply[0]
+        if kind == "obs":
+            obs: Observation = reply[1]
+            if slot.calls == 0:
+                policy.reset(obs.episode_key)
+            obs.noise_seed = (slot.ep.seed * 1_000_003 + slot.calls) & 0x7FFFFFFF
+            slot.obs, slot.state = obs, "waiting"
+        elif kind == "done":
+            finish(slot, reply[1])
+        else:  # "error": a bug in the worker itself, not in the env
+            finish(slot, crash_record(slot, f"worker error: {reply[1].strip().splitlines()[-1]}"))
+
+    try:
+        for s in slots:
+            start(s, None)
+        while any(s.state != "idle" for s in slots):
+            stepping = [s for s in slots if s.state == "stepping"]
+            waiting = [s for s in slots if s.state == "waiting"]
+            if waiting and not stepping:
+                _serve_policy(policy, waiting, result)
+                continue
+            # Wait for any stepping worker to answer (or die).
+            conns = [s.worker.conn for s in stepping if s.worker.conn is not None]
+            if conns:
+                wait_connections(conns, timeout=1.0)
+            for s in stepping:
+                if s.worker.ready():
+                    try:
+                        reply = s.worker.recv()
+                    except (EOFError, OSError):
+                        reply = None
+                    if reply is not None:
+                        handle_reply(s, reply)
+                        continue
+                if not s.worker.alive():
+                    code = s.worker.exitcode()
+                    rec = crash_record(s, f"worker process died (exit code {code})")
+                    s.worker = make()
+                    finish(s, rec)
+    finally:
+        for s in slots:
+            s.worker.close()
+
+    result.records = [done[k] for k in wanted if k in done]
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult) -> None:
+    batch = ObsBatch([s.obs for s in waiting])
+    t = time.perf_counter()
+    try:
+        actions = np.asarray(policy.predict(batch))
+        if actions.ndim != 3 or actions.shape[0] != len(waiting) or actions.shape[2] != 7:
+            raise ValueError(f"policy returned actions of shape {actions.shape}, expected [{len(waiting)}, H, 7]")
+        error = None
+    except Exception as e:  # a policy crash fails these episodes, not the run
+        actions, error = None, f"policy error: {type(e).__name__}: {e}"
+    dt = time.perf_counter() - t
+    result.policy_call_s.append(dt)
+    result.policy_batch_sizes.append(len(waiting))
+    for i, s in enumerate(waiting):
+        s.calls += 1
+        s.policy_s += dt
+        s.obs = None
+        s.state = "stepping"
+        if error is None:
+            s.worker.send(("act", actions[i], dt))
+        else:
+            s.worker.send(("abort", error[:500]))

@@ -1,0 +1,215 @@
+"""One evaluation run, stage by stage (DESIGN.md data flow). Each stage is a plain function;
+this module only wires them and owns the run directory.
+
+config -> policy -> backend.apply -> fidelity -> rollouts -> results -> tracking -> gate -> exit code
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from evalkit.config import RunSettings
+from evalkit.errors import EXIT_PASS, BadInput
+from evalkit.progress import RunProgress
+from evalkit.provenance import device_name, git_sha, package_versions
+from evalkit.results.summary import build_summary, episodes_frame, latency_summary, write_results
+from evalkit.results.table import print_summary
+from evalkit.rollout.engine import RolloutOptions, run_rollouts
+from evalkit.rollout.journal import Journal
+from evalkit.tracking.bundle import RunBundle, write_bundle
+
+console = Console()
+
+
+# -- run directory ------------------------------------------------------------------------------
+def run_key(s: RunSettings) -> dict[str, Any]:
+    """What makes two runs the same run: resuming into a dir with another key is refused."""
+    spec = s.suite
+    return {
+        "policy": s.policy, "backend": s.backend, "suite": spec.name, "libero_name": spec.libero_name,
+        "tasks": list(spec.task_ids), "trials": spec.trials, "max_steps": spec.max_steps,
+        "num_steps_wait": spec.num_steps_wait, "replan_steps": spec.replan_steps, "seed": spec.seed,
+        "denoise_steps": s.denoise_steps, "device": s.device,
+    }
+
+
+def check_run_key(run_dir: Path, key: dict) -> None:
+    path = run_dir / "run_key.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != key:
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            raise BadInput(f"run dir {run_dir} holds a different run (differs in: {', '.join(diff)}); "
+                           f"pick another hydra.run.dir or rerun with the same config")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(key, indent=2))
+
+
+def find_resume_dir(resume: str | None, fresh_dir: Path, key: dict, outputs_root: Path) -> Path:
+    """`resume=latest`: newest run dir under outputs/ with the same run key; `resume=PATH`: that dir."""
+    if resume is None or str(resume).lower() in ("false", "none", ""):
+        return fresh_dir
+    if str(resume).lower() not in ("latest", "true"):
+        p = Path(resume)
+        if not (p / "run_key.json").exists():
+            raise BadInput(f"resume={resume}: no evalkit run there (missing run_key.json)")
+        return p
+    candidates = sorted(outputs_root.glob("**/run_key.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for c in candidates:
+        if c.parent != fresh_dir and json.loads(c.read_text()) == key:
+            return c.parent
+    console.print(f"[yellow]resume=latest: no earlier run with this config under {outputs_root}; starting fresh[/]")
+    return fresh_dir
+
+
+# -- stages -------------------------------------------------------------------------------------
+def build_policy_and_backend(s: RunSettings):
+    import torch
+
+    from backends.registry import get_backend
+    from evalkit.policies.registry import build_policy
+
+    device = torch.device(s.device)
+    b = s.backend
+    backend = get_backend(b["name"], target_path=b.get("target"), targets=b.get("targets", "prefix_mlp"),
+                          engine=b.get("engine", "native"), inner=b.get("inner"), **(b.get("options") or {}))
+    backend.check_requirements(device)
+    policy = build_policy(s.policy, device)
+    return policy, backend, device
+
+
+def apply_backend(policy, backend, device):
+    from backends.base import BackendReport
+
+    model = getattr(policy, "model", None)
+    if model is None:
+        return BackendReport(backend=backend.name, device=str(device),
+                             notes=[f"policy '{policy.name}' has no nn.Module: backend '{backend.name}' transforms nothing"])
+    return backend.apply(model)
+
+
+def print_backend_report(report) -> None:
+    console.print(f"[bold]backend[/] {report.backend} on {report.device}: "
+                  f"{len(report.modules)} modules, weights {report.weight_bytes_before/2**20:.1f} MiB -> "
+                  f"{report.weight_bytes_after/2**20:.1f} MiB"
+                  + ("" if report.latency_representative else " [yellow](not latency-representative)[/]"))
+    for k, v in report.summary_by_precision().items():
+        console.print(f"  {v:4d} × {k}")
+    for n in report.notes:
+        console.print(f"  note: {n}")
+
+
+def metrics_from_summary(summary: dict) -> dict[str, float]:
+    m = {k: summary[k] for k in ("success_rate", "success_ci_low", "success_ci_high", "episodes_per_min") if summary.get(k) is not None}
+    for name, r in summary["per_task"].items():
+        m[f"success_rate/{name}"] = r["success_rate"]
+    lat = summary.get("latency") or {}
+    for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "hz"):
+        if lat.get(k) is not None:
+            m[k] = lat[k]
+    for stage, v in (lat.get("stages") or {}).items():
+        if isinstance(v, dict) and v.get("p50") is not None:
+            m[f"latency_ms/{stage}"] = v["p50"]
+    fid = summary.get("fidelity") or {}
+    for k in ("action_cosine_min", "layer_cosine_min"):
+        if fid.get(k) is not None:
+            m[k] = fid[k]
+    bk = summary.get("backend_report") or {}
+    if bk.get("weight_bytes_after"):
+        m["weight_bytes"] = bk["weight_bytes_after"]
+    return m
+
+
+def track(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_key: str | None) -> str | None:
+    from evalkit.tracking.callbacks import PARENT_ENV
+    from evalkit.tracking.store import reachable, resolve_uri, sync_bundle
+
+    p = summary["params"]
+    params = {**p, "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids), "suite.trials": s.suite.trials,
+              "backend.targets": s.backend.get("targets"), "backend.engine": s.backend.get("engine")}
+    params.update({f"protocol.{k}": v for k, v in summary["protocol"].items()})
+    params.update({f"version.{k}": v for k, v in versions.items()})
+    tags = {"evalkit.run_dir": str(run_dir), "evalkit.git_dirty": str(summary["git_dirty"]).lower(),
+            "evalkit.device_name": summary["device_name"]}
+    if s.tracking.get("tag_baseline"):
+        tags["evalkit.baseline"] = "true"
+    artifacts = ["summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml", "backend_report.json"]
+    if s.tracking.get("log_videos", True) and (run_dir / "videos").is_dir():
+        artifacts.append("videos")
+    bundle = RunBundle(
+        experiment=s.tracking.get("experiment", "evalkit"),
+        run_name=run_dir.name, params=params, metrics=metrics_from_summary(summary), tags=tags,
+        artifacts=artifacts, table="episodes.parquet", sweep_key=sweep_key,
+        parent_run_id=os.environ.get(PARENT_ENV) if sweep_key else None,
+    )
+    write_bundle(run_dir, bundle)
+    if s.tracking.get("mode") == "offline":
+        console.print(f"tracking offline: bundle written; upload with [bold]python -m evalkit.sync {run_dir}[/]")
+        return None
+    uri = resolve_uri(s.tracking.get("uri"))
+    ok, why = reachable(uri)
+    if not ok:
+        console.print(f"[yellow]tracking store {uri} unreachable ({why}); run kept offline. "
+                      f"Upload later: python -m evalkit.sync {run_dir} --uri {s.tracking.get('uri')}[/]")
+        return None
+    try:
+        run_id = sync_bundle(run_dir, uri)
+    except Exception as e:  # the results are safe on disk; say how to finish the upload
+        console.print(f"[yellow]MLflow upload failed ({type(e).__name__}: {e}); "
+                      f"retry: python -m evalkit.sync {run_dir} --uri {s.tracking.get('uri')}[/]")
+        return None
+    console.print(f"MLflow run {run_id} in {uri}")
+    return run_id
+
+
+# -- the run ------------------------------------------------------------------------------------
+def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: Path, sweep_key: str | None) -> int:
+    key = run_key(s)
+    run_dir = find_resume_dir(s.resume, fresh_dir, key, outputs_root)
+    check_run_key(run_dir, key)
+    (run_dir / "resolved_config.yaml").write_text(resolved_yaml)
+    sha, dirty = git_sha()
+    versions = package_versions()
+    spec = s.suite
+    console.print(f"[bold]evalkit[/] {s.policy['name']} · {s.backend['name']} · {spec.name} "
+                  f"({len(spec.task_ids)} tasks × {spec.trials} trials, max {spec.max_steps} steps) · "
+                  f"denoise_steps={s.denoise_steps} · {s.device} · run dir {run_dir}")
+
+    policy, backend, device = build_policy_and_backend(s)
+    report = apply_backend(policy, backend, device)
+    print_backend_report(report)
+    (run_dir / "backend_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+    journal = Journal(run_dir / "episodes.jsonl")
+    previous = [r for r in journal.load() if r.suite == spec.name and r.key in set(spec.episodes())]
+    if previous:
+        console.print(f"resuming: {len(previous)} of {len(spec.episodes())} episodes already in {journal.path}")
+    options = RolloutOptions(workers=s.workers, video_mode=s.video, videos_per_task=s.videos_per_task,
+                             video_dir=str(run_dir / "videos"))
+    with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}") as prog:
+        result = run_rollouts(policy, spec, journal, options, on_record=prog.update)
+
+    df = episodes_frame(result.records)
+    params = {"policy": s.policy["name"], "backend": s.backend["name"], "suite": spec.name,
+              "denoise_steps": s.denoise_steps, "device": s.device, "git_sha": sha}
+    latency = latency_summary(result.policy_call_s, result.policy_batch_sizes)
+    new_eps = len(result.records) - result.resumed
+    summary = build_summary(
+        df, params, spec.protocol(), latency, result.wall_s,
+        extra={"git_dirty": dirty, "versions": versions, "device_name": device_name(s.device),
+               "backend_report": {k: v for k, v in report.to_dict().items() if k != "modules"},
+               "resumed_episodes": result.resumed,
+               "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None},
+    )
+    write_results(run_dir, df, summary)
+    print_summary(summary, console)
+    track(s, run_dir, summary, versions, sweep_key)
+    return EXIT_PASS

@@ -1,0 +1,1 @@
+"""LIBERO suite specs (specs.py) and the environment adapter (env.py)."""

@@ -1,0 +1,168 @@
+"""LIBERO environment adapter: openpi's observation processing over `OffScreenRenderEnv`.
+
+- Cameras are rendered only when asked (`render=True`); a state-only policy runs physics only.
+- Images: agentview + wrist at `spec.resolution`, rotated 180° (LIBERO renders upside down),
+  resized with padding to `spec.image_size` (PIL bilinear; pads with black to keep aspect).
+- Proprio state: eef pos (3) + eef axis-angle (3) + gripper qpos (2), as openpi's LIBERO example.
+- `reset` restores an official init state (or a seeded random placement) and runs the settle steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from evalkit.policies.base import Observation
+from suites.specs import SuiteSpec
+
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
+_IMAGE_KEYS = ("agentview_image", "robot0_eye_in_hand_image")
+
+
+def _quiet_import_libero():
+    """LIBERO prints robosuite macro warnings on import; harmless (NOTES.md)."""
+    import logging
+    import warnings
+
+    logging.getLogger("robosuite").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+    return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion -> axis-angle vector (robosuite convention, as openpi uses)."""
+    q = np.asarray(quat, dtype=np.float64).copy()
+    q[3] = np.clip(q[3], -1.0, 1.0)
+    den = np.sqrt(1.0 - q[3] * q[3])
+    if np.isclose(den, 0.0):
+        return np.zeros(3)
+    return (q[:3] * 2.0 * np.arccos(q[3])) / den
+
+
+def resize_with_pad(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize an HxWx3 uint8 image to size x size keeping aspect ratio, padding with zeros."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if h == size and w == size:
+        return img
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = resized
+    return out
+
+
+def process_image(raw: np.ndarray, size: int) -> np.ndarray:
+    return resize_with_pad(np.ascontiguousarray(raw[::-1, ::-1]), size)
+
+
+@dataclass
+class TaskInfo:
+    suite: str
+    task_id: int
+    name: str
+    language: str
+    bddl_file: str
+
+
+def load_task(spec: SuiteSpec, task_id: int) -> tuple[TaskInfo, np.ndarray]:
+    benchmark, get_libero_path, _ = _quiet_import_libero()
+    suite = benchmark.get_benchmark_dict()[spec.libero_name](task_order_index=0)
+    task = suite.get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    init_states = suite.get_task_init_states(task_id)
+    return TaskInfo(spec.name, task_id, task.name, task.language, bddl), init_states
+
+
+class LiberoEnv:
+    """One LIBERO task's environment, reusable across episodes of that task."""
+
+    def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True):
+        _, _, OffScreenRenderEnv = _quiet_import_libero()
+        self.spec = spec
+        self.task_id = task_id
+        self.render = render
+        self.privileged = privileged
+        self.info, self.init_states = load_task(spec, task_id)
+        self.language = self.info.language
+        self.bddl_path = self.info.bddl_file
+        self.raw = OffScreenRenderEnv(
+            bddl_file_name=self.bddl_path,
+            use_camera_obs=render,
+            # Kept on so failure videos can be rendered on demand (replay) even in state-only runs;
+            # costs nothing per step when no camera observation is asked for (measured: 9.2 vs 9.4 ms).
+            has_offscreen_renderer=True,
+            camera_heights=spec.resolution,
+            camera_widths=spec.resolution,
+        )
+        self.episode_key = ""
+        self.steps = 0
+
+    # -- episodes -----------------------------------------------------------------------------
+    def reset(self, init_state_id: int | None, seed: int | None = None) -> Observation:
+        """Start an episode from official init state `init_state_id` (None: seeded random placement)."""
+        if init_state_id is not None and not (0 <= init_state_id < len(self.init_states)):
+            raise IndexError(f"init state {init_state_id} out of range (task has {len(self.init_states)})")
+        if seed is None:
+            seed = self.spec.episode_seed(self.task_id, init_state_id if init_state_id is not None else -1)
+        self.raw.seed(int(seed))
+        raw_obs = self.raw.reset()
+        if init_state_id is not None:
+            raw_obs = self.raw.set_init_state(self.init_states[init_state_id])
+        for _ in range(self.spec.num_steps_wait):
+            raw_obs, _, _, _ = self.raw.step(SETTLE_ACTION)
+        self.episode_key = f"{self.spec.libero_name}/{self.task_id}/{init_state_id if init_state_id is not None else f's{seed}'}"
+        self.steps = 0
+        return self._observation(raw_obs)
+
+    def step(self, action: np.ndarray) -> tuple[Observation, bool]:
+        raw_obs, _, _, _ = self.raw.step(np.asarray(action, dtype=np.float64))
+        self.steps += 1
+        return self._observation(raw_obs), bool(self.raw.check_success())
+
+    def render_frame(self, size: int | None = None) -> np.ndarray:
+        """Agentview frame (rotated upright) rendered on demand, for videos of state-only runs."""
+        res = self.spec.resolution
+        raw = self.raw.sim.render(camera_name="agentview", width=res, height=res)
+        return process_image(raw, size or self.spec.image_size)
+
+    def close(self) -> None:
+        try:
+            self.raw.close()
+        except Exception:  # closing a crashed env must not hide the original error
+            pass
+
+    # -- observation processing ---------------------------------------------------------------
+    def _observation(self, raw: dict) -> Observation:
+        state = np.concatenate(
+            [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+        obs = Observation(
+            state=state,
+            instruction=self.language,
+            episode_key=self.episode_key,
+            step=self.steps,
+            task={"suite": self.spec.name, "task_id": self.task_id, "bddl_file": self.bddl_path,
+                  "language": self.language, "task_name": self.info.name},
+        )
+        if self.render:
+            size = self.spec.image_size
+            obs.agentview = process_image(raw["agentview_image"], size)
+            obs.wrist = process_image(raw["robot0_eye_in_hand_image"], size)
+        if self.privileged:
+            obs.privileged = {
+                k: np.asarray(v, dtype=np.float32)
+                for k, v in raw.items()
+                if k not in _IMAGE_KEYS and isinstance(v, np.ndarray)
+            }
+        return obs
