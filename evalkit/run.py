@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +26,8 @@ from evalkit.rollout.engine import RolloutOptions, run_rollouts
 from evalkit.rollout.journal import Journal
 from evalkit.tracking.bundle import RunBundle, write_bundle
 
-console = Console()
+# soft_wrap: log lines (commands to copy, paths) are never broken at 80 columns in CI logs.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 # -- run directory ------------------------------------------------------------------------------
@@ -33,7 +35,7 @@ def run_key(s: RunSettings) -> dict[str, Any]:
     """What makes two runs the same run: resuming into a dir with another key is refused."""
     spec = s.suite
     return {
-        "policy": s.policy, "backend": s.backend, "suite": spec.name, "libero_name": spec.libero_name,
+        "policy": {k: v for k, v in s.policy.items() if k != "denoise_steps"}, "backend": s.backend, "suite": spec.name, "libero_name": spec.libero_name,
         "tasks": list(spec.task_ids), "trials": spec.trials, "max_steps": spec.max_steps,
         "num_steps_wait": spec.num_steps_wait, "replan_steps": spec.replan_steps, "seed": spec.seed,
         "denoise_steps": s.denoise_steps, "device": s.device,

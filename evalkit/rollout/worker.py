@@ -104,6 +104,7 @@ class EpisodeRunner:
                     return ("done", self._finish(False, NAN_ACTION))
                 self.actions.append(np.asarray(a, dtype=np.float64))
                 obs, success = env.step(a)
+                self.last_state = obs.state
                 self._keep_frame(obs)
                 if success:
                     return ("done", self._finish(True, None))
@@ -163,11 +164,14 @@ class EpisodeRunner:
         frames = self.frames
         if not ep.render:
             env = self.env
+            scored_state = self.last_state
             env.reset(ep.init_state_id, ep.seed)
-            frames = [env.render_frame()]
+            frames, obs = [env.render_frame()], None
             for a in self.actions:
-                env.step(a)
+                obs, _ = env.step(a)
                 frames.append(env.render_frame())
+            if obs is not None and not np.allclose(obs.state, scored_state, atol=1e-6):
+                print(f"[evalkit] warning: replayed video of {env.episode_key} diverged from the scored episode", flush=True)
         tag = "success" if success else "failure"
         path = Path(ep.video_dir) / f"{self.spec.libero_name}_t{ep.task_id}_i{ep.init_state_id}_{tag}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
