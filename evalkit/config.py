@@ -79,6 +79,7 @@ class RunConfig:
     resume: Optional[str] = None  # null: continue only if this run dir already holds a journal; "latest" or a run dir
     quiet: bool = False  # plain log lines instead of a live progress bar (CI logs)
     baseline: Optional[str] = None  # MLflow run id, "latest", or a reference key: judged by the gate after rollouts
+    shard: Optional[str] = None  # "K/N": run the K-th (0-based) of N slices of the suite; merge with evalkit.merge
 
 
 def register() -> None:
@@ -146,7 +147,7 @@ def validate(cfg) -> RunSettings:
     if s["libero_name"] not in {sp.libero_name for sp in SUITES.values()} and s["name"] not in SUITES:
         raise BadInput(f"suite '{s['name']}' names unknown LIBERO benchmark '{s['libero_name']}'")
     base = SUITES.get(s["name"]) or next(sp for sp in SUITES.values() if sp.libero_name == s["libero_name"])
-    spec = customize(base, tasks=s["tasks"], trials=s["trials"], max_steps=s["max_steps"],
+    spec = customize(base, tasks=s["tasks"], trials=s["trials"], max_steps=s["max_steps"], shard=c["shard"],
                      num_steps_wait=s["num_steps_wait"], replan_steps=s["replan_steps"], seed=s["seed"])
     pol = c["policy"]
     if not isinstance(pol, dict) or "kind" not in pol:

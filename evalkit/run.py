@@ -38,7 +38,7 @@ def run_key(s: RunSettings) -> dict[str, Any]:
         "policy": {k: v for k, v in s.policy.items() if k != "denoise_steps"}, "backend": s.backend, "suite": spec.name, "libero_name": spec.libero_name,
         "tasks": list(spec.task_ids), "trials": spec.trials, "max_steps": spec.max_steps,
         "num_steps_wait": spec.num_steps_wait, "replan_steps": spec.replan_steps, "seed": spec.seed,
-        "denoise_steps": s.denoise_steps, "device": s.device,
+        "denoise_steps": s.denoise_steps, "device": s.device, "shard": [spec.shard_index, spec.num_shards],
     }
 
 
@@ -202,6 +202,8 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     df = episodes_frame(result.records)
     params = {"policy": s.policy["name"], "backend": s.backend["name"], "suite": spec.name,
               "denoise_steps": s.denoise_steps, "device": s.device, "git_sha": sha}
+    if spec.num_shards > 1:
+        params["shard"] = f"{spec.shard_index}/{spec.num_shards}"
     latency = latency_summary(result.policy_call_s, result.policy_batch_sizes)
     new_eps = len(result.records) - result.resumed
     summary = build_summary(

@@ -8,7 +8,7 @@ Each entry becomes a Hydra option of the `suite` group (registered in evalkit/co
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from evalkit.errors import BadInput
 
@@ -41,10 +41,18 @@ class SuiteSpec:
     seed: int = 7
     resolution: int = 256  # rendered camera size
     image_size: int = 224  # after resize-with-pad
+    shard_index: int = 0  # shard=K/N runs the K-th of N contiguous slices of the episode list
+    num_shards: int = 1
+
+    def all_episodes(self) -> list[tuple[int, int]]:
+        """(task_id, init_state_id) for every episode of the suite, in a deterministic order."""
+        return [(t, i) for t in self.task_ids for i in range(self.trials)]
 
     def episodes(self) -> list[tuple[int, int]]:
-        """(task_id, init_state_id) for every episode, in a deterministic order."""
-        return [(t, i) for t in self.task_ids for i in range(self.trials)]
+        """This shard's episodes: a contiguous slice (keeps a worker's env on one task as long as possible)."""
+        eps = self.all_episodes()
+        n, k, m = len(eps), self.shard_index, self.num_shards
+        return eps[k * n // m : (k + 1) * n // m]
 
     def episode_seed(self, task_id: int, init_state_id: int) -> int:
         """Seed derived from (base seed, suite, task, episode): stable across runs, machines and shards."""
@@ -91,9 +99,24 @@ def get_suite(name: str) -> SuiteSpec:
     return SUITES[name]
 
 
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """"K/N" (0-based K) -> (K, N); None -> (0, 1)."""
+    if shard in (None, ""):
+        return 0, 1
+    try:
+        k, n = (int(x) for x in str(shard).split("/"))
+    except ValueError:
+        raise BadInput(f"shard={shard!r}: expected K/N, e.g. shard=0/4 (K counts from 0)") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise BadInput(f"shard={shard}: need N >= 1 and 0 <= K < N")
+    return k, n
+
+
 def customize(spec: SuiteSpec, tasks: list[int] | None = None, trials: int | None = None,
-              max_steps: int | None = None, **protocol) -> SuiteSpec:
+              max_steps: int | None = None, shard: str | None = None, **protocol) -> SuiteSpec:
     """Apply config overrides, validating them against the suite (bad values -> BadInput)."""
+    k, n = parse_shard(shard)
+    spec = replace(spec, shard_index=k, num_shards=n)
     if tasks is not None:
         bad = [t for t in tasks if not (0 <= int(t) < spec.num_tasks)]
         if bad:
