@@ -17,7 +17,8 @@ from typing import Any
 from rich.console import Console
 
 from evalkit.config import RunSettings
-from evalkit.errors import EXIT_PASS, BadInput
+from evalkit.errors import EXIT_PASS, EXIT_REGRESSION, BadInput
+from evalkit.gate.config import GateConfig
 from evalkit.progress import RunProgress
 from evalkit.provenance import device_name, git_sha, package_versions
 from evalkit.results.summary import build_summary, episodes_frame, latency_summary, write_results
@@ -124,6 +125,9 @@ def metrics_from_summary(summary: dict) -> dict[str, float]:
     for k in ("action_cosine_min", "layer_cosine_min"):
         if fid.get(k) is not None:
             m[k] = fid[k]
+    for k, v in (summary.get("policy_timing") or {}).items():  # a remote policy's client/server timing, kept apart
+        if isinstance(v, dict) and v.get("p50") is not None:
+            m[f"policy_timing_ms/{k}"] = v["p50"]
     bk = summary.get("backend_report") or {}
     if bk.get("weight_bytes_after"):
         m["weight_bytes"] = bk["weight_bytes_after"]
@@ -173,7 +177,17 @@ def track(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_ke
 
 
 # -- the run ------------------------------------------------------------------------------------
+def _reset_foreign_start_method() -> None:
+    """Inside a joblib (loky) launcher job the global start method is 'loky': spawned env workers
+    would try to restore it and die ("cannot find context for 'loky'"). Use plain spawn instead."""
+    import multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        mp.set_start_method("spawn", force=True)
+
+
 def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: Path, sweep_key: str | None) -> int:
+    _reset_foreign_start_method()
     key = run_key(s)
     run_dir = find_resume_dir(s.resume, fresh_dir, key, outputs_root)
     check_run_key(run_dir, key)
@@ -189,6 +203,27 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     report = apply_backend(policy, backend, device)
     print_backend_report(report)
     (run_dir / "backend_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    params = {"policy": s.policy["name"], "backend": s.backend["name"], "suite": spec.name,
+              "denoise_steps": s.denoise_steps, "device": s.device, "git_sha": sha}
+    if spec.num_shards > 1:
+        params["shard"] = f"{spec.shard_index}/{spec.num_shards}"
+    extra = {"git_dirty": dirty, "versions": versions, "device_name": device_name(s.device),
+             "backend_report": {k: v for k, v in report.to_dict().items() if k != "modules"}}
+
+    # Fidelity: seconds, before any simulation. A broken backend stops the run here (exit 1).
+    gate_cfg = GateConfig.from_dict(s.gate)
+    fidelity = run_fidelity_stage(s, policy, report, device, gate_cfg)
+    extra["fidelity"] = fidelity.to_dict() if fidelity else None
+    if fidelity is not None and not fidelity.passed and not gate_cfg.always_rollout:
+        df = episodes_frame([])
+        summary = build_summary(df, params, spec.protocol(), {}, 0.0, extra={**extra, "skipped_rollouts": True})
+        summary["gate"] = {"passed": False, "exit_code": EXIT_REGRESSION,
+                           "failed": [f"fidelity:{c.name}" for c in fidelity.failed()]}
+        write_results(run_dir, df, summary)
+        finish_tracking(s, run_dir, summary, versions, sweep_key)
+        console.print("[bold red]REGRESSION[/] caught by fidelity before rollouts: "
+                      + ", ".join(c.name for c in fidelity.failed()) + " (gate.always_rollout=true runs episodes anyway)")
+        return EXIT_REGRESSION
 
     journal = Journal(run_dir / "episodes.jsonl")
     previous = [r for r in journal.load() if r.suite == spec.name and r.key in set(spec.episodes())]
@@ -200,20 +235,50 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
         result = run_rollouts(policy, spec, journal, options, on_record=prog.update)
 
     df = episodes_frame(result.records)
-    params = {"policy": s.policy["name"], "backend": s.backend["name"], "suite": spec.name,
-              "denoise_steps": s.denoise_steps, "device": s.device, "git_sha": sha}
-    if spec.num_shards > 1:
-        params["shard"] = f"{spec.shard_index}/{spec.num_shards}"
     latency = latency_summary(result.policy_call_s, result.policy_batch_sizes)
     new_eps = len(result.records) - result.resumed
-    summary = build_summary(
-        df, params, spec.protocol(), latency, result.wall_s,
-        extra={"git_dirty": dirty, "versions": versions, "device_name": device_name(s.device),
-               "backend_report": {k: v for k, v in report.to_dict().items() if k != "modules"},
-               "resumed_episodes": result.resumed,
-               "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None},
-    )
-    write_results(run_dir, df, summary)
+    extra.update({"resumed_episodes": result.resumed,
+                  "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None})
+    summary = build_summary(df, params, spec.protocol(), latency, result.wall_s, extra=extra)
     print_summary(summary, console)
-    track(s, run_dir, summary, versions, sweep_key)
-    return EXIT_PASS
+
+    # Gate against the baseline (when one is named); fidelity failures under always_rollout count too.
+    code = EXIT_PASS
+    if fidelity is not None and not fidelity.passed:
+        code = EXIT_REGRESSION
+    baseline = s.baseline or gate_cfg.baseline
+    if baseline:
+        from evalkit.gate import gate_run
+        from evalkit.gate.render import print_gate
+        from evalkit.tracking.store import resolve_uri
+
+        gate = gate_run(summary, df, baseline, gate_cfg, tracking_uri=resolve_uri(s.tracking.get("uri")))
+        summary["gate"] = gate.to_dict()
+        print_gate(gate, console)
+        code = max(code, gate.exit_code)
+    write_results(run_dir, df, summary)
+    finish_tracking(s, run_dir, summary, versions, sweep_key)
+    return code
+
+
+def run_fidelity_stage(s: RunSettings, policy, report, device, gate_cfg):
+    from evalkit.fidelity import fidelity_for_run
+
+    t = time.perf_counter()
+    fid = fidelity_for_run(s.policy, device, policy, report, s.suite, gate_cfg)
+    if fid is None:
+        console.print(f"fidelity: skipped (policy '{s.policy['name']}' has no transformer layers to compare)")
+        return None
+    verdict = "[green]pass[/]" if fid.passed else "[bold red]FAIL[/]"
+    console.print(f"fidelity vs {gate_cfg.reference_backend}: {verdict} in {time.perf_counter() - t:.1f} s")
+    for c in fid.checks:
+        mark = "ok " if c.passed else "[bold red]BAD[/]"
+        console.print(f"  {mark} {c.name}: {c.detail}")
+    return fid
+
+
+def finish_tracking(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_key: str | None) -> None:
+    run_id = track(s, run_dir, summary, versions, sweep_key)
+    if run_id:  # local copy only: lets the nightly and `evalkit.gate` find this run in MLflow
+        summary["mlflow_run_id"] = run_id
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

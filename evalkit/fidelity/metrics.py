@@ -25,7 +25,7 @@ def cosine_per_row(ref, cand) -> np.ndarray:
     nr, nc = r.norm(dim=1), c.norm(dim=1)
     dot = (r * c).sum(dim=1)
     cos = torch.where((nr > 0) & (nc > 0), dot / (nr * nc).clamp_min(1e-300), torch.where((nr == 0) & (nc == 0), 1.0, 0.0))
-    return cos.clamp(-1.0, 1.0).cpu().numpy()
+    return torch.nan_to_num(cos, nan=0.0).clamp(-1.0, 1.0).cpu().numpy()  # NaN/inf outputs: no agreement
 
 
 def sqnr_db_per_row(ref, cand) -> np.ndarray:
@@ -35,7 +35,10 @@ def sqnr_db_per_row(ref, cand) -> np.ndarray:
     noise = ((r - c) ** 2).sum(dim=1)
     out = []
     for s, n in zip(sig.tolist(), noise.tolist()):
-        out.append(math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n)))
+        if not (math.isfinite(s) and math.isfinite(n)):
+            out.append(-math.inf)  # NaN/inf outputs: no signal survives
+        else:
+            out.append(math.inf if n == 0 else (-math.inf if s == 0 else 10 * math.log10(s / n)))
     return np.array(out)
 
 
@@ -45,6 +48,29 @@ def sqnr_db(ref: torch.Tensor, cand: torch.Tensor) -> float:
     c = cand.detach().to(device=r.device, dtype=torch.float64).flatten()
     noise = float(((r - c) ** 2).sum())
     sig = float((r * r).sum())
+    if not (math.isfinite(noise) and math.isfinite(sig)):
+        return -math.inf  # NaN/inf weights
     if noise == 0:
         return math.inf
     return -math.inf if sig == 0 else 10 * math.log10(sig / noise)
+
+
+def update_agreement_per_row(x_in, ref_out, cand_out, floor_eps: float = 4.0) -> np.ndarray:
+    """How well a residual layer's output agrees with the reference, measured against the layer's own update.
+
+    Both layers got the same input x (teacher forcing). With update u = ref_out - x and error
+    e = cand_out - ref_out, the score is 1 / sqrt(1 + |e|^2 / max(|u|, floor)^2): the cosine between
+    the two updates when the error is orthogonal to u (and, unlike a cosine, it also sees scale errors).
+    A residual stream hides a missing branch (out = h vs h + mlp(h) keeps cosine ~0.99), the update does not.
+    floor = floor_eps x machine epsilon of the coarser dtype x |ref_out|: an update smaller than the rounding
+    of the residual stream cannot be resolved, so rounding noise is not called a divergence.
+    """
+    r = _rows(ref_out)
+    x = _rows(x_in).to(r.device)
+    c = _rows(cand_out).to(r.device)
+    dtypes = [t.dtype for t in (ref_out, cand_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    eps = max([torch.finfo(d).eps for d in dtypes] or [torch.finfo(torch.float32).eps])
+    u = (r - x).norm(dim=1)
+    e = (c - r).norm(dim=1)
+    scale = torch.maximum(u, floor_eps * eps * r.norm(dim=1)).clamp_min(1e-300)
+    return torch.nan_to_num(1.0 / torch.sqrt(1.0 + (e / scale) ** 2), nan=0.0).cpu().numpy()  # NaN: diverged

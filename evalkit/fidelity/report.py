@@ -22,7 +22,8 @@ class FidelityCheck:
 @dataclass
 class LayerResult:
     layer: str  # "<stack>.layers.<i>"
-    cosine_min: float  # min over probes and calls
+    cosine_min: float  # agreement of the layer's residual update (cosine-like), reference input fed in; min over probes, calls
+    state_cosine_min: float  # cosine of the layer's output in the free-running candidate (accumulated error)
     calls: int  # forward calls seen on the candidate (expert layers: one per denoise step)
     order: int  # position in execution order (first call)
 
@@ -58,6 +59,8 @@ class FidelityReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["passed"] = self.passed
+        d["failed"] = [c.name for c in self.failed()]
+        d.update(self.metrics())  # action_cosine_min, layer_cosine_min, action_sqnr_db_min at the top for MLflow
         for c in d["checks"]:
             for k in ("value", "threshold"):
                 if isinstance(c[k], float) and not math.isfinite(c[k]):

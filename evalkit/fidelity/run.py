@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evalkit.fidelity.fallback import claimed_low_precision, precision_bits, storage_mismatches
-from evalkit.fidelity.metrics import cosine_per_row, sqnr_db_per_row
+from evalkit.fidelity.metrics import cosine_per_row, sqnr_db_per_row, update_agreement_per_row
 from evalkit.fidelity.report import FAIL, PASS, SKIP, FidelityCheck, FidelityReport, LayerResult
 from evalkit.fidelity.weights import compare_stacks
 from evalkit.policies.base import ObsBatch
@@ -32,27 +32,70 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return None
+
+
 @contextmanager
-def _record(stacks: dict[str, torch.nn.ModuleList], sink):
-    """Call sink(layer_name, call_index, output) for every forward call of every layer of every stack."""
+def _record(stacks: dict[str, torch.nn.ModuleList], sink, force=None):
+    """Call sink(layer_name, call_index, input, output) for every forward call of every layer of every stack.
+
+    force(layer_name, call_index) -> tensor or None: when given, the layer's first positional input is
+    replaced by that tensor (teacher forcing: every layer sees the reference's input).
+    """
     handles, calls = [], {}
     for stack, layers in stacks.items():
         for i, layer in enumerate(layers):
             name = f"{stack}.layers.{i}"
+            seen: dict[str, torch.Tensor | None] = {}
 
-            def hook(mod, args, out, name=name):
+            def pre(mod, args, kwargs, name=name, seen=seen):
+                x = _first_arg(args, kwargs)
+                if force is not None and x is not None:
+                    r = force(name, calls.get(name, 0))
+                    if r is not None and r.shape == x.shape:
+                        x = r.to(device=x.device, dtype=x.dtype)
+                        args = (x,) + tuple(args[1:])
+                seen["x"] = x
+                return args, kwargs
+
+            def post(mod, args, out, name=name, seen=seen):
                 k = calls.get(name, 0)
                 calls[name] = k + 1
                 t = _first_tensor(out)
                 if t is not None:
-                    sink(name, k, t.detach())
+                    sink(name, k, seen.get("x"), t.detach())
 
-            handles.append(layer.register_forward_hook(hook))
+            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(layer.register_forward_hook(post))
     try:
         yield calls
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def _eager(policy):
+    """Run the policy's eager path: CUDA-graph replays fire no forward hooks.
+
+    Uses `policy.eager()` when the policy offers it, else lifts a `_graphs` sampler (evalkit's pi05) for the
+    duration; the weights are the same objects either way.
+    """
+    if hasattr(policy, "eager"):
+        with policy.eager():
+            yield
+        return
+    graphs = getattr(policy, "_graphs", None)
+    if graphs is not None:
+        policy._graphs = None
+    try:
+        yield
+    finally:
+        if graphs is not None:
+            policy._graphs = graphs
 
 
 def _check(name, value, threshold, status, detail) -> FidelityCheck:
@@ -83,30 +126,59 @@ def run_fidelity(
     ref_stacks = reference_policy.transformer_stacks()
     cand_stacks = candidate_policy.transformer_stacks()
 
-    # 1) reference forward: keep every layer output (on its device, in its dtype)
-    ref_out: dict[tuple[str, int], torch.Tensor] = {}
-    with _record(ref_stacks, lambda n, k, t: ref_out.__setitem__((n, k), t.clone())):
+    # 1) reference: keep every layer's input and output (on its device, in its dtype)
+    ref_io: dict[tuple[str, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+
+    def keep(n, k, x, t):
+        ref_io[(n, k)] = (None if x is None else x.clone(), t.clone())
+
+    with _eager(reference_policy), _record(ref_stacks, keep):
         ref_actions = np.asarray(reference_policy.predict(probes, noise_seed=seed), dtype=np.float32)
 
-    # 2) candidate forward: compare each layer output on the fly, count expert calls
-    cos_min: dict[str, float] = {}
+    # 2) candidate, free running: the actions it really produces, expert calls, output cosine per layer
+    state_cos: dict[str, float] = {}
+
+    hidden_identical = [True]
+
+    def free(n, k, x, t):
+        r = ref_io.get((n, k))
+        c = 0.0 if r is None or r[1].shape != t.shape else float(cosine_per_row(r[1], t.to(r[1].device)).min())
+        state_cos[n] = min(state_cos.get(n, 1.0), c)
+        if hidden_identical[0] and (r is None or r[1].dtype != t.dtype or not torch.equal(r[1], t.to(r[1].device))):
+            hidden_identical[0] = False
+
+    before = _expert_calls(candidate_policy)
+    with _eager(candidate_policy), _record(cand_stacks, free) as cand_calls:
+        cand_actions = np.asarray(candidate_policy.predict(probes, noise_seed=seed), dtype=np.float32)
+    after = _expert_calls(candidate_policy)
+
+    # 3) candidate, teacher forced: each layer gets the reference's input, so comparing its residual
+    # update (output - input) with the reference's isolates that layer's own error. The residual stream
+    # itself hides a missing branch: out = h vs h + mlp(h) can still have cosine > 0.98.
+    upd_cos: dict[str, float] = {}
     order: dict[str, int] = {}
     missing: list[str] = []
 
-    def compare(name: str, k: int, t: torch.Tensor) -> None:
-        order.setdefault(name, len(order))
-        r = ref_out.get((name, k))
-        if r is None or r.shape != t.shape:
-            missing.append(f"{name} call {k}")
-            cos_min[name] = min(cos_min.get(name, 1.0), 0.0)
+    def forced(n, k, x, t):
+        order.setdefault(n, len(order))
+        r = ref_io.get((n, k))
+        if r is None or r[0] is None or r[1].shape != t.shape or x is None or x.shape != r[0].shape:
+            missing.append(f"{n} call {k}")
+            upd_cos[n] = min(upd_cos.get(n, 1.0), 0.0)
             return
-        cos_min[name] = min(cos_min.get(name, 1.0), float(cosine_per_row(r, t.to(r.device)).min()))
+        # x is the reference input (forced), so both updates are measured from the same point
+        upd_cos[n] = min(upd_cos.get(n, 1.0), float(update_agreement_per_row(r[0], r[1], t).min()))
 
-    before = _expert_calls(candidate_policy)
-    with _record(cand_stacks, compare) as cand_calls:
-        cand_actions = np.asarray(candidate_policy.predict(probes, noise_seed=seed), dtype=np.float32)
-    after = _expert_calls(candidate_policy)
-    ref_out.clear()
+    def force(n, k):
+        r = ref_io.get((n, k))
+        return None if r is None else r[0]
+
+    calls_mark = _expert_calls(candidate_policy)
+    with _eager(candidate_policy), _record(cand_stacks, forced, force=force):
+        candidate_policy.predict(probes, noise_seed=seed)
+    if calls_mark is not None:
+        candidate_policy.model.expert_calls = calls_mark  # the diagnostic pass is not a real predict
+    ref_io.clear()
 
     checks: list[FidelityCheck] = []
 
@@ -130,8 +202,9 @@ def run_fidelity(
             f"min over probes of 10 log10(|ref|^2 / |ref - cand|^2) in dB (worst probe {int(np.argmin(sq))})",
         ))
 
-    # per-layer hidden-state cosine, first divergent layer in execution order
-    layers = [LayerResult(n, cos_min[n], cand_calls.get(n, 0), order[n]) for n in sorted(order, key=order.get)]
+    # per-layer hidden-state cosine (teacher-forced residual update), first divergent layer in execution order
+    layers = [LayerResult(n, upd_cos[n], state_cos.get(n, float("nan")), cand_calls.get(n, 0), order[n])
+              for n in sorted(order, key=order.get)]
     not_run = [f"{s}.layers.{i}" for s, ls in cand_stacks.items() for i in range(len(ls)) if f"{s}.layers.{i}" not in order]
     first = next((lr for lr in layers if lr.cosine_min < cfg.layer_cosine_min), None)
     if not layers:
@@ -140,9 +213,11 @@ def run_fidelity(
     else:
         lmin = min(lr.cosine_min for lr in layers)
         detail = (f"first divergent layer: {first.layer} (cosine {first.cosine_min:.4f}); " if first else "all layers agree; ")
-        detail += f"{len(layers)} layers in {len(cand_stacks)} stacks, min over probes and calls"
+        detail += ("agreement of each layer's residual update, reference input fed in (teacher forcing): "
+                   "1/sqrt(1 + |out_c - out_r|^2 / |out_r - in|^2), min over probes and calls; "
+                   f"{len(layers)} layers in {len(cand_stacks)} stacks")
         if missing:
-            detail += f"; no matching reference output for {len(missing)} calls (e.g. {missing[0]})"
+            detail += f"; no matching reference call for {len(missing)} calls (e.g. {missing[0]})"
         if not_run:
             detail += f"; layers that never ran: {', '.join(not_run[:4])}"
         checks.append(_check("layer_cosine", float(lmin), cfg.layer_cosine_min, FAIL if first or missing else PASS, detail))
@@ -167,7 +242,10 @@ def run_fidelity(
     # silent fallback: claims vs storage, and bit-identical outputs
     ref_bits = precision_bits(getattr(cfg, "reference_backend", "bf16")) or 16
     claimed = claimed_low_precision(backend_report, ref_bits)
-    identical = ref_actions.shape == cand_actions.shape and np.array_equal(ref_actions, cand_actions)
+    # bit-identical = same actions AND same hidden states in every layer (a policy whose actions barely
+    # depend on the network, like a randomly initialised one, can repeat its actions bit for bit)
+    identical = (ref_actions.shape == cand_actions.shape and np.array_equal(ref_actions, cand_actions)
+                 and hidden_identical[0] and bool(state_cos))
     if not claimed:
         checks.append(_check("silent_fallback", 0, 0, PASS,
                              f"backend claims nothing below the reference precision ({ref_bits} bits)"
@@ -175,7 +253,7 @@ def run_fidelity(
     else:
         problems = storage_mismatches(candidate_policy.model, claimed)
         if identical:
-            problems.insert(0, f"actions bit-identical to the {cfg.reference_backend} reference although {len(claimed)} modules claim lower precision")
+            problems.insert(0, f"actions and hidden states bit-identical to the {cfg.reference_backend} reference although {len(claimed)} modules claim lower precision")
         checks.append(_check(
             "silent_fallback", len(problems), 0, FAIL if problems else PASS,
             ("; ".join(problems[:4]) + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")) if problems

@@ -56,9 +56,8 @@ def layer_weights(layer: nn.Module) -> list[tuple[str, nn.Module]]:
 def fingerprint(w: torch.Tensor) -> torch.Tensor:
     """A small fixed sample of a weight's entries plus its norm: equal fingerprints <=> (almost surely) equal weights."""
     flat = w.flatten()
-    g = torch.Generator().manual_seed(flat.numel())
-    k = min(FINGERPRINT_SAMPLES, flat.numel())
-    idx = torch.randperm(flat.numel(), generator=g)[:k].to(flat.device)
+    g = torch.Generator().manual_seed(flat.numel())  # same positions for every weight of this size
+    idx = torch.randint(0, flat.numel(), (min(FINGERPRINT_SAMPLES, flat.numel()),), generator=g).to(flat.device)
     return torch.cat([flat[idx].double().cpu(), flat.double().norm().reshape(1).cpu()])
 
 

@@ -3,5 +3,6 @@
 from evalkit.gate.config import GateConfig
 from evalkit.gate.judge import GateCheck, GateResult, judge
 from evalkit.gate.runs import StoredRun, load_run
+from evalkit.gate.stage import gate_run
 
-__all__ = ["GateConfig", "GateCheck", "GateResult", "StoredRun", "judge", "load_run"]
+__all__ = ["GateConfig", "GateCheck", "GateResult", "StoredRun", "gate_run", "judge", "load_run"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+from evalkit.errors import BadInput
 
 
 @dataclass
@@ -32,3 +34,15 @@ class GateConfig:
     max_drop: float = 0.05  # the success drop the gate must be able to catch; warns when it cannot
     max_latency_ratio: float = 1.10  # candidate p50 / baseline p50, same device only
     baseline: Optional[str] = None  # mlflow run id | latest | run dir | references key ("ref:policy/backend/suite/steps")
+
+    @classmethod
+    def from_dict(cls, d: "dict[str, Any] | GateConfig | None") -> "GateConfig":
+        """From the composed `gate` group (a plain dict); unknown keys are bad input, not ignored."""
+        if isinstance(d, GateConfig):
+            return d
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise BadInput(f"unknown gate fields {unknown}; valid: {sorted(known)}")
+        return cls(**d)

@@ -163,18 +163,21 @@ def _success_checks(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> tuple[
         f"({power_note}); allowed drop {cfg.max_drop}"
     )
     if underpowered:
-        warnings.append(
-            f"underpowered: smallest detectable drop {mde if math.isinf(mde) else round(mde, 3)} > allowed drop "
-            f"{cfg.max_drop}; run more episodes to vouch for it"
-        )
+        n_used = len(merged) if merged is not None else None
+        what = (f"no drop at all is detectable with {n_used} paired episodes" if math.isinf(mde) and n_used
+                else "no drop at all is detectable with these episodes" if math.isinf(mde)
+                else f"smallest detectable drop {mde:.3f}")
+        warnings.append(f"underpowered: {what} > allowed drop {cfg.max_drop}; run more episodes to vouch for it")
     checks.append(_check("detectable drop", float(mde), f"<= {cfg.max_drop}",
                          WARN if underpowered else PASS, expl))
     return checks, mode, warnings
 
 
 def _device(run: StoredRun) -> str | None:
+    # the GPU's name when the run recorded it ("NVIDIA H100 80GB HBM3"): "cuda" alone does not say which GPU
     lat = run.summary.get("latency") or {}
-    return lat.get("device_name") or run.params.get("device") or (run.summary.get("params") or {}).get("device")
+    return (run.summary.get("device_name") or lat.get("device_name") or run.params.get("device")
+            or (run.summary.get("params") or {}).get("device"))
 
 
 def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateCheck:
@@ -224,6 +227,17 @@ def judge(candidate: StoredRun | dict, baseline: StoredRun | dict, thresholds: G
     success, mode, warnings = _success_checks(cand, base, cfg)
     checks += success
     checks.append(_latency_check(cand, base, cfg))
+    if cand.episodes is not None and "failure_reason" in cand.episodes.columns:
+        reasons = cand.episodes["failure_reason"].dropna().astype(str)
+        broken = reasons[~reasons.eq("timeout")]
+        if len(broken):
+            kinds = broken.str.split(":").str[0].value_counts().to_dict()
+            warnings.append(f"candidate episodes that crashed count as failures: {kinds}")
+    pc, pb = cand.summary.get("protocol") or {}, base.summary.get("protocol") or {}
+    if pc and pb:
+        diff = sorted(k for k in set(pc) | set(pb) if pc.get(k) != pb.get(k))
+        if diff:
+            warnings.append(f"protocols differ in {', '.join(diff)}: success rates may not be comparable")
     for p in ("policy", "denoise_steps"):
         if cand.params.get(p) is not None and base.params.get(p) is not None and str(cand.params[p]) != str(base.params[p]):
             warnings.append(f"{p} differs: candidate {cand.params[p]}, baseline {base.params[p]}")

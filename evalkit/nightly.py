@@ -1,0 +1,278 @@
+"""`python -m evalkit.nightly [key=value ...]`: run the nightly matrix, judge every cell, report, exit non-zero on regression.
+
+The matrix (conf/experiment/nightly.yaml: backends x suites x denoise_steps) runs cell by cell through a
+`runner` callable; the real one calls the evalkit CLI as a subprocess. Each candidate is judged with
+evalkit.gate.judge against its suite's baseline cell (paired on episodes when both have tables). The
+report (evalkit.report: Markdown + self-contained HTML) and every verdict are logged to MLflow under a
+parent run tagged evalkit.nightly=true. OmegaConf reads the config; MLflow's client does the logging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from evalkit.errors import EXIT_BAD_INPUT, EXIT_PASS, EXIT_REGRESSION, BadInput
+from evalkit.gate.config import GateConfig
+from evalkit.gate.judge import judge
+from evalkit.gate.runs import StoredRun, load_run
+from evalkit.report import ReportRun, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "conf" / "experiment" / "nightly.yaml"
+
+
+@dataclass
+class NightlyConfig:
+    policy: str = "pi05"
+    baseline_backend: str = "bf16"
+    baseline_denoise_steps: int = 10
+    baseline: str = "matrix"  # matrix | latest | ref:<key>
+    backends: list = field(default_factory=lambda: ["bf16"])
+    suites: list = field(default_factory=lambda: ["libero_spatial_quick"])
+    denoise_steps: list = field(default_factory=lambda: [10])
+    overrides: list = field(default_factory=list)
+    output_dir: str = "outputs/nightly"
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "evalkit-nightly"
+    timeout_s: int = 14400
+    gate: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cell:
+    policy: str
+    backend: str
+    suite: str
+    denoise_steps: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} / {self.suite} / {self.denoise_steps} steps"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.backend}_{self.suite}_d{self.denoise_steps}"
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    run_dir: Path
+    returncode: int
+    run: StoredRun | None = None
+    error: str | None = None
+    gate: dict[str, Any] | None = None
+    is_baseline: bool = False
+
+
+Runner = Callable[[Cell, Path, list], int]  # (cell, run_dir, overrides) -> exit code; writes summary.json into run_dir
+
+
+def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> NightlyConfig:
+    """nightly.yaml merged with key=value overrides (config=<file> picks another file), validated by the dataclass."""
+    over = [a for a in argv if not a.startswith("config=")]
+    for a in argv:
+        if a.startswith("config="):
+            path = Path(a.split("=", 1)[1])
+    bad = [a for a in over if "=" not in a]
+    if bad:
+        raise BadInput(f"nightly arguments must be key=value, got {bad}")
+    if not path.exists():
+        raise BadInput(f"nightly config {path} not found")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(NightlyConfig), OmegaConf.load(path), OmegaConf.from_dotlist(over))
+        cfg: NightlyConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise BadInput(f"nightly config: {str(e).splitlines()[0]}") from None
+    if not cfg.backends or not cfg.suites or not cfg.denoise_steps:
+        raise BadInput("nightly matrix is empty: backends, suites and denoise_steps need at least one value each")
+    return cfg
+
+
+def gate_config(cfg: NightlyConfig) -> GateConfig:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GateConfig), cfg.gate or {}))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise BadInput(f"nightly gate overrides: {str(e).splitlines()[0]}") from None
+
+
+def matrix(cfg: NightlyConfig) -> tuple[list[Cell], dict[str, Cell]]:
+    """All cells (baselines first when baseline=matrix) and, per suite, the baseline cell."""
+    base = {s: Cell(cfg.policy, cfg.baseline_backend, s, int(cfg.baseline_denoise_steps)) for s in cfg.suites}
+    cells = [Cell(cfg.policy, b, s, int(d)) for s in cfg.suites for b in cfg.backends for d in cfg.denoise_steps]
+    if cfg.baseline == "matrix":
+        cells = list(base.values()) + [c for c in cells if c not in base.values()]
+    return cells, base
+
+
+def subprocess_runner(timeout_s: int) -> Runner:
+    def run(cell: Cell, run_dir: Path, overrides: list) -> int:
+        cmd = [sys.executable, "-m", "evalkit", f"policy={cell.policy}", f"backend={cell.backend}", f"suite={cell.suite}",
+               f"denoise_steps={cell.denoise_steps}", f"hydra.run.dir={run_dir}", *map(str, overrides)]
+        print("nightly: $ " + " ".join(cmd), flush=True)
+        try:
+            return subprocess.run(cmd, cwd=REPO, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return 124
+
+    return run
+
+
+def run_cells(cells: list[Cell], root: Path, runner: Runner, overrides: list) -> dict[Cell, CellResult]:
+    out: dict[Cell, CellResult] = {}
+    for cell in cells:
+        run_dir = root / cell.slug
+        t0 = time.time()
+        code = runner(cell, run_dir, list(overrides))
+        res = CellResult(cell, run_dir, code)
+        if (run_dir / "summary.json").exists():
+            res.run = load_run(str(run_dir))
+            res.run.ref = cell.label
+        else:
+            res.error = f"exit {code}, no summary.json in {run_dir}"
+        print(f"nightly: {cell.label}: exit {code} in {time.time() - t0:.0f} s", flush=True)
+        out[cell] = res
+    return out
+
+
+def judge_cells(results: dict[Cell, CellResult], base: dict[str, Cell], cfg: NightlyConfig, gcfg: GateConfig) -> None:
+    """Fill each result's gate verdict (a dict); baseline cells of a matrix baseline are not judged."""
+    for cell, res in results.items():
+        if cfg.baseline == "matrix" and cell == base[cell.suite]:
+            res.is_baseline = True
+            if res.run is None:
+                continue
+            fid = res.run.summary.get("fidelity") or {}
+            if fid and not fid.get("passed", True):
+                res.error = "baseline failed its own fidelity checks"
+            continue
+        if res.run is None:
+            continue
+        try:
+            if cfg.baseline == "matrix":
+                b = results.get(base[cell.suite])
+                if b is None or b.run is None:
+                    res.error = f"baseline {base[cell.suite].label} has no results"
+                    continue
+                baseline = b.run
+            else:
+                baseline = load_run(cfg.baseline, cfg.tracking_uri, like=res.run.params)
+            res.gate = judge(res.run, baseline, gcfg).to_dict()
+        except BadInput as e:
+            res.error = f"gate: {e}"
+
+
+def failed(res: CellResult) -> bool:
+    return res.error is not None or (res.gate is not None and not res.gate.get("passed", False))
+
+
+PARENT_ENV = "EVALKIT_PARENT_RUN_ID"  # evalkit.tracking's variable: children that honour it nest under the parent
+
+
+def start_parent(cfg: NightlyConfig, name: str) -> str:
+    """Create the MLflow parent run (tag evalkit.nightly=true) before the cells run, so they can nest under it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    run = client.create_run(exp_id, run_name=f"nightly {name}", tags={"evalkit.nightly": "true"})
+    rid = run.info.run_id
+    for k in ("policy", "baseline_backend", "baseline_denoise_steps", "baseline"):
+        client.log_param(rid, k, getattr(cfg, k))
+    client.log_param(rid, "matrix", f"{list(cfg.backends)} x {list(cfg.suites)} x {list(cfg.denoise_steps)}")
+    return rid
+
+
+def finish_parent(cfg: NightlyConfig, rid: str, root: Path, results: dict[Cell, CellResult], passed: bool) -> None:
+    """Log the report, the verdicts and the pass/fail tag to the parent run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
+    client.set_tag(rid, "evalkit.nightly.passed", str(passed).lower())
+    client.log_metric(rid, "runs", len(results))
+    client.log_metric(rid, "regressions", sum(failed(r) for r in results.values()))
+    for f in ("report.md", "report.html", "nightly.json"):
+        client.log_artifact(rid, str(root / f))
+    for res in results.values():  # link children whose run id the CLI recorded in summary.json
+        child = res.run.summary.get("mlflow_run_id") if res.run else None
+        if child:
+            try:
+                client.set_tag(child, "mlflow.parentRunId", rid)
+            except Exception as e:  # a child in another store must not hide the verdicts
+                print(f"nightly: could not link child run {child}: {e}", file=sys.stderr)
+    client.set_terminated(rid, "FINISHED")
+
+
+def run_nightly(cfg: NightlyConfig, runner: Runner | None = None, stamp: str | None = None) -> tuple[int, Path]:
+    """Run the matrix, judge, write + log the report. Returns (exit code, nightly folder)."""
+    gcfg = gate_config(cfg)
+    stamp = stamp or datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+    root = Path(cfg.output_dir) / stamp
+    root.mkdir(parents=True, exist_ok=True)
+    cells, base = matrix(cfg)
+    parent = None
+    try:
+        parent = start_parent(cfg, stamp)
+        os.environ[PARENT_ENV] = parent
+    except Exception as e:  # the matrix still runs; the verdict still decides the exit code
+        print(f"nightly: could not create the MLflow parent run at {cfg.tracking_uri}: {e}", file=sys.stderr)
+    overrides = [f"tracking.uri={cfg.tracking_uri}", *cfg.overrides]  # children log to the same store
+    try:
+        results = run_cells(cells, root, runner or subprocess_runner(cfg.timeout_s), overrides)
+    finally:
+        os.environ.pop(PARENT_ENV, None)
+    judge_cells(results, base, cfg, gcfg)
+    bad = [r for r in results.values() if failed(r)]
+    passed = not bad
+    report_runs = [
+        ReportRun(label=("[baseline] " if r.is_baseline else "") + c.label,
+                  summary=(r.run.summary if r.run else {"params": {"backend": c.backend, "suite": c.suite,
+                                                                   "denoise_steps": c.denoise_steps}}),
+                  gate=r.gate, link=str(r.run_dir), error=r.error)
+        for c, r in results.items()
+    ]
+    notes = [f"policy {cfg.policy}; baseline {cfg.baseline} ({cfg.baseline_backend}, {cfg.baseline_denoise_steps} steps); "
+             f"gate alpha={gcfg.alpha} power={gcfg.power} max_drop={gcfg.max_drop} max_latency_ratio={gcfg.max_latency_ratio}"]
+    write_report(report_runs, root, title=f"evalkit nightly {stamp}", notes=notes)
+    (root / "nightly.json").write_text(json.dumps({
+        "passed": passed,
+        "cells": [{"cell": c.label, "run_dir": str(r.run_dir), "returncode": r.returncode, "baseline": r.is_baseline,
+                   "error": r.error, "gate": r.gate} for c, r in results.items()],
+    }, indent=2, default=str))
+    if parent is not None:
+        try:
+            finish_parent(cfg, parent, root, results, passed)
+            print(f"nightly: MLflow parent run {parent} ({cfg.tracking_uri})")
+        except Exception as e:  # the verdict stands even when the store is unreachable; say so loudly
+            print(f"nightly: could not log the report to MLflow at {cfg.tracking_uri}: {e}", file=sys.stderr)
+    for r in bad:
+        why = r.error or ", ".join(c["name"] for c in r.gate["checks"] if c.get("status") == "fail")
+        print(f"nightly: REGRESSION {r.cell.label}: {why}")
+    print(f"nightly: {'PASS' if passed else 'FAIL'}: report {root / 'report.html'}")
+    return (EXIT_PASS if passed else EXIT_REGRESSION), root
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        code, _ = run_nightly(cfg)
+    except BadInput as e:
+        print(f"nightly: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
