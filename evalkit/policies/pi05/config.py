@@ -72,7 +72,7 @@ class Pi05Config:
         if self.prefix_inputs == "state_tokens" and self.state_feature_dim <= 0:
             raise BadInput("pi05 prefix_inputs=state_tokens needs state_feature_dim > 0")
         if self.prefix.depth != self.expert.depth:
-            raise BadInput("pi05 prefix and expert need the same depth (expert layer i reads prefix layer i's KV cache)")
+            raise BadInput("pi05 prefix and expert need the same depth (expert layer i reads prefix layer i's K/V)")
         if (self.prefix.num_kv_heads, self.prefix.head_dim) != (self.expert.num_kv_heads, self.expert.head_dim):
             raise BadInput("pi05 prefix and expert need the same KV head layout (shared attention)")
         if self.expert.width % 2:
@@ -80,7 +80,8 @@ class Pi05Config:
 
 
 def tiny_config(**overrides: Any) -> Pi05Config:
-    """Same architecture, three layers (the last prefix layer's MLP never reaches the actions), tiny widths: runs in milliseconds on a CPU."""
+    """Same architecture, tiny widths, three layers (with two, the only MLP that could be swapped, the last
+    prefix layer's, never reaches the actions). Runs in milliseconds on a CPU."""
     cfg = Pi05Config(
         prefix=GemmaSize(width=64, depth=3, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
         expert=GemmaSize(width=32, depth=3, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16),
@@ -102,12 +103,7 @@ def replace_fields(cfg: Pi05Config, overrides: dict[str, Any]) -> Pi05Config:
         raise BadInput(f"unknown pi05 model fields {unknown}; valid: {sorted(known)}")
     d = asdict(cfg)
     for k, v in overrides.items():
-        if k in ("prefix", "expert") and isinstance(v, dict):
-            d[k] = {**d[k], **v}
-        elif k == "vision" and isinstance(v, dict):
-            d[k] = {**d[k], **v}
-        else:
-            d[k] = v
-    return Pi05Config(
-        **{**d, "prefix": GemmaSize(**d["prefix"]), "expert": GemmaSize(**d["expert"]), "vision": VisionSize(**d["vision"])}
-    )
+        d[k] = {**d[k], **v} if k in ("prefix", "expert", "vision") and isinstance(v, dict) else v
+    sizes = {"prefix": GemmaSize(**d["prefix"]), "expert": GemmaSize(**d["expert"]),
+             "vision": VisionSize(**d["vision"])}
+    return Pi05Config(**{**d, **sizes})

@@ -22,6 +22,7 @@ class _Captured:
     inputs: dict[str, torch.Tensor | None]
     output: torch.Tensor
     steps: int
+    keep: tuple  # intermediates read across graphs (prefix embeddings, KV cache): must outlive capture
 
 
 class GraphedSampler:
@@ -30,12 +31,12 @@ class GraphedSampler:
             raise CapabilityError(f"pi05 cuda_graph=true needs a CUDA GPU; device is {device}")
         self.model = model
         self.device = device
-        self.pool = torch.cuda.graph_pool_handle()
         self._cache: dict[tuple, _Captured] = {}
 
     @staticmethod
     def _key(inputs: dict[str, torch.Tensor | None], steps: int) -> tuple:
-        return (steps,) + tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in sorted(inputs.items()))
+        shapes = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in sorted(inputs.items()))
+        return (steps, *shapes)
 
     def _capture(self, inputs: dict[str, torch.Tensor | None], steps: int) -> _Captured:
         m = self.model
@@ -55,15 +56,16 @@ class GraphedSampler:
                 m.denoise(cache, static["noise"], steps)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graphs = {k: torch.cuda.CUDAGraph() for k in ("encode", "prefill", "denoise")}
+        pool = torch.cuda.graph_pool_handle()  # one pool per key, shared by its three graphs (replayed in order)
         with torch.no_grad():
-            with torch.cuda.graph(graphs["encode"], pool=self.pool):
+            with torch.cuda.graph(graphs["encode"], pool=pool):
                 embs, mask = encode()
-            with torch.cuda.graph(graphs["prefill"], pool=self.pool):
+            with torch.cuda.graph(graphs["prefill"], pool=pool):
                 cache = m.prefill(embs, mask)
-            with torch.cuda.graph(graphs["denoise"], pool=self.pool):
+            with torch.cuda.graph(graphs["denoise"], pool=pool):
                 out = m.denoise(cache, static["noise"], steps)
         m.expert_calls = calls_before  # replays count below, not captures
-        return _Captured(graphs=graphs, inputs=static, output=out, steps=steps)
+        return _Captured(graphs=graphs, inputs=static, output=out, steps=steps, keep=(embs, mask, cache))
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor | None], steps: int, timer=None) -> torch.Tensor:

@@ -25,8 +25,11 @@ class AttnContext:
 
     cos/sin: RoPE tables for the query tokens [B, T, head_dim].
     key_mask: bool [B, S_total] (True = attend) or None when every key is valid (lets SDPA use flash).
-    cache: prefill fills it (layer index -> (k, v) after RoPE); the expert reads it and appends its own keys.
+    cache: prefill fills it (layer index -> (k, v) after RoPE); the expert writes its own keys into the
+           slots reserved after the prefix and attends to the whole buffer.
     cond: adaRMSNorm condition [B, width] for the expert, None for the prefix.
+    mods: precomputed adaRMSNorm modulations [B, 3*width], one per expert norm in order
+          (layer 0 input, layer 0 post-attention, layer 1 input, ..., final norm); None = compute from cond.
     """
 
     cos: torch.Tensor
@@ -36,6 +39,10 @@ class AttnContext:
     write_cache: bool = False
     read_cache: bool = False
     cond: torch.Tensor | None = None
+    mods: tuple[torch.Tensor, ...] | None = None
+
+    def mod(self, k: int) -> torch.Tensor | None:
+        return None if self.mods is None else self.mods[k]
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -65,7 +72,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, mod: torch.Tensor | None = None):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).to(x.dtype), None
@@ -74,7 +81,8 @@ class RMSNorm(nn.Module):
 class AdaRMSNorm(nn.Module):
     """π0.5's adaptive RMSNorm: `dense(cond)` -> (scale, shift, gate); y = norm(x)*(1+scale)+shift.
 
-    The gate multiplies the residual branch that follows this norm.
+    The gate multiplies the residual branch that follows this norm. `mod` (= dense(cond), precomputed
+    for all denoise steps at once: it depends on the time only) skips the per-step dense layer.
     """
 
     def __init__(self, dim: int, cond_dim: int, eps: float) -> None:
@@ -82,12 +90,16 @@ class AdaRMSNorm(nn.Module):
         self.eps = eps
         self.dense = nn.Linear(cond_dim, 3 * dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
-        if cond is None:
-            raise ValueError("AdaRMSNorm needs the time condition")
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.dense(cond)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, mod: torch.Tensor | None = None):
+        if mod is None:
+            if cond is None:
+                raise ValueError("AdaRMSNorm needs the time condition")
+            mod = self.modulation(cond)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        mod = self.dense(cond.to(self.dense.weight.dtype) if self.dense.weight.is_floating_point() else cond)
         if x.dim() == 3:
             mod = mod[:, None, :]
         scale, shift, gate = mod.chunk(3, dim=-1)
@@ -122,9 +134,13 @@ class GemmaAttention(nn.Module):
         if ctx.write_cache:
             ctx.cache[self.layer_idx] = (k, v)
         if ctx.read_cache:
+            # The cache holds [prefix | t free slots] (reserved at prefill): writing this step's keys in
+            # place avoids copying the whole prefix K/V every step (what torch.cat would do).
             pk, pv = ctx.cache[self.layer_idx]
-            k = torch.cat([pk.to(k.dtype), k], dim=2)
-            v = torch.cat([pv.to(v.dtype), v], dim=2)
+            p = pk.shape[2] - t
+            pk[:, :, p:] = k.to(pk.dtype)
+            pv[:, :, p:] = v.to(pv.dtype)
+            k, v = pk, pv
         mask = None if ctx.key_mask is None else ctx.key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -153,9 +169,10 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        a, gate = self.input_layernorm(x, ctx.cond)
+        i = self.self_attn.layer_idx
+        a, gate = self.input_layernorm(x, ctx.cond, ctx.mod(2 * i))
         h = x + _gated(self.self_attn(a, ctx), gate)
-        m, gate = self.post_attention_layernorm(h, ctx.cond)
+        m, gate = self.post_attention_layernorm(h, ctx.cond, ctx.mod(2 * i + 1))
         return h + _gated(self.mlp(m), gate)
 
 
@@ -173,7 +190,12 @@ class GemmaStack(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, ctx)
-        return self.norm(x, ctx.cond)[0]
+        return self.norm(x, ctx.cond, ctx.mod(2 * len(self.layers)))[0]
+
+    def adaptive_norms(self) -> list[nn.Module]:
+        """The norms in AttnContext.mods order (expert only)."""
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        return norms + [self.norm]
 
 
 # ----------------------------------------------------------------------------------------------- siglip

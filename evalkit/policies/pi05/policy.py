@@ -1,7 +1,8 @@
 """Pi05Policy: ObsBatch -> actions [B, H, 7], and the registry builder `build(cfg, device)`.
 
 Stages inside one `predict` (each wrapped by the timer passed in): pre (host processing + copy),
-encode (vision + embeddings), prefill (prefix KV cache), denoise (one per Euler step), post.
+encode (vision + embeddings), prefill (prefix KV cache), time_cond (adaRMS modulations of all steps),
+denoise (one per Euler step), post. With CUDA graphs: encode, prefill, and one denoise for the whole loop.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from evalkit.latency.timer import NullTimer
 from evalkit.policies.base import ObsBatch, TorchPolicy
 from evalkit.policies.pi05 import processing as proc
 from evalkit.policies.pi05.checkpoint import load_state_dict_into, read_checkpoint_config
-from evalkit.policies.pi05.config import Pi05Config, full_config, tiny_config
+from evalkit.policies.pi05.config import Pi05Config, full_config, replace_fields, tiny_config
 from evalkit.policies.pi05.model import Pi05Model
 
 VIEW_ORDER = ("agentview", "wrist")  # openpi LIBERO: base_0_rgb = agentview, left_wrist_0_rgb = wrist
@@ -76,15 +77,16 @@ class Pi05Policy(TorchPolicy):
             self.enable_compile()
 
     # ------------------------------------------------------------------ options
-    def enable_compile(self) -> None:
+    def enable_compile(self, mode: str | None = None, expert_mode: str | None = None) -> None:
         """torch.compile each stage's tensor math (embed_prefix, prefix_kv, expert_forward). Compilation is lazy
-        (first call), so it sees the modules a backend installed in between."""
+        (first call), so it sees the modules a backend installed in between. `expert_mode` (e.g.
+        "max-autotune-no-cudagraphs") lets the skinny M=H*B expert GEMMs be autotuned apart from the rest."""
         if self._compiled:
             return
         m = self.model
-        m.embed_prefix = torch.compile(m.embed_prefix, dynamic=False)  # type: ignore[method-assign]
-        m.prefix_kv = torch.compile(m.prefix_kv, dynamic=False)  # type: ignore[method-assign]
-        m.expert_forward = torch.compile(m.expert_forward, dynamic=False)  # type: ignore[method-assign]
+        for name in ("embed_prefix", "prefix_kv", "expert_forward"):
+            fn_mode = expert_mode if (name == "expert_forward" and expert_mode) else mode
+            setattr(m, name, torch.compile(getattr(m, name), dynamic=False, mode=fn_mode))
         self._compiled = True
 
     def enable_cuda_graph(self) -> None:
@@ -144,7 +146,8 @@ class Pi05Policy(TorchPolicy):
         dev = self.device
         with timer.stage("pre"):
             host = self.preprocess(batch)
-            inputs = {k: (None if v is None else torch.from_numpy(v).to(dev, non_blocking=True)) for k, v in host.items()}
+            inputs = {k: (None if v is None else torch.from_numpy(v).to(dev, non_blocking=True))
+                      for k, v in host.items()}
             inputs["noise"] = self.noise(batch, noise_seed).to(dev)
             if inputs["images"] is not None:  # uint8 travels (4x fewer bytes); [-1, 1] floats are made on device
                 inputs["images"] = proc.images_to_model(inputs["images"])
@@ -157,7 +160,7 @@ class Pi05Policy(TorchPolicy):
                                                 state_features=inputs["state_features"])
             with timer.stage("prefill"):
                 cache = m.prefill(embs, key_mask)
-            x = m.denoise(cache, inputs["noise"], self.denoise_steps, on_step=lambda k: timer.stage("denoise"))
+            x = m.denoise(cache, inputs["noise"], self.denoise_steps, timer=timer)
         with timer.stage("post"):
             actions = x.float().cpu().numpy()
             out = proc.actions_to_env(actions, self.norm_stats, self.cfg.env_action_dim)
@@ -183,7 +186,19 @@ def _model_config(cfg: dict[str, Any]) -> Pi05Config:
         return tiny_config(**overrides)
     if variant == "full":
         return full_config(**overrides)
-    raise BadInput(f"pi05 variant must be 'tiny' or 'full', got '{variant}'")
+    if variant == "checkpoint":  # exact sizes saved by save_checkpoint (config.json's "evalkit_pi05")
+        if cfg.get("init") != "checkpoint" or not cfg.get("checkpoint"):
+            raise BadInput("pi05 variant=checkpoint needs init=checkpoint and policy.checkpoint=<directory>")
+        meta = read_checkpoint_config(Path(cfg["checkpoint"]).expanduser())
+        if "evalkit_pi05" not in meta:
+            raise BadInput(f"{cfg['checkpoint']}/config.json has no 'evalkit_pi05' sizes (written by save_checkpoint); "
+                           "use variant=full for openpi/LeRobot checkpoints")
+        saved = dict(meta["evalkit_pi05"])
+        conflicts = {k: (saved.get(k), v) for k, v in overrides.items() if saved.get(k) != v}
+        if conflicts:
+            raise BadInput(f"pi05 config disagrees with the checkpoint's saved sizes (saved, asked): {conflicts}")
+        return replace_fields(full_config(), saved)
+    raise BadInput(f"pi05 variant must be 'tiny', 'full' or 'checkpoint', got '{variant}'")
 
 
 def _tokenizer(cfg: dict[str, Any], mcfg: Pi05Config, ckpt: Path | None) -> proc.Tokenizer:
@@ -211,6 +226,10 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
         raise CapabilityError(f"pi05 cuda_graph=true needs a CUDA GPU; device is {device}")
     if cfg.get("compile") and device.type != "cuda":
         raise CapabilityError(f"pi05 compile=true is supported on CUDA only (GPU-side option); device is {device}")
+    if cfg.get("init") == "checkpoint" and cfg.get("checkpoint"):
+        ckpt_file = Path(cfg["checkpoint"]).expanduser() / "model.safetensors"
+        if not ckpt_file.is_file():
+            raise BadInput(f"{ckpt_file}: not found (pi05 loads safetensors only)")
     mcfg = _model_config(cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         cfg.get("dtype") or "float32")
@@ -228,8 +247,6 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
         if not cfg.get("checkpoint"):
             raise BadInput("pi05 init=checkpoint needs policy.checkpoint=<directory>")
         ckpt = Path(cfg["checkpoint"]).expanduser()
-        if not (ckpt / "model.safetensors").is_file():
-            load_state_dict_into(model, ckpt)  # raises the one-line BadInput naming what is there
         meta = read_checkpoint_config(ckpt)
         for k in ("action_dim", "action_horizon"):
             if k in meta and int(meta[k]) != getattr(mcfg, k):

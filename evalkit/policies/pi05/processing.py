@@ -95,7 +95,10 @@ def find_norm_stats(ckpt_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- prompt
 def discretize_state(normalized_state: np.ndarray, bins: int = 256) -> np.ndarray:
-    """openpi: np.digitize(state, linspace(-1, 1, bins + 1)[:-1]) - 1 -> ints in [0, bins-1] (clipped at the ends)."""
+    """openpi: np.digitize(state, linspace(-1, 1, bins + 1)[:-1]) - 1 -> ints in [0, bins-1] for state >= -1.
+
+    Like openpi, a value below -1 gives -1 (rendered as "-1") and one above 1 gives bins-1.
+    """
     return np.digitize(normalized_state, bins=np.linspace(-1, 1, bins + 1)[:-1]) - 1
 
 
