@@ -230,14 +230,16 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     if previous:
         console.print(f"resuming: {len(previous)} of {len(spec.episodes())} episodes already in {journal.path}")
     options = RolloutOptions(workers=s.workers, video_mode=s.video, videos_per_task=s.videos_per_task,
-                             video_dir=str(run_dir / "videos"))
+                             video_dir=str(run_dir / "videos"), stage_timer=stage_timer_for(policy, device))
     with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}") as prog:
         result = run_rollouts(policy, spec, journal, options, on_record=prog.update)
 
     df = episodes_frame(result.records)
-    latency = latency_summary(result.policy_call_s, result.policy_batch_sizes)
+    latency = latency_summary(result.policy_call_s, result.policy_batch_sizes, result.stage_ms)
     new_eps = len(result.records) - result.resumed
     extra.update({"resumed_episodes": result.resumed,
+                  # a remote policy's client round trip and server timing, kept apart (evalkit/policies/remote.py)
+                  "policy_timing": policy.timing_summary() if hasattr(policy, "timing_summary") else None,
                   "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None})
     summary = build_summary(df, params, spec.protocol(), latency, result.wall_s, extra=extra)
     print_summary(summary, console)
@@ -259,6 +261,17 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     write_results(run_dir, df, summary)
     finish_tracking(s, run_dir, summary, versions, sweep_key)
     return code
+
+
+def stage_timer_for(policy, device):
+    """Per-stage timing (device events on GPU) for policies whose predict takes a `timer`."""
+    import inspect
+
+    if "timer" not in inspect.signature(policy.predict).parameters:
+        return None
+    from evalkit.latency.timer import StageTimer
+
+    return StageTimer(device)
 
 
 def run_fidelity_stage(s: RunSettings, policy, report, device, gate_cfg):

@@ -43,13 +43,35 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def latency_summary(call_s: list[float], batch_sizes: list[int]) -> dict[str, Any]:
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms, dtype=float)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
+
+
+def stage_summary(stage_ms: list[dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Per stage: percentiles of the stage's time per call (a stage that occurs N times per call, like
+    denoise, is summed per call) and, for repeated stages, of each occurrence (`<stage>_step`)."""
+    calls = stage_ms[1:] if len(stage_ms) > 1 else stage_ms  # first call = warm-up
+    out: dict[str, dict[str, float]] = {}
+    names = sorted({n for c in calls for n in c})
+    for n in names:
+        per_call = [sum(c[n]) for c in calls if n in c]
+        out[n] = _percentiles(per_call)
+        occurrences = [x for c in calls for x in c.get(n, [])]
+        if len(occurrences) > len(per_call):
+            out[f"{n}_step"] = _percentiles(occurrences)
+    return out
+
+
+def latency_summary(call_s: list[float], batch_sizes: list[int], stage_ms: list | None = None) -> dict[str, Any]:
     """Policy-call latency seen by the rollouts (batched calls, wall clock, first call excluded as warm-up)."""
     calls = np.asarray(call_s[1:] if len(call_s) > 1 else call_s, dtype=float) * 1e3
     if calls.size == 0:
         return {}
     p50, p90, p99 = np.percentile(calls, [50, 90, 99])
-    return {
+    stages = {"stages": stage_summary(stage_ms)} if stage_ms else {}
+    return {**stages,
         "latency_ms_p50": float(p50), "latency_ms_p90": float(p90), "latency_ms_p99": float(p99),
         "latency_ms_mean": float(calls.mean()), "latency_ms_std": float(calls.std()),
         "hz": float(1e3 / p50) if p50 > 0 else None,

@@ -34,5 +34,8 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
             f"policy latency p50 {lat['latency_ms_p50']:.1f} ms  p90 {lat['latency_ms_p90']:.1f}  p99 {lat['latency_ms_p99']:.1f}"
             f"  (±{lat['latency_ms_std']:.1f} ms std, {lat['calls']} calls, mean batch {lat['mean_batch']:.1f})"
         )
+    stages = lat.get("stages") or {}
+    if stages:
+        console.print("per stage p50: " + "  ".join(f"{k} {v['p50']:.1f} ms" for k, v in stages.items()))
     if summary.get("episodes_per_min"):
         console.print(f"throughput {summary['episodes_per_min']:.1f} episodes/min over {summary['wall_time_s']:.0f} s")

@@ -31,6 +31,8 @@ class RolloutOptions:
     video_mode: str = "failures"  # none | failures | all
     videos_per_task: int = 5
     video_dir: str | None = None
+    # Optional per-stage timer (evalkit.latency.timer.StageTimer): passed to `policy.predict(batch, timer=...)`
+    stage_timer: object | None = None
 
 
 @dataclass
@@ -40,6 +42,7 @@ class RolloutResult:
     policy_batch_sizes: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     resumed: int = 0  # episodes taken from the journal
+    stage_ms: list[dict[str, list[float]]] = field(default_factory=list)  # per call: stage -> ms of each occurrence
 
 
 class _LocalWorker:
@@ -216,7 +219,7 @@ def run_rollouts(
             stepping = [s for s in slots if s.state == "stepping"]
             waiting = [s for s in slots if s.state == "waiting"]
             if waiting and not stepping:
-                _serve_policy(policy, waiting, result)
+                _serve_policy(policy, waiting, result, options.stage_timer)
                 continue
             # Wait for any stepping worker to answer (or die).
             conns = [s.worker.conn for s in stepping if s.worker.conn is not None]
@@ -245,11 +248,16 @@ def run_rollouts(
     return result
 
 
-def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult) -> None:
+def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult, timer=None) -> None:
     batch = ObsBatch([s.obs for s in waiting])
     t = time.perf_counter()
     try:
-        actions = np.asarray(policy.predict(batch))
+        if timer is not None:
+            timer.begin_call()
+            actions = np.asarray(policy.predict(batch, timer=timer))
+            result.stage_ms.append(timer.end_call())
+        else:
+            actions = np.asarray(policy.predict(batch))
         if actions.ndim != 3 or actions.shape[0] != len(waiting) or actions.shape[2] != 7:
             raise ValueError(f"policy returned actions of shape {actions.shape}, expected [{len(waiting)}, H, 7]")
         error = None
