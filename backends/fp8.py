@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from backends.quant import QuantBackend, QuantLinear, capability_line, fake_quant_fp8_rows, linear_fp32, quant_fp8_rows
-from backends.triton_kernels import rowwise_quant, triton_available
+from backends.targets import replace_module
+from backends.triton_kernels import geglu_quant_fp8, rowwise_quant, triton_available
 from evalkit.errors import CapabilityError
 
 
@@ -72,9 +73,55 @@ class Fp8WeightOnlyLinear(QuantLinear):
         return self._finish(y, shape)
 
 
+class Fp8GemmaMLP(nn.Module):
+    """GeGLU MLP (π0.5's GemmaMLP: down(gelu_tanh(gate(x)) * up(x))) over three native Fp8Linear children:
+    x is quantized once for gate and up, and gelu*up is fused with the per-token quantization that feeds
+    down_proj (one Triton kernel; the bf16 product h is never written)."""
+
+    def __init__(self, gate_proj: Fp8Linear, up_proj: Fp8Linear, down_proj: Fp8Linear) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        shared = "triton:rowwise_quant_fp8 (x quantized once for gate and up) + torch._scaled_mm(rowwise"
+        acc = ", fast_accum)" if gate_proj.fast_accum else ")"
+        gate_proj.kernel = up_proj.kernel = shared + acc
+        down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        xq, xs = rowwise_quant(x2, "fp8")
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        gy = torch._scaled_mm(xq, g.qweight.t(), scale_a=xs, scale_b=g.wscale, out_dtype=torch.bfloat16, use_fast_accum=g.fast_accum)
+        uy = torch._scaled_mm(xq, u.qweight.t(), scale_a=xs, scale_b=u.wscale, out_dtype=torch.bfloat16, use_fast_accum=u.fast_accum)
+        if g.bias is not None:
+            gy = gy + g.bias
+        if u.bias is not None:
+            uy = uy + u.bias
+        hq, hs = geglu_quant_fp8(gy, uy)
+        y = torch._scaled_mm(hq, d.qweight.t(), scale_a=hs, scale_b=d.wscale, out_dtype=torch.bfloat16, use_fast_accum=d.fast_accum)
+        return d._finish(y, shape)
+
+
 class FP8Backend(QuantBackend):
     name = "fp8"
     engines = ("native", "emulated")
+
+    def post_replace(self, model: nn.Module) -> None:
+        """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true)."""
+        self._fused = 0
+        if self.engine != "native" or not self.options.get("fuse_mlp", True):
+            return
+        for name, mod in list(model.named_modules()):
+            if type(mod).__name__ != "GemmaMLP":
+                continue
+            parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+            if all(isinstance(p, Fp8Linear) and not p.emulated for p in parts):
+                replace_module(model, name, Fp8GemmaMLP(*parts))
+                self._fused += 1
+
+    def extra_notes(self) -> list[str]:
+        n = getattr(self, "_fused", 0)
+        return [f"fused {n} GeGLU MLPs (shared x quantization; gelu*up fused with the down_proj input quantization)"] if n else []
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -1,9 +1,11 @@
 """`int4`: W4A16 group-wise (group 128, asymmetric: bf16 scales + zeros), bf16 activations.
 
 Kernels (CUDA), chosen per GEMM shape (N, K, M) by timing the candidates once on the first call at that
-shape and caching the winner for the process (all layers of one shape share the choice):
-- `tinygemm`: `torch._weight_int4pack_mm` (tensor-core int4 dequant-in-kernel GEMM; fast at small M,
-  the denoise loop's M = horizon x batch);
+shape (each candidate first checked against the dequantized reference, so a wrong kernel is never chosen)
+and caching the winner for the process (all layers of one shape share the choice):
+- `tinygemm`: `torch._weight_int4pack_mm` (tensor-core int4 dequant-in-kernel GEMM);
+- `triton_w4a16`: our Triton kernel for M <= 64 (the denoise loop's M = horizon x batch): dequantizes in
+  registers, one launch, bf16 out;
 - `dequant_cublas`: unpack to bf16 per call + cuBLAS bf16 GEMM (wins at large M, the prefill).
 `backend.options.kernel=tinygemm|dequant_cublas` forces one. On CPU the native engine runs
 `torch._weight_int4pack_mm_for_cpu` (a real int4 CPU kernel); `engine=emulated` dequantizes and multiplies in fp32.
@@ -27,28 +29,19 @@ from backends.quant import (
     quant_int4_groups,
     unpack_nibbles,
 )
+from backends.quant import choose_kernel
+from backends.targets import replace_module
+from backends.triton_kernels import W4A16_CONFIGS, triton_available, w4a16_gemm, w4a16_geglu
 from evalkit.errors import BadInput
 
-CANDIDATES = ("tinygemm", "dequant_cublas")
-# (device index, N, K, M, group) -> chosen candidate; filled on first call at each shape.
-KERNEL_CHOICE: dict[tuple, str] = {}
-CHOICE_TIMES_MS: dict[tuple, dict[str, float]] = {}
+CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16")  # triton_w4a16 may name a tile config: triton_w4a16:n16k256
+KERNEL_NAMES = {
+    "tinygemm": "torch._weight_int4pack_mm (tinygemm)",
+    "dequant_cublas": "unpack int4->bf16 per call + cuBLAS bf16",
+    "triton_w4a16": f"triton:w4a16_gemm (small-M, dequant in registers; tile configs {'/'.join(W4A16_CONFIGS)})",
+}
+TRITON_MAX_M = 64  # our Triton kernel is a small-M (denoise) kernel
 INNER_K_TILES = 8
-
-
-def _time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 class Int4Linear(QuantLinear):
@@ -66,7 +59,7 @@ class Int4Linear(QuantLinear):
         self.forced = None
         if mode == "cuda":
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
-            self.kernel = "auto per shape: torch._weight_int4pack_mm (tinygemm) | unpack->bf16 + cuBLAS (timed once, cached)"
+            self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(KERNEL_NAMES.values())
         elif mode == "cpu":
             self.register_buffer("tg_packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             self.kernel = "torch._weight_int4pack_mm_for_cpu"
@@ -74,10 +67,11 @@ class Int4Linear(QuantLinear):
             self.kernel = "emulated: dequant int4 (group) + fp32 F.linear"
 
     def force(self, kernel: str) -> None:
-        if kernel not in CANDIDATES:
-            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)}")
-        self.forced = kernel
-        self.kernel = "torch._weight_int4pack_mm (tinygemm)" if kernel == "tinygemm" else "unpack int4->bf16 per call + cuBLAS bf16"
+        base, _, cfg = kernel.partition(":")
+        if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in W4A16_CONFIGS)):
+            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(W4A16_CONFIGS)}>)")
+        self.forced = kernel if cfg or base != "triton_w4a16" else "triton_w4a16:n16k128"
+        self.kernel = KERNEL_NAMES[base] + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
 
     def ignore_scales(self) -> None:
         sz = self.scales_zeros.clone()
@@ -102,18 +96,26 @@ class Int4Linear(QuantLinear):
     def _tinygemm(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm(x2, self.tg_packed, self.group, self.scales_zeros)
 
+    def run_kernel(self, name: str, x2: torch.Tensor) -> torch.Tensor:
+        base, _, cfg = name.partition(":")
+        if base == "tinygemm":
+            return self._tinygemm(x2)
+        if base == "dequant_cublas":
+            return self._dequant_cublas(x2)
+        return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or "n16k128")
+
+    def candidates(self, x2: torch.Tensor) -> dict:
+        c = {"dequant_cublas": lambda: self._dequant_cublas(x2), "tinygemm": lambda: self._tinygemm(x2)}
+        if x2.shape[0] <= TRITON_MAX_M and triton_available():
+            for cfg in W4A16_CONFIGS:
+                c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
+        return c
+
     def choose(self, x2: torch.Tensor) -> str:
         if self.forced:
             return self.forced
-        key = (x2.device.index, self.out_features, self.in_features, x2.shape[0], self.group)
-        choice = KERNEL_CHOICE.get(key)
-        if choice is None:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"int4: no kernel chosen yet for shape {key[1:]}; run one eager forward before CUDA-graph capture")
-            times = {"tinygemm": _time_ms(lambda: self._tinygemm(x2)), "dequant_cublas": _time_ms(lambda: self._dequant_cublas(x2))}
-            choice = min(times, key=times.get)
-            KERNEL_CHOICE[key], CHOICE_TIMES_MS[key] = choice, times
-        return choice
+        key = ("int4", x2.device.index, self.out_features, self.in_features, x2.shape[0], self.group)
+        return choose_kernel(key, self.candidates(x2), reference="dequant_cublas")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -123,16 +125,63 @@ class Int4Linear(QuantLinear):
         x2 = x2.to(torch.bfloat16).contiguous()
         if self.mode == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.tg_packed, self.group, self.scales_zeros)
-        elif self.choose(x2) == "tinygemm":
-            y = self._tinygemm(x2)
         else:
-            y = self._dequant_cublas(x2)
+            y = self.run_kernel(self.choose(x2), x2)
         return self._finish(y, shape)
+
+
+class Int4GemmaMLP(nn.Module):
+    """GeGLU MLP over three CUDA Int4Linear children. Per M, the faster (timed once, checked, cached) of:
+    `fused_triton` (gate + up + gelu*up in one Triton launch, M <= 64; then down_proj's own chosen kernel)
+    and `per_linear` (each projection's own chosen kernel, torch gelu/mul)."""
+
+    def __init__(self, gate_proj: Int4Linear, up_proj: Int4Linear, down_proj: Int4Linear) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        for p in (gate_proj, up_proj):
+            p.kernel = f"auto per M (timed once, checked, cached): triton:w4a16_geglu (gate+up+gelu fused, M<={TRITON_MAX_M}) | per-linear: {p.kernel}"
+
+    def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x2), approximate="tanh") * self.up_proj(x2))
+
+    def _fused_triton(self, x2: torch.Tensor, cfg: str = "n16k128") -> torch.Tensor:
+        g, u = self.gate_proj, self.up_proj
+        return self.down_proj(w4a16_geglu(x2, g.qweight, u.qweight, g.scales_zeros, u.scales_zeros, g.group, cfg))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        choice = "per_linear"
+        if x2.shape[0] <= TRITON_MAX_M and self.gate_proj.forced is None:
+            key = ("int4mlp", x2.device.index, self.gate_proj.out_features, self.gate_proj.in_features, x2.shape[0], self.gate_proj.group)
+            cands = {"per_linear": lambda: self._per_linear(x2)}
+            for cfg in W4A16_CONFIGS:
+                cands[f"fused_triton:{cfg}"] = lambda cfg=cfg: self._fused_triton(x2, cfg)
+            choice = choose_kernel(key, cands, reference="per_linear", tol=2e-2)
+        y = self._per_linear(x2) if choice == "per_linear" else self._fused_triton(x2, choice.partition(":")[2])
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class Int4Backend(QuantBackend):
     name = "int4"
     engines = ("native", "emulated")
+
+    def post_replace(self, model: nn.Module) -> None:
+        """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true)."""
+        self._fused = 0
+        if self.engine != "native" or not self.options.get("fuse_mlp", True) or not triton_available():
+            return
+        for name, mod in list(model.named_modules()):
+            if type(mod).__name__ != "GemmaMLP":
+                continue
+            parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+            if all(isinstance(p, Int4Linear) and p.mode == "cuda" for p in parts):
+                replace_module(model, name, Int4GemmaMLP(*parts))
+                self._fused += 1
+
+    def extra_notes(self) -> list[str]:
+        n = getattr(self, "_fused", 0)
+        return [f"{n} GeGLU MLPs may run gate+up+gelu as one Triton kernel where it is faster (M <= {TRITON_MAX_M})"] if n else []
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

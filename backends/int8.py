@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.quant import QuantBackend, QuantLinear, capability_line, quant_int8_rows
+from backends.quant import QuantBackend, QuantLinear, capability_line, choose_kernel, quant_int8_rows
 from backends.triton_kernels import rowwise_quant, triton_available
 from evalkit.errors import CapabilityError
 
@@ -66,24 +66,42 @@ class Int8WeightOnlyLinear(QuantLinear):
     scale_buffers = ("wscale",)
     activation_precision = "bf16"
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, packed_kernel: bool) -> None:
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, packed_kernel: bool, cuda: bool) -> None:
         super().__init__(linear, out_dtype)
         q, s = quant_int8_rows(linear.weight.detach())
         self.register_buffer("qweight", q)
         self.register_buffer("wscale", s.to(torch.bfloat16))
         self.packed_kernel = packed_kernel
-        self.kernel = "torch._weight_int8pack_mm" if packed_kernel else "dequant int8->bf16 per call + torch F.linear (bf16)"
+        self.cuda_choice = cuda and packed_kernel
+        if self.cuda_choice:
+            self.kernel = ("auto per shape (timed once, checked, cached): torch._weight_int8pack_mm | "
+                           "dequant int8->bf16 per call + cuBLAS bf16")
+        else:
+            self.kernel = "torch._weight_int8pack_mm" if packed_kernel else "dequant int8->bf16 per call + torch F.linear (bf16)"
 
     def dequantized_weight(self) -> torch.Tensor:
         return (self.qweight.to(torch.bfloat16) * self.wscale[:, None]).float()
 
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2, self.qweight, self.wscale)
+
+    def _dequant_cublas(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.qweight.to(torch.bfloat16) * self.wscale[:, None])
+
+    def choose(self, x2: torch.Tensor) -> str:
+        key = ("int8wo", x2.device.index, self.out_features, self.in_features, x2.shape[0])
+        return choose_kernel(key, {"dequant_cublas": lambda: self._dequant_cublas(x2), "packed": lambda: self._packed(x2)},
+                             reference="dequant_cublas")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.packed_kernel:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.wscale)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.cuda_choice:
+            y = getattr(self, "_" + self.choose(x2))(x2)
+        elif self.packed_kernel:
+            y = self._packed(x2)
         else:
-            y = F.linear(x2, self.qweight.to(torch.bfloat16) * self.wscale[:, None])
+            y = self._dequant_cublas(x2)
         return self._finish(y, shape)
 
 
@@ -118,4 +136,4 @@ class Int8WeightOnlyBackend(QuantBackend):
         )
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
-        return Int8WeightOnlyLinear(linear, self.base_dtype, packed_kernel=self._packed)
+        return Int8WeightOnlyLinear(linear, self.base_dtype, packed_kernel=self._packed, cuda=device.type == "cuda")

@@ -223,10 +223,11 @@ class QuantBackend(Backend):
         self.check_engine(device)
         targets = select_linears(model, self.targets)  # BadInput before touching the model
         before = module_weight_bytes(model)
-        model.to(self.base_dtype)
+        cast_unquantized(model, self.base_dtype)
         self.prepare(model, targets, calib)
         for name, lin in targets if self.replaces_targets else ():
             replace_module(model, name, self.make_module(name, lin, device))
+        self.post_replace(model)
         notes = list(self.capability_notes)
         notes.append(f"targets={self.targets}: {len(targets)} Linear modules quantized; the rest of the model cast to {self.base_dtype}")
         notes += self.extra_notes()
@@ -246,6 +247,26 @@ class QuantBackend(Backend):
 
     def extra_notes(self) -> list[str]:
         return []
+
+    def post_replace(self, model: nn.Module) -> None:
+        """Hook after the targets were replaced (fusions across modules); default nothing."""
+        return None
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating params/buffers to `dtype`, except inside modules an earlier backend quantized
+    (`model.to(dtype)` would also cast their float8 weights and fp32 scales: backends compose safely)."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) or hasattr(mod, "_evalkit_desc"):
+            continue
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is None or not t.is_floating_point() or t.dtype == dtype or t.element_size() == 1:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    store[k] = nn.Parameter(t.detach().to(dtype), requires_grad=t.requires_grad)
+                else:
+                    store[k] = t.to(dtype)
 
 
 def run_calibration(model: nn.Module, calib: Iterable[Any]) -> int:
@@ -272,3 +293,72 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 Maker = Callable[[str, nn.Linear, torch.device], nn.Module]
+
+
+# ------------------------------------------------------------------------------------------------ kernel choice
+# (kind, device index, N, K, M, extra) -> chosen candidate, and what was measured to choose it.
+KERNEL_CHOICE: dict[tuple, str] = {}
+CHOICE_LOG: dict[tuple, dict[str, Any]] = {}
+
+
+def time_cuda_ms(fn: Callable[[], Any], reps: int = 20) -> tuple[float, str]:
+    """Median GPU ms of fn, timed as CUDA-graph replays (how the policy runs; eager timing would mostly
+    measure Python launch overhead, which differs between Triton and ATen kernels). A candidate that
+    cannot be captured is timed eagerly, and the returned mode says so."""
+    for _ in range(3):
+        fn()
+    mode, g = "graph", None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    except RuntimeError:
+        mode, g = "eager", None
+    run = g.replay if g is not None else fn
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2], mode
+
+
+def choose_kernel(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], reference: str, tol: float = 1e-2) -> str:
+    """Pick the fastest candidate for one GEMM shape, once per process (cached by `key`).
+
+    Every candidate is first checked against `reference`'s output (relative error < tol); a candidate that
+    fails or raises is excluded and the reason kept in CHOICE_LOG, so a fast wrong kernel is never chosen.
+    Must not run during CUDA-graph capture: warm up with one eager call first.
+    """
+    choice = KERNEL_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"no kernel chosen yet for {key}; run one eager forward before CUDA-graph capture")
+    ref = candidates[reference]().float()
+    log: dict[str, Any] = {}
+    for name, fn in candidates.items():
+        try:
+            err = float((fn().float() - ref).norm() / ref.norm().clamp(min=1e-30))
+            if not err < tol:
+                log[name] = f"rejected: rel err {err:.3g} vs {reference}"
+                continue
+            ms, mode = time_cuda_ms(fn)
+            log[name] = ms
+            if mode != "graph":
+                log.setdefault("timed_eagerly", []).append(name)  # not capturable: its time includes launch overhead
+        except Exception as e:  # a kernel that cannot run this shape is not a candidate for it
+            log[name] = f"rejected: {type(e).__name__}: {str(e)[:200]}"
+    timed = {k: v for k, v in log.items() if isinstance(v, float)}
+    choice = min(timed, key=timed.get)
+    KERNEL_CHOICE[key], CHOICE_LOG[key] = choice, log
+    return choice

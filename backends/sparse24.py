@@ -44,9 +44,10 @@ class Sparse24Linear(QuantLinear):
         else:
             sp = torch.sparse.to_sparse_semi_structured(dense)
             self._sp = sp  # tensor subclass; its storage is registered below so the report counts real bytes
-            self.register_buffer("packed", sp.packed)
-            if getattr(sp, "meta", None) is not None:
-                self.register_buffer("meta", sp.meta)
+            for part in ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask"):
+                t = getattr(sp, part, None)
+                if isinstance(t, torch.Tensor):
+                    self.register_buffer(part, t)
             self.weight_store = "packed"
             lib = "cuSPARSELt" if "CUSPARSELT" in type(sp).__name__.upper() else "CUTLASS"
             self.weight_format = f"2:4 semi-structured ({lib}) values+metadata"
