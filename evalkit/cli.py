@@ -6,7 +6,9 @@ Exit codes: 0 pass, 1 regression, 2 bad input/config (one clear line, no traceba
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
 EXIT_INTERNAL = 3
 INT_KNOBS = ("denoise_steps", "workers", "seed", "videos_per_task", "suite.trials", "suite.max_steps")
 _job_codes: list[int] = []
+CODES_ENV = "EVALKIT_JOB_CODES_FILE"  # where launcher jobs in other processes write their exit codes
 
 
 def prevalidate(argv: list[str]) -> str | None:
@@ -75,7 +78,22 @@ def run_from_config(cfg: DictConfig) -> int:
 def _hydra_main(cfg: DictConfig) -> int:
     code = run_from_config(cfg)
     _job_codes.append(code)
+    codes_file = os.environ.get(CODES_ENV)
+    if codes_file:  # jobs of a launcher run in other processes (joblib, submitit local): report through a file
+        with open(codes_file, "a") as f:
+            f.write(f"{code}\n")
     return code
+
+
+def _launcher_codes(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            return [int(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def main() -> None:
@@ -84,11 +102,16 @@ def main() -> None:
     if problem:
         print(f"evalkit: error: {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    fd, codes_file = tempfile.mkstemp(prefix="evalkit_job_codes_")
+    os.close(fd)
+    os.environ[CODES_ENV] = codes_file
     try:
         _hydra_main()
     except SystemExit as e:
+        _job_codes.extend(_launcher_codes(codes_file))
         # Hydra exits 1 when composing the config fails (bad override, type error): that is bad input.
         if not _job_codes and e.code not in (0, None):
             sys.exit(EXIT_BAD_INPUT)
         raise
+    _job_codes.extend(_launcher_codes(codes_file))
     sys.exit(max(_job_codes) if _job_codes else 0)

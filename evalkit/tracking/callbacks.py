@@ -17,7 +17,8 @@ class MlflowSweepCallback(Callback):
         from evalkit.tracking.store import find_or_create_parent, reachable, resolve_uri
 
         tracking = config.get("tracking") or {}
-        if str(tracking.get("mode", "online")) != "online":
+        mode = tracking.get("mode", "online")
+        if str(getattr(mode, "value", mode)) != "online":  # an Enum node (TrackingMode) in the structured config
             return  # children carry the sweep key; `evalkit.sync` creates the parent later
         uri = resolve_uri(tracking.get("uri"))
         ok, why = reachable(uri)

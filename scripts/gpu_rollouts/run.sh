@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Run a LIBERO suite on the lent GPU machine (device tool), from the repo root, results under $OUT.
+#
+# Build here first (CPU machine, once; .carry/ is git-ignored and travels with `carry`):
+#   bash scripts/gpu_rollouts/prepare.sh            # wheels, EGL debs, site.tar.xz (<= 64 MiB in all)
+# Then, through the device tool:
+#   run(command="bash scripts/gpu_rollouts/run.sh", carry=[".carry"])
+# Knobs (environment): POLICY (noop|reference|...), WORKERS (default: all cores), SUITE, TRIALS,
+# MAX_STEPS (default: the suite's), BENCH_TASKS, BENCH_TRIALS, BENCH_WORKERS.
+set -uo pipefail
+OUT=${OUT:-/tmp/evalkit_gpu_out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run_log.txt") 2>&1
+POLICY=${POLICY:-noop}
+SUITE=${SUITE:-libero_spatial}
+WORKERS=${WORKERS:-$(nproc)}
+B=.carry/gpu_bundle
+SITE=/tmp/evalkit_site
+t0=$(date +%s)
+
+# 1. EGL: the machine has the NVIDIA driver but not the GL vendor-neutral loaders (device README).
+for f in .carry/gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
+[ -f "$__EGL_VENDOR_LIBRARY_FILENAMES" ] || unset __EGL_VENDOR_LIBRARY_FILENAMES
+
+# 2. The bundle: pure-Python packages + the suite's assets, and cp312 wheels for what is compiled.
+mkdir -p "$SITE"
+tar -xJf "$B/site.tar.xz" -C "$SITE" || { echo "bundle: cannot unpack"; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .carry/whl/*.whl || exit 2
+# After the interpreter's own site-packages: its numpy, scipy, Pillow and torch win; the bundle fills gaps.
+PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$SITE" > "$PURELIB/zz_evalkit_bundle.pth"
+export PYTHONPATH=$PWD MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
+echo "setup: $(( $(date +%s) - t0 )) s; python $(python3 -V 2>&1); $(nproc) cores"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 - <<'EOF' || exit 2
+import importlib
+for m in ("numpy", "scipy", "PIL", "torch", "mujoco", "robosuite", "libero.libero", "hydra", "pandas", "pyarrow"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"  {m:14s} {getattr(mod, '__version__', '')}  {getattr(mod, '__file__', '')}")
+    except Exception as e:
+        print(f"  {m:14s} MISSING ({type(e).__name__}: {e})")
+EOF
+
+# 3. Rendering smoke test: one env with both cameras through EGL.
+python3 - <<'EOF' || { echo "EGL/LIBERO smoke test failed"; exit 3; }
+import time
+import numpy as np
+from suites.env import LiberoEnv
+from suites.specs import get_suite
+spec = get_suite("libero_spatial")
+t = time.perf_counter(); env = LiberoEnv(spec, 0, render=True); obs = env.reset(0, 7)
+print(f"smoke: env built+reset {time.perf_counter() - t:.1f} s, image {obs.agentview.shape} mean {obs.agentview.mean():.1f}")
+t = time.perf_counter()
+for _ in range(20): obs, _ = env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))
+print(f"smoke: {(time.perf_counter() - t) / 20 * 1e3:.1f} ms/step with two 256x256 cameras (EGL)")
+env.close()
+EOF
+
+# 4. The throughput benchmark (bench/throughput.py): evalkit's engine vs a bare loop, same episodes.
+BENCH_TASKS=${BENCH_TASKS:-"0 1 2 3 4 5 6 7 8 9"}
+BENCH_TRIALS=${BENCH_TRIALS:-2}
+BENCH_WORKERS=${BENCH_WORKERS:-$WORKERS}
+RENDER_FLAG=""  # RENDER=1: both cameras in both loops (image policies); reference and noop are state-only
+[ "${RENDER:-0}" = "1" ] && RENDER_FLAG="--render"
+timeout ${BENCH_TIMEOUT:-200} python3 bench/throughput.py --suite "$SUITE" --policy "$POLICY" --workers $BENCH_WORKERS \
+    --tasks $BENCH_TASKS --trials "$BENCH_TRIALS" --max-steps "${MAX_STEPS:-220}" $RENDER_FLAG \
+    --out "$OUT/throughput_gpu.json" || echo "throughput benchmark failed or timed out (rc $?)"
+
+# 5. The suite through the CLI, one worker per core, policy batched on the GPU (needs pandas + pyarrow there).
+if python3 -c "import pandas, pyarrow" 2>/dev/null; then
+  timeout ${RUN_TIMEOUT:-200} python3 -m evalkit policy="$POLICY" suite="$SUITE" workers="$WORKERS" tracking=offline \
+      device=cuda video=none quiet=true ${TRIALS:+suite.trials=$TRIALS} ${MAX_STEPS:+suite.max_steps=$MAX_STEPS} \
+      hydra.run.dir=/tmp/evalkit_run && cp /tmp/evalkit_run/summary.json "$OUT/summary.json"
+else
+  echo "pandas/pyarrow not on this machine: skipping the CLI run (episodes.parquet needs them)"
+fi
+echo "total: $(( $(date +%s) - t0 )) s"
