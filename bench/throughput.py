@@ -61,8 +61,10 @@ def _bare_worker(args) -> int:
 def bare_loop(spec, workers: int, render: bool) -> float:
     eps = spec.episodes()
     shards = [eps[i::workers] for i in range(workers)]  # each process keeps its envs, as evalkit's workers do
+    from evalkit.rollout.engine import worker_environment
+
     t = time.perf_counter()
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with worker_environment(), mp.get_context("spawn").Pool(workers) as pool:  # same thread settings as evalkit's
         n = sum(pool.map(_bare_worker, [(spec.libero_name, s, spec.max_steps, spec.num_steps_wait, render) for s in shards]))
     return n / (time.perf_counter() - t) * 60.0
 

@@ -10,7 +10,9 @@ and its episode recorded as failed with the reason.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
+from contextlib import contextmanager
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_connections
@@ -73,11 +75,33 @@ class _LocalWorker:
         self.runner.close()
 
 
+# MuJoCo steps on one thread; math-library pools sized to every core in every worker only fight
+# each other (16 workers x 16 BLAS threads on the GPU machine). Workers get one thread each.
+WORKER_THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                      "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
+
+
+@contextmanager
+def worker_environment():
+    """Environment a spawned worker starts with (a child copies os.environ when it starts)."""
+    saved = {k: os.environ.get(k) for k in WORKER_THREAD_ENV}
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_THREAD_ENV.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class _ProcessWorker:
     def __init__(self, spec: SuiteSpec, ctx):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
-        self.proc.start()
+        with worker_environment():
+            self.proc.start()
         child.close()
 
     def send(self, msg):
