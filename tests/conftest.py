@@ -19,3 +19,12 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+def mlflow_runs(db: Path, experiment: str = "evalkit") -> list:
+    """Every run of `experiment` in the sqlite store at `db` ([] when the experiment does not exist)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []

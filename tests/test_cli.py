@@ -10,17 +10,14 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import mlflow_runs as _runs_in
+from tests.conftest import run_cli
 
 FAST = ["policy=noop", "backend=bf16", "suite=libero_spatial_quick", "suite.max_steps=8", "quiet=true"]
 
 
 def mlflow_runs(workdir):
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("evalkit")
-    return client.search_runs([exp.experiment_id]) if exp else []
+    return _runs_in(workdir / "mlruns" / "mlflow.db")
 
 
 def test_quick_suite_end_to_end_with_mlflow(workdir):

@@ -6,16 +6,10 @@ import shutil
 import subprocess
 import sys
 
-import mlflow
 import pandas as pd
 
+from tests.conftest import mlflow_runs as _runs
 from tests.conftest import run_cli
-
-
-def _runs(db):
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("evalkit")
-    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_joblib_shards_land_in_one_sqlite_store_and_merge(workdir):

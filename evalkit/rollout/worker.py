@@ -85,19 +85,17 @@ class EpisodeRunner:
             self.task_name, self.instruction = env.info.name, env.language
             obs = env.reset(ep.init_state_id, ep.seed)
         except Exception as e:
-            rec = self._record(False, _short_error(e))
-            self._drop_env()
-            return ("done", rec)
-        if not ep.privileged:
-            obs.privileged = {}
+            return self._crashed(e)
         self._keep_frame(obs)
-        return ("obs", obs)
+        return self._reply(obs)
 
     def _act(self, actions: np.ndarray, policy_s: float):
-        ep, env = self.ep, self.env
+        env = self.env
         self.policy_s += policy_s
         self.policy_calls += 1
         actions = np.asarray(actions)
+        if len(actions) == 0:
+            return ("done", self._record(False, f"{EXCEPTION}: policy returned an empty action chunk"))
         try:
             for a in actions[: self.spec.replan_steps]:
                 if not np.all(np.isfinite(a)):
@@ -111,12 +109,19 @@ class EpisodeRunner:
                 if env.steps >= self.spec.max_steps:
                     return ("done", self._finish(False, TIMEOUT))
         except Exception as e:
-            rec = self._record(False, _short_error(e))
-            self._drop_env()
-            return ("done", rec)
-        if not ep.privileged:
-            obs.privileged = {}
+            return self._crashed(e)
+        return self._reply(obs)
+
+    def _reply(self, obs):
+        if not self.ep.privileged:
+            obs.privileged = {}  # keep the pipe light for policies that do not read object poses
         return ("obs", obs)
+
+    def _crashed(self, e: Exception):
+        """The env raised: record the episode as failed and rebuild the env for the next one."""
+        rec = self._record(False, _short_error(e))
+        self._drop_env()
+        return ("done", rec)
 
     # -- results ----------------------------------------------------------------------------
     def _keep_frame(self, obs) -> None:
