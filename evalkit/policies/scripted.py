@@ -23,7 +23,7 @@ from scipy.spatial.transform import Rotation
 
 from evalkit.errors import BadInput, CapabilityError
 from evalkit.policies.base import ObsBatch, Observation
-from evalkit.policies.scripted_goal import Predicate, parse_goal
+from evalkit.policies.scripted_goal import Predicate, parse_goal, parse_init
 
 POS_SCALE = 0.05  # metres of OSC goal motion per unit of action (robosuite OSC_POSE output_max)
 ROT_SCALE = 0.5  # radians per unit of action
@@ -37,11 +37,16 @@ class Grasp:
     bottom: float = 0.0  # object's lowest point relative to its reported position (negative: below)
     align_yaw: bool = False  # rotate the gripper to close across the object's local y (boxes)
     place_clear: float = 0.015  # gap between object bottom and the target surface at release
+    # When the BDDL init puts the object *inside* something (a drawer), grasp from this side instead,
+    # with the gripper turned by `inside_yaw` (the default side touches the drawer's front panel).
+    inside_offset: tuple[float, float] | None = None
+    inside_yaw: float = 0.0
 
 
 # Measured in the LIBERO scenes (ray casts from above: top of object relative to its position).
 GRASPS: dict[str, Grasp] = {
-    "akita_black_bowl": Grasp(dz=0.02, offset=(0.0, 0.05), bottom=0.0, place_clear=0.02),
+    "akita_black_bowl": Grasp(dz=0.02, offset=(0.0, 0.05), bottom=0.0, place_clear=0.02,
+                              inside_offset=(-0.05, 0.0), inside_yaw=np.pi / 2),
     "alphabet_soup": Grasp(dz=0.015, bottom=-0.038),
     "tomato_sauce": Grasp(dz=0.015, bottom=-0.038),
     "salad_dressing": Grasp(dz=0.05, bottom=-0.073),
@@ -74,6 +79,8 @@ class Plan:
     obj_z0: float = 0.0
     retries: int = 0
     yaw: float = 0.0  # gripper yaw (about world z) used for this grasp
+    offset: tuple[float, float] = (0.0, 0.0)  # grasp point's xy offset from the object's position
+    base_yaw: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,6 +142,10 @@ class ScriptedPolicy:
             if category(obj) not in GRASPS:
                 raise CapabilityError(f"scripted expert has no grasp for object '{obj}'")
             plan = Plan(obj=obj, target=target, phase_start=o.step, obj_z0=float(o.privileged[f"{obj}_pos"][2]))
+            g = GRASPS[category(obj)]
+            inside = any(p.name == "in" and p.args and p.args[0] == obj for p in parse_init(bddl))
+            plan.offset = g.inside_offset if inside and g.inside_offset is not None else g.offset
+            plan.base_yaw = g.inside_yaw if inside and g.inside_offset is not None else 0.0
             self.plans[o.episode_key] = plan
         return plan
 
@@ -143,7 +154,7 @@ class ScriptedPolicy:
         g = GRASPS[category(plan.obj)]
         obj = p[f"{plan.obj}_pos"]
         tgt = p[f"{plan.target}_pos"]
-        off = np.array([*g.offset, 0.0])
+        off = np.array([*plan.offset, 0.0])
         grasp = obj + off + np.array([0.0, 0.0, g.dz])
         surface = tgt[2] + SURFACE.get(category(plan.target), 0.02)
         place_z = surface + (g.dz - g.bottom) + g.place_clear
@@ -184,7 +195,7 @@ class ScriptedPolicy:
                 plan.yaw = self._grasp_yaw(plan, p)
                 done = (np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and rot_err < 0.08) or elapsed > 80
             elif name == "descend":
-                done = np.linalg.norm(err) < 0.008 or elapsed > 40
+                done = np.linalg.norm(err) < 0.01 or elapsed > 30
                 if done:
                     plan.extra["grasp_at"] = eef.copy()
             elif name == "close":
@@ -221,7 +232,7 @@ class ScriptedPolicy:
     def _grasp_yaw(self, plan: Plan, p: dict[str, np.ndarray]) -> float:
         g = GRASPS[category(plan.obj)]
         if not g.align_yaw:
-            return 0.0
+            return plan.base_yaw
         yaw = _yaw_of(p[f"{plan.obj}_quat"])  # fingers close along the gripper's y: align with box's short side
         return float((yaw + np.pi / 2) % np.pi - np.pi / 2)  # the gripper is symmetric: keep |yaw| <= 90°
 
@@ -239,7 +250,7 @@ class ScriptedPolicy:
         target, grip = self._waypoint(plan, p, PHASES[plan.phase])
         pos = p["robot0_eef_pos"].astype(np.float64).copy()
         rot = Rotation.from_quat(p["robot0_eef_quat"])
-        slow = PHASES[plan.phase] in ("descend", "lower")
+        slow = PHASES[plan.phase] in ("descend", "lower") and np.linalg.norm(target - pos) < 0.04
         speed = self.max_speed * (0.6 if slow else 1.0)
         chunk = np.zeros((self.action_horizon, 7), dtype=np.float64)
         for k in range(self.action_horizon):
@@ -247,7 +258,7 @@ class ScriptedPolicy:
             n = np.linalg.norm(a)
             if n > speed:
                 a *= speed / n
-            r = np.clip(self._rot_error(plan, p, rot) / ROT_SCALE, -1, 1) * 0.5
+            r = np.clip(self._rot_error(plan, p, rot) / ROT_SCALE, -1, 1)
             chunk[k, :3] = a
             chunk[k, 3:6] = r
             chunk[k, 6] = grip
@@ -258,4 +269,7 @@ class ScriptedPolicy:
 
 def build(cfg: dict, device) -> ScriptedPolicy:
     keys = ("action_horizon", "max_speed", "kp", "track", "hover", "carry", "close_steps", "open_steps")
+    unknown = sorted(set(cfg) - set(keys) - {"kind", "name", "denoise_steps"})
+    if unknown:
+        raise BadInput(f"unknown scripted policy fields {unknown}; valid: {sorted(keys)}")
     return ScriptedPolicy(**{k: cfg[k] for k in keys if k in cfg and cfg[k] is not None})

@@ -35,14 +35,19 @@ def _parse(tokens: list[str], i: int = 0):
     return out, i + 1
 
 
-def parse_goal_text(text: str) -> list[Predicate]:
+def parse_section_text(text: str, section: str) -> list[Predicate]:
+    """Flat predicates of a BDDL section (':goal' or ':init'); an (And ...) wrapper is unwrapped."""
     toks = _tokens(text)
     try:
-        start = next(k for k in range(len(toks) - 1) if toks[k] == "(" and toks[k + 1].lower() == ":goal")
+        start = next(k for k in range(len(toks) - 1) if toks[k] == "(" and toks[k + 1].lower() == section)
     except StopIteration:
-        raise BadInput("BDDL has no (:goal ...) section") from None
+        raise BadInput(f"BDDL has no ({section} ...) section") from None
     expr, _ = _parse(toks, start)
-    body = expr[1] if len(expr) > 1 else []
+    if section == ":init":
+        items = expr[1:]
+        body = ["and", *items]
+    else:
+        body = expr[1] if len(expr) > 1 else []
     if isinstance(body, list) and body and isinstance(body[0], str) and body[0].lower() == "and":
         items = body[1:]
     else:
@@ -55,7 +60,17 @@ def parse_goal_text(text: str) -> list[Predicate]:
     return preds
 
 
+def parse_goal_text(text: str) -> list[Predicate]:
+    return parse_section_text(text, ":goal")
+
+
 @lru_cache(maxsize=256)
 def parse_goal(bddl_path: str) -> tuple[Predicate, ...]:
     with open(bddl_path) as f:
         return tuple(parse_goal_text(f.read()))
+
+
+@lru_cache(maxsize=256)
+def parse_init(bddl_path: str) -> tuple[Predicate, ...]:
+    with open(bddl_path) as f:
+        return tuple(parse_section_text(f.read(), ":init"))

@@ -1,0 +1,286 @@
+"""Flow-matching behaviour cloning of a small π0.5 (state_tokens prefix) on scripted demonstrations.
+
+    python -m evalkit.train                                  # conf/train/reference.yaml
+    python -m evalkit.train config=conf/train/reference.yaml steps=200 out=/tmp/ref device=cpu
+
+Two stages, so the GPU machine needs neither LIBERO nor the raw episodes:
+  1. `pack`: the episode npz files (evalkit/demos.py) -> one packed npz (features, per-step actions,
+     chunk indices, instruction tokens) + normalization statistics. Cached at `packed`.
+  2. `fit`: the same π0.5 code as `policy=pi05` (evalkit/policies/pi05, small widths/depths), trained
+     with `Pi05Model.flow_matching_loss`; written with `save_checkpoint` (safetensors + config.json +
+     assets/<id>/norm_stats.json) plus `train_config.yaml` and `train_log.json`.
+Reproducible from the config: one seed drives the weights, the batch order, noise and flow times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from evalkit.errors import BadInput
+
+DEFAULT_CONFIG = "conf/train/reference.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- config
+def load_config(argv: list[str]) -> dict[str, Any]:
+    """YAML config + `key=value` / `a.b=value` overrides (values parsed as YAML)."""
+    path = DEFAULT_CONFIG
+    overrides = []
+    for a in argv:
+        if "=" not in a:
+            raise BadInput(f"argument '{a}': expected key=value")
+        k, v = a.split("=", 1)
+        if k == "config":
+            path = v
+        else:
+            overrides.append((k, yaml.safe_load(v)))
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise BadInput(f"train config {path}: {e}") from None
+    for k, v in overrides:
+        node = cfg
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        if last not in node and not head:
+            raise BadInput(f"unknown train config key '{k}'; valid: {sorted(cfg)}")
+        node[last] = v
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- packing
+def chunk_indices(lengths: list[int], horizon: int) -> np.ndarray:
+    """For every step t of every episode: the indices of steps t..t+H-1, repeating the episode's last step."""
+    rows, start = [], 0
+    for n in lengths:
+        t = np.arange(n)[:, None] + np.arange(horizon)[None]
+        rows.append(start + np.minimum(t, n - 1))
+        start += n
+    return np.concatenate(rows).astype(np.int64)
+
+
+def quantile_stats(x: np.ndarray, min_half_range: float = 0.0) -> dict[str, list[float]]:
+    q01, q99 = np.quantile(x, 0.01, axis=0), np.quantile(x, 0.99, axis=0)
+    c = (q01 + q99) / 2
+    q01 = np.minimum(q01, c - min_half_range)
+    q99 = np.maximum(q99, c + min_half_range)
+    return {"q01": q01.tolist(), "q99": q99.tolist(), "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
+
+
+def pack(cfg: dict[str, Any]) -> Path:
+    """Episode files -> packed arrays + norm stats at cfg['packed'] (rebuilt when `repack` is true or missing)."""
+    out = Path(cfg["packed"])
+    if out.is_file() and not cfg.get("repack", False):
+        return out
+    files = sorted(f for d in cfg["data"] for f in Path(d).glob("*.npz"))
+    if not files:
+        raise BadInput(f"no episode files (*.npz) under {cfg['data']}; run `python -m evalkit.demos` first")
+    feats, acts, states, lengths, instr_ids, episode_ids = [], [], [], [], [], []
+    instructions: list[str] = []
+    for i, f in enumerate(files):
+        with np.load(f) as d:
+            text = str(d["instruction"])
+            if text not in instructions:
+                instructions.append(text)
+            n = len(d["actions"])
+            feats.append(d["features"])
+            acts.append(d["actions"])
+            states.append(d["state"])
+            lengths.append(n)
+            instr_ids.append(np.full(n, instructions.index(text), np.int64))
+            episode_ids.append(np.full(n, i, np.int64))
+    feats_a, acts_a, states_a = np.concatenate(feats), np.concatenate(acts), np.concatenate(states)
+    stats = {
+        "features": {"mean": feats_a.mean(0).tolist(), "std": np.maximum(feats_a.std(0), 1e-3).tolist()},
+        "actions": quantile_stats(acts_a, min_half_range=cfg.get("action_min_half_range", 0.1)),
+        "state": quantile_stats(states_a, min_half_range=1e-3),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out, features=feats_a, actions=acts_a, chunks=chunk_indices(lengths, cfg["horizon"]),
+        instr_ids=np.concatenate(instr_ids), episode_ids=np.concatenate(episode_ids),
+        instructions=np.array(instructions), lengths=np.array(lengths), stats=np.array(json.dumps(stats)),
+        files=np.array([str(f) for f in files]),
+    )
+    print(f"packed {len(files)} episodes, {len(feats_a)} steps, {len(instructions)} instructions -> {out}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- model
+def model_config(cfg: dict[str, Any], feature_dim: int):
+    from evalkit.policies.pi05.config import tiny_config
+
+    m = dict(cfg["model"])
+    return tiny_config(prefix_inputs="state_tokens", state_feature_dim=feature_dim, action_horizon=cfg["horizon"],
+                       **m)
+
+
+def normalize_features(x: np.ndarray, stats: dict) -> np.ndarray:
+    mean, std = np.asarray(stats["features"]["mean"], np.float32), np.asarray(stats["features"]["std"], np.float32)
+    return np.clip((x - mean) / std, -5.0, 5.0).astype(np.float32)
+
+
+def normalize_actions(a: np.ndarray, stats: dict, clip: float) -> np.ndarray:
+    """openpi's quantile normalization; targets clipped to ±clip (0: no clip)."""
+    q01, q99 = np.asarray(stats["actions"]["q01"], np.float32), np.asarray(stats["actions"]["q99"], np.float32)
+    x = (a - q01) / (q99 - q01 + 1e-6) * 2 - 1
+    return (np.clip(x, -clip, clip) if clip else x).astype(np.float32)
+
+
+def tokenize(instructions: list[str], vocab_size: int, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    from evalkit.policies.pi05 import processing as proc
+
+    return proc.tokenize_batch(proc.ByteTokenizer(vocab_size), list(instructions), None, max_len, False)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"train device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def fit(cfg: dict[str, Any]) -> dict[str, Any]:
+    from evalkit.policies.pi05.checkpoint import save_checkpoint
+    from evalkit.policies.pi05.model import Pi05Model
+
+    packed = np.load(pack(cfg))
+    stats = json.loads(str(packed["stats"]))
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dev = resolve_device(cfg.get("device", "auto"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    feats = torch.from_numpy(normalize_features(packed["features"], stats)).to(dev)
+    acts = torch.from_numpy(normalize_actions(packed["actions"], stats, float(cfg.get("action_clip", 1.5)))).to(dev)
+    chunks = torch.from_numpy(packed["chunks"]).to(dev)
+    instr = torch.from_numpy(packed["instr_ids"]).to(dev)
+    mcfg = model_config(cfg, feats.shape[1])
+    tok, mask = tokenize(list(packed["instructions"]), mcfg.vocab_size, mcfg.max_token_len)
+    tok_t, mask_t = torch.from_numpy(tok).to(dev), torch.from_numpy(mask).to(dev)
+
+    # Hold out whole episodes for a validation loss (same noise/time draws every evaluation).
+    n_ep = len(packed["lengths"])
+    val_eps = set(rng.choice(n_ep, size=max(1, int(n_ep * cfg.get("val_fraction", 0.05))), replace=False).tolist())
+    is_val = np.isin(packed["episode_ids"], list(val_eps))
+    train_idx = torch.from_numpy(np.flatnonzero(~is_val)).to(dev)
+    val_idx = torch.from_numpy(np.flatnonzero(is_val)[:4096]).to(dev)
+
+    with torch.device(dev):
+        model = Pi05Model(mcfg)
+    model.init_random(seed=seed, std=0.02)
+    with torch.no_grad():  # openpi zero-inits adaRMS modulation: start every expert branch as identity
+        for name, p in model.named_parameters():
+            if ".dense." in name or name.endswith("modulation.weight") or "norm.dense" in name:
+                p.zero_()
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 1e-4),
+                            betas=(0.9, 0.95))
+    steps, warmup, bs = int(cfg["steps"]), int(cfg.get("warmup", 200)), int(cfg["batch_size"])
+
+    def lr_at(s: int) -> float:
+        if s < warmup:
+            return cfg["lr"] * (s + 1) / warmup
+        return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed + 1)
+
+    def batch(idx: torch.Tensor):
+        ii = instr[idx]
+        m = mask_t[ii]
+        return tok_t[ii], (None if bool(m.all()) else m), acts[chunks[idx]], feats[idx]
+
+    def loss_on(idx: torch.Tensor, noise_gen: torch.Generator) -> torch.Tensor:
+        tokens, tmask, a, f = batch(idx)
+        noise = torch.randn(a.shape, generator=noise_gen, device=dev)
+        t = torch.distributions.Beta(1.5, 1.0).sample((len(idx),)).to(dev) * 0.999 + 0.001
+        return model.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, state_features=f)
+
+    def val_loss() -> float:
+        model.eval()
+        g = torch.Generator(device=dev).manual_seed(12345)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(12345)
+        with torch.no_grad():
+            v = float(loss_on(val_idx, g))
+        torch.random.set_rng_state(state)
+        model.train()
+        return v
+
+    log: list[dict[str, float]] = []
+    max_seconds = float(cfg.get("max_seconds") or 0)
+    t0 = time.time()
+    ema = None
+    done = 0
+    print(f"device={dev} params={params} train_steps={len(train_idx)} val_steps={len(val_idx)} episodes={n_ep}", flush=True)
+    for s in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s)
+        pick = torch.randint(len(train_idx), (bs,), generator=cpu_gen).to(dev)
+        loss = loss_on(train_idx[pick], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        done = s + 1
+        lv = float(loss.detach()) if (s % 50 == 0 or s == steps - 1) else None
+        if lv is not None:
+            ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+        if s % int(cfg.get("log_every", 500)) == 0 or s == steps - 1:
+            row = {"step": s, "loss": lv, "val_loss": val_loss(), "lr": lr_at(s), "seconds": round(time.time() - t0, 1)}
+            log.append(row)
+            print(json.dumps(row), flush=True)
+        if cfg.get("stop_after") and done >= int(cfg["stop_after"]):
+            print(f"stopping at step {done}: stop_after reached (schedule laid out for {steps} steps)", flush=True)
+            break
+        if max_seconds and time.time() - t0 > max_seconds:
+            print(f"stopping at step {done}: max_seconds={max_seconds} reached", flush=True)
+            break
+    final = {"step": done, "val_loss": val_loss(), "seconds": round(time.time() - t0, 1)}
+    log.append(final)
+    out = Path(cfg["out"])
+    model.eval()
+    norm = {"state": stats["state"], "actions": stats["actions"], "features": stats["features"]}
+    save_checkpoint(model.cpu(), out, norm_stats=norm, asset_id="libero_state")
+    run_cfg = {**cfg, "steps_done": done}
+    (out / "train_config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False))
+    summary = {"params": params, "device": str(dev), "torch": torch.__version__, "episodes": n_ep,
+               "samples": int(len(feats)), "instructions": list(map(str, packed["instructions"])),
+               "steps_done": done, "log": log}
+    (out / "train_log.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} ({done} steps, {final['seconds']} s, final val_loss {final['val_loss']:.4f})", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if cfg.get("pack_only"):
+        pack(cfg)
+        return 0
+    fit(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    from evalkit.errors import EXIT_BAD_INPUT
+
+    try:
+        sys.exit(main())
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
