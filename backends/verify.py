@@ -3,35 +3,47 @@ modules do not hold. Used by the tests and available to the CLI (print the probl
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from backends.base import BackendReport, module_weight_bytes
 from backends.quant import describe_model
 
 
-def _storage_dtype(mod: nn.Module) -> str | None:
+def storage_tensor(mod: nn.Module) -> torch.Tensor | None:
+    """The tensor that holds a module's weights (the backends' `weight_store` / `_evalkit_desc` contract)."""
     store = getattr(mod, "weight_store", None)
     desc = getattr(mod, "_evalkit_desc", None)
-    name = store if isinstance(store, str) else (desc["weight_store"] if desc else "weight")
+    name = store if isinstance(store, str) else (desc.get("weight_store") if isinstance(desc, dict) else "weight")
     t = getattr(mod, name, None)
-    return None if t is None else str(t.dtype)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def storage_mismatches(model: nn.Module, rows: list) -> list[str]:
+    """Report rows whose module is missing or stores its weights in another dtype than the row claims."""
+    problems = []
+    for r in rows:
+        try:
+            mod = model.get_submodule(r.name)
+        except AttributeError:
+            problems.append(f"{r.name}: reported but not in the model")
+            continue
+        t = storage_tensor(mod)
+        claimed = r.weight_dtype.split(" ", 1)[0]
+        actual = None if t is None else str(t.dtype)
+        if actual != claimed:
+            problems.append(f"{r.name}: report claims weights {claimed}, module stores {actual}")
+    return problems
 
 
 def verify_report(model: nn.Module, report: BackendReport) -> list[str]:
     """Every mismatch between the report and the model, one line each (empty list: the report is true)."""
-    problems: list[str] = []
-    seen = set()
+    problems = storage_mismatches(model, report.modules)
     for row in report.modules:
-        seen.add(row.name)
         try:
             mod = model.get_submodule(row.name)
         except AttributeError:
-            problems.append(f"{row.name}: reported but not in the model")
-            continue
-        actual = _storage_dtype(mod)
-        claimed = row.weight_dtype.split(" ", 1)[0]
-        if actual != claimed:
-            problems.append(f"{row.name}: report claims weights {claimed}, module stores {actual}")
+            continue  # already reported
         nbytes = module_weight_bytes(mod)
         if nbytes != row.weight_bytes:
             problems.append(f"{row.name}: report claims {row.weight_bytes} weight bytes, module holds {nbytes}")

@@ -81,6 +81,10 @@ def build_policy_and_backend(s: RunSettings):
     from evalkit.policies.registry import build_policy
 
     device = torch.device(s.device)
+    if device.type == "cpu":
+        # The env workers need the cores too: torch's default pool (one thread per core) in the main
+        # process oversubscribes them and made a 0.1 s predict take seconds (measured on 2 cores).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - s.workers))
     b = s.backend
     backend = get_backend(b["name"], target_path=b.get("target"), targets=b.get("targets", "prefix_mlp"),
                           engine=b.get("engine", "native"), inner=b.get("inner"), **(b.get("options") or {}))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 
-import torch
-from torch import nn
+from backends.verify import storage_mismatches, storage_tensor  # noqa: F401  (re-exported for the checks)
 
 # most specific first: "torch.uint8 (int4 x2 nibble-packed)" is a 4-bit claim
 _BITS = [
@@ -33,15 +32,6 @@ def precision_bits(text: str | None) -> int | None:
     return None
 
 
-def storage_tensor(mod: nn.Module) -> torch.Tensor | None:
-    """The tensor that holds a module's weights (the backends' `weight_store` / `_evalkit_desc` contract)."""
-    store = getattr(mod, "weight_store", None)
-    desc = getattr(mod, "_evalkit_desc", None)
-    name = store if isinstance(store, str) else (desc.get("weight_store") if isinstance(desc, dict) else "weight")
-    t = getattr(mod, name, None)
-    return t if isinstance(t, torch.Tensor) else None
-
-
 def claimed_low_precision(report, reference_bits: int) -> list:
     """Report rows that claim weights or activations below the reference precision."""
     rows = []
@@ -50,20 +40,3 @@ def claimed_low_precision(report, reference_bits: int) -> list:
         if bits and min(bits) < reference_bits:
             rows.append(r)
     return rows
-
-
-def storage_mismatches(model: nn.Module, rows: list) -> list[str]:
-    """Claimed rows whose module is missing or stores its weights in another dtype than claimed."""
-    problems = []
-    for r in rows:
-        try:
-            mod = model.get_submodule(r.name)
-        except AttributeError:
-            problems.append(f"{r.name}: in the report, not in the model")
-            continue
-        t = storage_tensor(mod)
-        claimed = r.weight_dtype.split(" ", 1)[0]
-        actual = None if t is None else str(t.dtype)
-        if actual != claimed:
-            problems.append(f"{r.name}: claims {claimed}, stores {actual}")
-    return problems
