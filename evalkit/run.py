@@ -221,8 +221,7 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     if fidelity is not None and not fidelity.passed and not gate_cfg.always_rollout:
         df = episodes_frame([])
         summary = build_summary(df, params, spec.protocol(), {}, 0.0, extra={**extra, "skipped_rollouts": True})
-        summary["gate"] = {"passed": False, "exit_code": EXIT_REGRESSION,
-                           "failed": [f"fidelity:{c.name}" for c in fidelity.failed()]}
+        summary["gate"] = fidelity_verdict(fidelity)
         write_results(run_dir, df, summary)
         finish_tracking(s, run_dir, summary, versions, sweep_key)
         console.print("[bold red]REGRESSION[/] caught by fidelity before rollouts: "
@@ -252,6 +251,7 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     code = EXIT_PASS
     if fidelity is not None and not fidelity.passed:
         code = EXIT_REGRESSION
+        summary["gate"] = fidelity_verdict(fidelity)
     baseline = s.baseline or gate_cfg.baseline
     if baseline:
         from evalkit.gate import gate_run
@@ -259,12 +259,17 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
         from evalkit.tracking.store import resolve_uri
 
         gate = gate_run(summary, df, baseline, gate_cfg, tracking_uri=resolve_uri(s.tracking.get("uri")))
-        summary["gate"] = gate.to_dict()
+        summary["gate"] = {**gate.to_dict(), "passed": gate.passed and code == EXIT_PASS}
         print_gate(gate, console)
         code = max(code, gate.exit_code)
     write_results(run_dir, df, summary)
     finish_tracking(s, run_dir, summary, versions, sweep_key)
     return code
+
+
+def fidelity_verdict(fidelity) -> dict:
+    """The gate entry of a run whose fidelity failed (with or without rollouts)."""
+    return {"passed": False, "exit_code": EXIT_REGRESSION, "failed": [f"fidelity:{c.name}" for c in fidelity.failed()]}
 
 
 def stage_timer_for(policy, device):

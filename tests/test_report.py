@@ -77,3 +77,10 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     js_errors = [line for line in log.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "ERROR" in line)]
     assert not js_errors, js_errors
+
+
+def test_failed_fidelity_is_a_regression_without_a_baseline():
+    s = summary("fault_x", 9, 10, 20.0)
+    s["fidelity"] = {"checks": [{"name": "weight_distinct", "passed": False}, {"name": "layer_cosine", "passed": True}]}
+    md = render_markdown([ReportRun("fault_x", s, gate=None)])
+    assert md.splitlines()[2].startswith("**FAIL**: 1 runs, 1 regressions") and "fidelity:weight_distinct" in md

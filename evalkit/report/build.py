@@ -43,6 +43,9 @@ def _task_rate(t: dict[str, Any]) -> tuple[float, float, float, int]:
 def _verdict(run: ReportRun) -> str:
     if run.error:
         return "ERROR"
+    fid = run.summary.get("fidelity") or {}
+    if any(c.get("passed") is False for c in fid.get("checks", [])):
+        return "REGRESSION"  # a failed fidelity check is a regression even when no baseline judged the run
     if not run.gate:
         return "not judged"
     return "PASS" if run.gate.get("passed") else "REGRESSION"
