@@ -61,6 +61,7 @@ class TrackingConfig:
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "evalkit"
     log_videos: bool = True
+    tag_baseline: bool = False  # tag the run evalkit.baseline=true (what `baseline=latest` looks for)
 
 
 @dataclass

@@ -123,3 +123,17 @@ def test_offline_run_then_sync_and_unreachable_server(workdir):
     p = run_cli(*common, "tracking.uri=http://127.0.0.1:9", f"hydra.run.dir={dead}", cwd=workdir)
     assert p.returncode == 0 and "unreachable" in p.stdout and "python -m evalkit.sync" in p.stdout
     assert (dead / "mlflow_bundle" / "run.json").exists() and (dead / "summary.json").exists()
+
+
+def test_baseline_latest_is_judged_by_the_gate(workdir):
+    common = ["policy=random", "suite=libero_spatial_quick", "suite.tasks=[0]", "suite.trials=2", "suite.max_steps=4",
+              "video=none", "quiet=true", "workers=0"]
+    p = run_cli(*common, "tracking.tag_baseline=true", f"hydra.run.dir={workdir / 'base'}", cwd=workdir)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli(*common, "baseline=latest", f"hydra.run.dir={workdir / 'cand'}", cwd=workdir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    s = json.loads((workdir / "cand" / "summary.json").read_text())
+    assert s["gate"]["passed"] and s["gate"]["mode"] == "paired"  # same episodes, same outcomes
+    assert "gate: PASS" in p.stdout
+    (base,) = [r for r in mlflow_runs(workdir) if r.data.tags.get("evalkit.baseline") == "true"]
+    assert s["gate"]["baseline"] in (base.info.run_id, f"mlflow:{base.info.run_id}") or base.info.run_id in str(s["gate"])
