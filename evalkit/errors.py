@@ -14,3 +14,15 @@ class CapabilityError(RuntimeError):
 
     Raised up front, never swallowed: evalkit does not fall back silently. Exit code 2.
     """
+
+
+def exit_with(main) -> None:
+    """Run a command's `main() -> int` and exit with its code; BadInput/CapabilityError become one line + exit 2."""
+    import sys
+
+    try:
+        code = main()
+    except (BadInput, CapabilityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    sys.exit(code)

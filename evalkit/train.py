@@ -277,10 +277,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from evalkit.errors import EXIT_BAD_INPUT
+    from evalkit.errors import exit_with
 
-    try:
-        sys.exit(main())
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    exit_with(main)
