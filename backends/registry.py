@@ -32,15 +32,20 @@ def backend_names() -> list[str]:
     return sorted(BACKENDS)
 
 
-def get_backend(name: str, target_path: str | None = None, **options: Any) -> Backend:
-    """Build a backend by registered name, or by `target_path` ("pkg.module.Class") for custom ones."""
+def backend_class(name: str, target_path: str | None = None) -> type[Backend]:
+    """The class of a registered backend, or of a custom one by import path ("pkg.module.Class")."""
     path = target_path or BACKENDS.get(name)
     if path is None:
-        raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend._target_=pkg.module.Class)")
+        raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend.target=pkg.module.Class)")
     cls = import_object(path)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise BadInput(f"'{path}' is not a backends.base.Backend subclass")
-    return cls(**options)
+    return cls
+
+
+def get_backend(name: str, target_path: str | None = None, **options: Any) -> Backend:
+    """Build a backend by registered name, or by `target_path` ("pkg.module.Class") for custom ones."""
+    return backend_class(name, target_path)(**options)
 
 
 def backend_from_config(cfg: Any) -> Backend:
@@ -55,12 +60,7 @@ def backend_from_config(cfg: Any) -> Backend:
     name = get("name")
     target = get("target", None) or get("_target_", None)
     options = dict(get("options", None) or {})
-    path = target or BACKENDS.get(name)
-    if path is None:
-        raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend.target=pkg.module.Class)")
-    cls = import_object(path)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BadInput(f"'{path}' is not a backends.base.Backend subclass")
+    cls = backend_class(name, target)
     params = set()
     for klass in cls.__mro__:
         if "__init__" in vars(klass):

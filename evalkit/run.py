@@ -77,7 +77,7 @@ def find_resume_dir(resume: str | None, fresh_dir: Path, key: dict, outputs_root
 def build_policy_and_backend(s: RunSettings):
     import torch
 
-    from backends.registry import get_backend
+    from backends.registry import backend_from_config
     from evalkit.policies.registry import build_policy
 
     device = torch.device(s.device)
@@ -85,9 +85,8 @@ def build_policy_and_backend(s: RunSettings):
         # The env workers need the cores too: torch's default pool (one thread per core) in the main
         # process oversubscribes them and made a 0.1 s predict take seconds (measured on 2 cores).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - s.workers))
-    b = s.backend
-    backend = get_backend(b["name"], target_path=b.get("target"), targets=b.get("targets", "prefix_mlp"),
-                          engine=b.get("engine", "native"), inner=b.get("inner"), **(b.get("options") or {}))
+    # engine/inner reach only backends that have them; a value a backend cannot honour is bad input.
+    backend = backend_from_config(s.backend)
     backend.check_requirements(device)
     policy = build_policy(s.policy, device)
     return policy, backend, device
