@@ -2,7 +2,9 @@
 
 `fp8` native: weights e4m3 per output channel (fp32 scales), activations quantized per token at run time by
 our fused Triton kernel (amax + cast in one launch), matmul by `torch._scaled_mm` with row-wise scales
-(cuBLASLt fp8, bf16 out). Needs sm_89+ and Triton. `engine=emulated` stores the same e4m3 weights and
+(cuBLASLt fp8, bf16 out). Needs sm_89+ and Triton. Under torch.compile (`policy.compile=true`) the same
+quantization is written as torch ops instead, so inductor fuses it into the kernel that produces the
+activation (the preceding norm or GeGLU) rather than calling our kernel as an opaque extra launch. `engine=emulated` stores the same e4m3 weights and
 fake-quantizes activations per token in torch, multiplying in fp32: accuracy studies only.
 """
 
@@ -15,6 +17,22 @@ from backends.quant import QuantBackend, QuantLinear, capability_line, fake_quan
 from backends.targets import replace_module
 from backends.triton_kernels import geglu_quant_fp8, rowwise_quant, triton_available
 from evalkit.errors import CapabilityError
+
+
+def quant_act_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]): our Triton kernel eagerly, fusable torch ops under compile."""
+    if torch.compiler.is_compiling():
+        q, s = quant_fp8_rows(x2)
+        return q, s[:, None]
+    return rowwise_quant(x2, "fp8")
+
+
+def geglu_quant_act_fp8(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu_tanh(g) * u quantized per row, as quant_act_fp8 (h is never written in either path)."""
+    if torch.compiler.is_compiling():
+        q, s = quant_fp8_rows(torch.nn.functional.gelu(g.float(), approximate="tanh") * u.float())
+        return q, s[:, None]
+    return geglu_quant_fp8(g, u)
 
 
 class Fp8Linear(QuantLinear):
@@ -32,7 +50,7 @@ class Fp8Linear(QuantLinear):
         self.kernel = (
             "emulated: fake-quant e4m3 (x per-token, w per-channel) + fp32 F.linear"
             if emulated
-            else f"triton:rowwise_quant_fp8 + torch._scaled_mm(rowwise{', fast_accum' if fast_accum else ''})"
+            else f"triton:rowwise_quant_fp8 (inductor-fused under compile) + torch._scaled_mm(rowwise{', fast_accum' if fast_accum else ''})"
         )
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -44,7 +62,7 @@ class Fp8Linear(QuantLinear):
         if self.emulated:
             y = linear_fp32(fake_quant_fp8_rows(x2), self.dequantized_weight())
             return self._finish(y, shape)
-        xq, xs = rowwise_quant(x2.to(torch.bfloat16), "fp8")
+        xq, xs = quant_act_fp8(x2.to(torch.bfloat16))
         y = torch._scaled_mm(
             xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum
         )
@@ -89,7 +107,7 @@ class Fp8GemmaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        xq, xs = rowwise_quant(x2, "fp8")
+        xq, xs = quant_act_fp8(x2)
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         gy = torch._scaled_mm(xq, g.qweight.t(), scale_a=xs, scale_b=g.wscale, out_dtype=torch.bfloat16, use_fast_accum=g.fast_accum)
         uy = torch._scaled_mm(xq, u.qweight.t(), scale_a=xs, scale_b=u.wscale, out_dtype=torch.bfloat16, use_fast_accum=u.fast_accum)
@@ -97,7 +115,7 @@ class Fp8GemmaMLP(nn.Module):
             gy = gy + g.bias
         if u.bias is not None:
             uy = uy + u.bias
-        hq, hs = geglu_quant_fp8(gy, uy)
+        hq, hs = geglu_quant_act_fp8(gy, uy)
         y = torch._scaled_mm(hq, d.qweight.t(), scale_a=hs, scale_b=d.wscale, out_dtype=torch.bfloat16, use_fast_accum=d.fast_accum)
         return d._finish(y, shape)
 

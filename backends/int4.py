@@ -4,12 +4,15 @@ Kernels (CUDA), chosen per GEMM shape (N, K, M) by timing the candidates once on
 shape (each candidate first checked against the dequantized reference, so a wrong kernel is never chosen)
 and caching the winner for the process (all layers of one shape share the choice):
 - `tinygemm`: `torch._weight_int4pack_mm` (tensor-core int4 dequant-in-kernel GEMM);
-- `triton_w4a16`: our Triton kernel for M <= 64 (the denoise loop's M = horizon x batch): dequantizes in
-  registers, one launch, bf16 out;
+- `triton_w4a16`: our Triton kernel for M <= 64 (the denoise loop's M = horizon x batch; written here because
+  no library kernel is fast at that M): nibbles converted in registers, group scales applied after the dot,
+  K split across programs with an in-kernel reduction (one launch), tile config timed per shape; the GeGLU
+  variant runs gate + up + gelu in one launch;
 - `dequant_cublas`: unpack to bf16 per call + cuBLAS bf16 GEMM (wins at large M, the prefill).
 `backend.options.kernel=tinygemm|dequant_cublas` forces one. On CPU the native engine runs
 `torch._weight_int4pack_mm_for_cpu` (a real int4 CPU kernel); `engine=emulated` dequantizes and multiplies in fp32.
-Both packings are kept (the plain nibble packing also serves `dequantized_weight`), and the report's bytes count both.
+Both packings are kept (the plain nibble packing also serves `dequantized_weight`), and the report's bytes count
+both; the weight-read floor counts one (`read_bytes`).
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ from backends.quant import (
 )
 from backends.quant import choose_kernel
 from backends.targets import replace_module
-from backends.triton_kernels import W4A16_CONFIGS, triton_available, w4a16_gemm, w4a16_geglu
+from backends.triton_kernels import W4A16_CONFIGS, triton_available, w4a16_config_fits, w4a16_gemm, w4a16_geglu
 from evalkit.errors import BadInput
 
-CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16")  # triton_w4a16 may name a tile config: triton_w4a16:n16k256
+CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16")  # triton_w4a16 may name a tile config: triton_w4a16:n32k256s4
+DEFAULT_TRITON_CONFIG = "n16k128s1"
 KERNEL_NAMES = {
     "tinygemm": "torch._weight_int4pack_mm (tinygemm)",
     "dequant_cublas": "unpack int4->bf16 per call + cuBLAS bf16",
-    "triton_w4a16": f"triton:w4a16_gemm (small-M, dequant in registers; tile configs {'/'.join(W4A16_CONFIGS)})",
+    "triton_w4a16": f"triton:w4a16_gemm (small-M, dequant in registers, split-K; tile configs {'/'.join(W4A16_CONFIGS)})",
 }
 TRITON_MAX_M = 64  # our Triton kernel is a small-M (denoise) kernel
 INNER_K_TILES = 8
@@ -70,7 +74,7 @@ class Int4Linear(QuantLinear):
         base, _, cfg = kernel.partition(":")
         if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in W4A16_CONFIGS)):
             raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(W4A16_CONFIGS)}>)")
-        self.forced = kernel if cfg or base != "triton_w4a16" else "triton_w4a16:n16k128"
+        self.forced = kernel if cfg or base != "triton_w4a16" else f"triton_w4a16:{DEFAULT_TRITON_CONFIG}"
         self.kernel = KERNEL_NAMES[base] + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
 
     def ignore_scales(self) -> None:
@@ -79,6 +83,10 @@ class Int4Linear(QuantLinear):
         sz[..., 1] = 0.0
         self.scales_zeros = sz
         self.scales_ignored = True
+
+    def read_bytes(self) -> int:
+        """One packing (the nibble or the tinygemm layout, same size) plus scales and zeros: a kernel reads one."""
+        return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "tg_packed")
 
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scales_zeros[..., 0].t(), self.scales_zeros[..., 1].t()  # [N, K/g]
@@ -102,14 +110,17 @@ class Int4Linear(QuantLinear):
             return self._tinygemm(x2)
         if base == "dequant_cublas":
             return self._dequant_cublas(x2)
-        return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or "n16k128")
+        return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or DEFAULT_TRITON_CONFIG)
 
     def candidates(self, x2: torch.Tensor) -> dict:
         c = {"dequant_cublas": lambda: self._dequant_cublas(x2), "tinygemm": lambda: self._tinygemm(x2)}
         if x2.shape[0] <= TRITON_MAX_M and triton_available():
-            for cfg in W4A16_CONFIGS:
+            for cfg in self.triton_configs():
                 c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
         return c
+
+    def triton_configs(self) -> list[str]:
+        return [c for c in W4A16_CONFIGS if w4a16_config_fits(c, self.out_features, self.in_features, self.group)]
 
     def choose(self, x2: torch.Tensor) -> str:
         if self.forced:
@@ -144,7 +155,7 @@ class Int4GemmaMLP(nn.Module):
     def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x2), approximate="tanh") * self.up_proj(x2))
 
-    def _fused_triton(self, x2: torch.Tensor, cfg: str = "n16k128") -> torch.Tensor:
+    def _fused_triton(self, x2: torch.Tensor, cfg: str = DEFAULT_TRITON_CONFIG) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
         return self.down_proj(w4a16_geglu(x2, g.qweight, u.qweight, g.scales_zeros, u.scales_zeros, g.group, cfg))
 
@@ -155,7 +166,7 @@ class Int4GemmaMLP(nn.Module):
         if x2.shape[0] <= TRITON_MAX_M and self.gate_proj.forced is None:
             key = ("int4mlp", x2.device.index, self.gate_proj.out_features, self.gate_proj.in_features, x2.shape[0], self.gate_proj.group)
             cands = {"per_linear": lambda: self._per_linear(x2)}
-            for cfg in W4A16_CONFIGS:
+            for cfg in self.gate_proj.triton_configs():
                 cands[f"fused_triton:{cfg}"] = lambda cfg=cfg: self._fused_triton(x2, cfg)
             choice = choose_kernel(key, cands, reference="per_linear", tol=2e-2)
         y = self._per_linear(x2) if choice == "per_linear" else self._fused_triton(x2, choice.partition(":")[2])
@@ -207,4 +218,8 @@ class Int4Backend(QuantBackend):
             if mode != "cuda":
                 raise BadInput("backend.options.kernel selects a CUDA int4 kernel; this run is not on CUDA")
             mod.force(kernel)
+            cfg = mod.forced.partition(":")[2]
+            if cfg and cfg not in mod.triton_configs():
+                raise BadInput(f"{name}: int4 kernel {kernel} does not tile N={linear.out_features}, K={linear.in_features}, "
+                               f"group {group}; configs that do: {', '.join(mod.triton_configs()) or 'none'}")
         return mod

@@ -50,6 +50,11 @@ class QuantLinear(nn.Module):
         """The effective weight [out, in] in fp32 after dequantization (what the kernel multiplies by)."""
         raise NotImplementedError
 
+    def read_bytes(self) -> int:
+        """Bytes one forward must read from memory at least (the weight-read floor's numerator): every buffer,
+        unless a subclass keeps a second packing of the same weights for another kernel."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
     def ignore_scales(self) -> None:
         """Fault injection: make the kernel run the quantized weights as if every scale were 1 (zero points 0)."""
         for name in self.scale_buffers:
@@ -301,10 +306,23 @@ KERNEL_CHOICE: dict[tuple, str] = {}
 CHOICE_LOG: dict[tuple, dict[str, Any]] = {}
 
 
+_L2_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the L2 cache (write 256 MiB): in the model a layer's weights are cold, read from HBM."""
+    buf = _L2_FLUSH.get(str(device))
+    if buf is None:
+        buf = _L2_FLUSH[str(device)] = torch.empty(64 << 20, device=device, dtype=torch.int32)
+    buf.zero_()
+
+
 def time_cuda_ms(fn: Callable[[], Any], reps: int = 20) -> tuple[float, str]:
     """Median GPU ms of fn, timed as CUDA-graph replays (how the policy runs; eager timing would mostly
-    measure Python launch overhead, which differs between Triton and ATen kernels). A candidate that
-    cannot be captured is timed eagerly, and the returned mode says so."""
+    measure Python launch overhead, which differs between Triton and ATen kernels), each after an L2 flush
+    outside the timed span (a single GEMM's weights would otherwise stay in L2 and favour other kernels
+    than the cold reads of a real forward do). A candidate that cannot be captured is timed eagerly, and
+    the returned mode says so."""
     for _ in range(3):
         fn()
     mode, g = "graph", None
@@ -322,7 +340,9 @@ def time_cuda_ms(fn: Callable[[], Any], reps: int = 20) -> tuple[float, str]:
     run = g.replay if g is not None else fn
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
+    device = torch.device("cuda", torch.cuda.current_device())
     for _ in range(reps):
+        flush_l2(device)
         start.record()
         run()
         end.record()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.registry import get_backend  # noqa: E402
 from backends.verify import verify_report  # noqa: E402
-from bench.gemm_sweep import graph_ms  # noqa: E402
+from bench.gemm_sweep import graph_ms, read_bytes  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
 from evalkit.latency import measure  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402
@@ -46,6 +46,8 @@ VARIANTS = {
     "int4[expert mlp]": ("int4", {"targets": "expert_mlp"}),
     "fp8(prefix)+int4(expert)": None,  # composed below: two backends on disjoint targets
     "sparse24": ("sparse24", {"targets": "prefix_mlp"}),
+    "sparse24[int8]": ("sparse24", {"targets": "prefix_mlp", "dtype": "int8"}),
+    "fp16": ("fp16", {"targets": "all"}),
 }
 
 
@@ -55,7 +57,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def prefix_mlp_ms(policy, prefix_len: int, dev: torch.device) -> float:
     layers = policy.model.prefix.layers
-    x = torch.randn(1, prefix_len, policy.cfg.prefix.width, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(1, prefix_len, policy.cfg.prefix.width, device=dev, dtype=policy.model.compute_dtype)  # fp16 under fp16
 
     def run():
         for layer in layers:
@@ -90,6 +92,8 @@ def main() -> int:
     ap.add_argument("--variant", default="full")
     ap.add_argument("--budget-s", type=float, default=400.0)
     ap.add_argument("--device", default="cuda", help="cpu: logic check on --variant tiny only (no floors, no graphs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the stages (default mode) before CUDA-graph capture, "
+                    "for every backend alike: compares backends at the policy's fastest setting")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -105,7 +109,7 @@ def main() -> int:
     result: dict = {
         "command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (logic check)",
         "versions": {**package_versions(), "torch": torch.__version__, "cuda": torch.version.cuda},
-        "git_sha": sha, "git_dirty": dirty, "batch": 1, "views": 2, "denoise_steps": 10,
+        "git_sha": sha, "git_dirty": dirty, "batch": 1, "views": 2, "denoise_steps": 10, "compile": args.compile,
         "ceilings": {"bf16_tflops": peak, "copy_gbs": bw}, "rows": [], "errors": [], "skipped": [],
     }
 
@@ -138,6 +142,10 @@ def main() -> int:
             vel = velocities(policy, obs)
             mode = "cuda_graph" if dev.type == "cuda" else "eager"
             try:
+                if dev.type == "cuda" and args.compile:
+                    mode = "compile+cuda_graph"
+                    policy.enable_compile()
+                    policy.predict(obs, noise_seed=0)  # compiles here, before capture
                 if dev.type == "cuda":
                     policy.enable_cuda_graph()
                 actions = policy.predict(obs, noise_seed=0)
@@ -158,7 +166,8 @@ def main() -> int:
                 "stage_ms_p50": {k: v.p50 for k, v in st.items()},
                 "denoise_ms_p50": st["denoise"].p50 if "denoise" in st else None,
                 "prefix_tokens": prefix_len, "prefix_mlp_ms": prefix_mlp_ms(policy, prefix_len, dev),
-                "weight_bytes": report.weight_bytes_after, "weight_read_floor_ms": report.weight_bytes_after / (bw * 1e9) * 1e3,
+                "weight_bytes": report.weight_bytes_after, "read_bytes": read_bytes(policy.model),
+                "weight_read_floor_ms": read_bytes(policy.model) / (bw * 1e9) * 1e3,
                 "stage_floor_ms_bf16": {**floors, "total": sum(floors.values())},
                 "action_cosine_vs_bf16": None if ref_actions is None else cosine(actions, ref_actions),
                 "action_rel_err_vs_bf16": None if ref_actions is None else float(np.linalg.norm(actions - ref_actions) / (np.linalg.norm(ref_actions) + 1e-30)),

@@ -48,6 +48,7 @@ VARIANTS = {
     "int4:dequant_cublas": ("int4", {"kernel": "dequant_cublas"}, "bf16"),
     "int4:triton_w4a16": ("int4", {"kernel": "triton_w4a16"}, "bf16"),
     "sparse24": ("sparse24", {}, "bf16"),
+    "sparse24:int8": ("sparse24", {"dtype": "int8"}, "int8"),
 }
 SMALL_M_ONLY = {"int4:triton_w4a16"}  # a small-M kernel: not timed where it is not meant to run
 STACK = {"prefix_mlp": (2048, 16384, [712, 968]), "expert_mlp": (1024, 4096, [10, 50])}
@@ -197,6 +198,7 @@ def stacked(result: dict, save, labels: list[str], depth: int, sets: list[str]) 
                 print(f"  stacked {label}: {e}")
                 continue
             wbytes = module_weight_bytes(holder)
+            rbytes = read_bytes(holder)
             kernels = sorted({r.kernel for r in report.modules if ".mlp." in r.name})
             for m in ms_list:
                 if label in SMALL_M_ONLY and m > 64:
@@ -215,12 +217,12 @@ def stacked(result: dict, save, labels: list[str], depth: int, sets: list[str]) 
                         base_ms[m], base_out[m] = ms, out
                     flops = depth * 3 * 2 * m * width * mlp_dim
                     peak = peaks[{"bf16": "bf16_tflops", "fp8": "fp8_tflops", "int8": "int8_tops"}[peak_kind]]
-                    read_floor = wbytes / (peaks["copy_gbs"] * 1e9) * 1e3
+                    read_floor = rbytes / (peaks["copy_gbs"] * 1e9) * 1e3
                     floor = max(flops / (peak * 1e12) * 1e3, read_floor)
                     row = {
                         "set": set_name, "depth": depth, "M": m, "backend": label, "kernels": kernels, "ms": ms,
                         "speedup_vs_bf16": base_ms[m] / ms if m in base_ms else None,
-                        "weight_bytes": wbytes, "weight_read_floor_ms": read_floor, "floor_ms": floor,
+                        "weight_bytes": wbytes, "read_bytes": rbytes, "weight_read_floor_ms": read_floor, "floor_ms": floor,
                         "x_weight_read_floor": ms / read_floor, "x_floor": ms / floor,
                         "out_cosine_vs_bf16": float(torch.nn.functional.cosine_similarity(out.float().flatten(), base_out[m].float().flatten(), dim=0)) if m in base_out else None,
                     }
@@ -236,6 +238,19 @@ def stacked(result: dict, save, labels: list[str], depth: int, sets: list[str]) 
                 save()
             del holder, layers
             torch.cuda.empty_cache()
+
+
+def read_bytes(model: nn.Module) -> int:
+    """Bytes a forward must read: QuantLinear.read_bytes() (one packing of the weights plus scales) for
+    quantized linears, every parameter and buffer for the rest. The weight-read floor divides this."""
+    from backends.quant import QuantLinear
+
+    total, inside = 0, set()
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            total += mod.read_bytes()
+            inside.update(id(t) for t in mod.buffers())
+    return total + sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside)
 
 
 def _triton_version() -> str:

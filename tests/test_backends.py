@@ -34,6 +34,7 @@ CPU_RUNNABLE = [
     ("int4", {"group_size": 32}, MLPS, 0.15),
     ("int4", {"group_size": 32, "engine": "emulated"}, MLPS, 0.15),
     ("sparse24", {"engine": "emulated"}, "all", 0.75),
+    ("sparse24", {"engine": "emulated", "dtype": "int8"}, "all", 0.75),
     ("nvfp4", {"engine": "emulated"}, "all", 0.2),
     ("w4a8", {"engine": "emulated", "group_size": 32}, MLPS, 0.2),
     ("torch_trt_fp8", {"engine": "fake_quant"}, "all", 0.1),
@@ -41,6 +42,7 @@ CPU_RUNNABLE = [
 GPU_ONLY = [
     ("fp8", {}, "compute capability >= 8.9"),
     ("sparse24", {}, "compute capability >= 8.0"),
+    ("sparse24", {"dtype": "int8"}, "compute capability >= 8.0"),
     ("nvfp4", {}, "compute capability >= 10.0"),
     ("w4a8", {}, "compute capability >= 10.0"),
 ]

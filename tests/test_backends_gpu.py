@@ -19,10 +19,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 NATIVE = [("fp8", {}), ("fp8_weight_only", {}), ("int8", {}), ("int8_weight_only", {}), ("int4", {}),
           ("int4", {"kernel": "tinygemm"}), ("int4", {"kernel": "dequant_cublas"}), ("sparse24", {})]
-TRITON_INT4 = [("int4", {"kernel": f"triton_w4a16:{c}"}) for c in ("n16k128", "n16k256", "n32k256")]
+TRITON_INT4 = [("int4", {"kernel": f"triton_w4a16:{c}"}) for c in ("n16k128s1", "n32k256s1", "n32k256s2")]
+WIDTH, MLP_DIM = 512, 1024  # K = 512 and 1024: room for the split-K configs
 
 
-def mlp_stack(depth: int = 2, width: int = 256, mlp_dim: int = 512) -> nn.Module:
+def mlp_stack(depth: int = 2, width: int = WIDTH, mlp_dim: int = MLP_DIM) -> nn.Module:
     from evalkit.policies.pi05.layers import GemmaMLP
 
     root = nn.Module()
@@ -84,7 +85,7 @@ def test_fused_fp8_mlp_matches_its_stored_weights(m):
     assert verify_report(model, report) == []
     mlp = model.prefix.layers[0].mlp
     assert isinstance(mlp, Fp8GemmaMLP) and any("fused 2 GeGLU" in n for n in report.notes)
-    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, WIDTH, device="cuda", dtype=torch.bfloat16)
     xq = fake_quant_fp8_rows(x.float())
     g = F.linear(xq, mlp.gate_proj.dequantized_weight()).to(torch.bfloat16).float()
     u = F.linear(xq, mlp.up_proj.dequantized_weight()).to(torch.bfloat16).float()
@@ -104,9 +105,51 @@ def test_fused_int4_mlp_matches_its_stored_weights(m):
     assert verify_report(model, report) == []
     mlp = model.prefix.layers[0].mlp
     assert isinstance(mlp, Int4GemmaMLP)
-    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, WIDTH, device="cuda", dtype=torch.bfloat16)
     g = F.linear(x.float(), mlp.gate_proj.dequantized_weight())
     u = F.linear(x.float(), mlp.up_proj.dequantized_weight())
     want = F.linear((F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float(), mlp.down_proj.dequantized_weight())
-    for got in (mlp._fused_triton(x, "n16k128"), mlp._fused_triton(x, "n16k256"), mlp._fused_triton(x, "n32k256"), mlp._per_linear(x), mlp(x)):
+    fused = [mlp._fused_triton(x, c) for c in mlp.gate_proj.triton_configs()]
+    assert len(fused) >= 3  # a split-K config included
+    for got in fused + [mlp._per_linear(x), mlp(x)]:
         assert float((got.float() - want).norm() / want.norm()) < 0.02
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])  # the expert MLP's shapes
+@pytest.mark.parametrize("m", [1, 10, 50])
+def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
+    """Every split-K config: the plain and GeGLU kernels against the dequantized weights, called repeatedly
+    and replayed in a CUDA graph (the arrival counters must be left at zero by every launch)."""
+    from backends.quant import dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
+    from backends.triton_kernels import W4A16_CONFIGS, w4a16_config_fits, w4a16_gemm, w4a16_geglu
+
+    torch.manual_seed(0)
+    packed = []
+    for _ in range(2):
+        q, s, z = quant_int4_groups(torch.randn(n, k, device="cuda"), 128)
+        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+        packed.append((pack_nibbles(q), sz, dequant_int4_groups(unpack_nibbles(pack_nibbles(q)), s.to(torch.bfloat16).float(), z.to(torch.bfloat16).float(), 128)))
+    (qa, sza, wa), (qb, szb, wb) = packed
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x.float(), wa)
+    want_g = F.gelu(want, approximate="tanh") * F.linear(x.float(), wb)
+    configs = [c for c in W4A16_CONFIGS if w4a16_config_fits(c, n, k, 128)]
+    assert any(W4A16_CONFIGS[c][2] > 1 for c in configs)
+    for c in configs:
+        run = lambda c=c: (w4a16_gemm(x, qa, sza, 128, c), w4a16_geglu(x, qa, qb, sza, szb, 128, c))
+        outs = [run(), run()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = run()
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            outs.append(tuple(t.clone() for t in captured))
+        for y, yg in outs:
+            assert float((y.float() - want).norm() / want.norm()) < 1e-2, c
+            assert float((yg.float() - want_g).norm() / want_g.norm()) < 1e-2, c
