@@ -5,10 +5,11 @@ shape (each candidate first checked against the dequantized reference, so a wron
 and caching the winner for the process (all layers of one shape share the choice):
 - `tinygemm`: `torch._weight_int4pack_mm` (tensor-core int4 dequant-in-kernel GEMM);
 - `triton_w4a16`: our Triton kernel for M <= 64 (the denoise loop's M = horizon x batch; written here because
-  no library kernel is fast at that M): nibbles converted in registers, group scales applied after the dot,
-  K split across programs with an in-kernel reduction (one launch), tile config timed per shape; the GeGLU
-  variant runs gate + up + gelu in one launch;
-- `dequant_cublas`: unpack to bf16 per call + cuBLAS bf16 GEMM (wins at large M, the prefill).
+  no library kernel is fast at that M): weights dequantized in registers, K split across programs with an
+  in-kernel reduction (one launch), tile config timed per shape; the GeGLU variant runs gate + up + gelu in
+  one launch;
+- `triton_w4a16` large-M tiles (M > 64, the prefill): the same kernel with 64-128-row tiles;
+- `dequant_cublas`: unpack to bf16 per call (one Triton kernel) + cuBLAS bf16 GEMM (large M).
 `backend.options.kernel=tinygemm|dequant_cublas` forces one. On CPU the native engine runs
 `torch._weight_int4pack_mm_for_cpu` (a real int4 CPU kernel); `engine=emulated` dequantizes and multiplies in fp32.
 Both packings are kept (the plain nibble packing also serves `dequantized_weight`), and the report's bytes count
@@ -34,15 +35,24 @@ from backends.quant import (
 )
 from backends.quant import choose_kernel
 from backends.targets import replace_module
-from backends.triton_kernels import W4A16_CONFIGS, triton_available, w4a16_config_fits, w4a16_gemm, w4a16_geglu
+from backends.triton_kernels import (
+    W4A16_CONFIGS,
+    W4A16_LARGE_M_CONFIGS,
+    int4_dequant,
+    triton_available,
+    w4a16_config_fits,
+    w4a16_gemm,
+    w4a16_geglu,
+)
 from evalkit.errors import BadInput
 
 CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16")  # triton_w4a16 may name a tile config: triton_w4a16:n32k256s4
 DEFAULT_TRITON_CONFIG = "n16k128s1"
 KERNEL_NAMES = {
     "tinygemm": "torch._weight_int4pack_mm (tinygemm)",
-    "dequant_cublas": "unpack int4->bf16 per call + cuBLAS bf16",
-    "triton_w4a16": f"triton:w4a16_gemm (small-M, dequant in registers, split-K; tile configs {'/'.join(W4A16_CONFIGS)})",
+    "dequant_cublas": "unpack int4->bf16 per call (one Triton kernel) + cuBLAS bf16",
+    "triton_w4a16": f"triton:w4a16_gemm (dequant in registers; small-M split-K tiles {'/'.join(W4A16_CONFIGS)}; "
+                    f"large-M tiles {'/'.join(W4A16_LARGE_M_CONFIGS)})",
 }
 TRITON_MAX_M = 64  # our Triton kernel is a small-M (denoise) kernel
 INNER_K_TILES = 8
@@ -72,8 +82,9 @@ class Int4Linear(QuantLinear):
 
     def force(self, kernel: str) -> None:
         base, _, cfg = kernel.partition(":")
-        if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in W4A16_CONFIGS)):
-            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(W4A16_CONFIGS)}>)")
+        configs = {**W4A16_CONFIGS, **W4A16_LARGE_M_CONFIGS}
+        if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in configs)):
+            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(configs)}>)")
         self.forced = kernel if cfg or base != "triton_w4a16" else f"triton_w4a16:{DEFAULT_TRITON_CONFIG}"
         self.kernel = KERNEL_NAMES[base] + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
 
@@ -96,6 +107,8 @@ class Int4Linear(QuantLinear):
         return dequant_int4_groups(unpack_nibbles(self.qweight), s, z, self.group)
 
     def _dequant_cublas(self, x2: torch.Tensor) -> torch.Tensor:
+        if triton_available() and self.out_features % 32 == 0:
+            return F.linear(x2, int4_dequant(self.qweight, self.scales_zeros, self.group, x2.dtype))
         s, z = self._scales()
         q = unpack_nibbles(self.qweight).to(torch.bfloat16).reshape(self.out_features, -1, self.group)
         w = ((q - 8) * s[..., None] + z[..., None]).reshape(self.out_features, self.in_features)
@@ -114,13 +127,15 @@ class Int4Linear(QuantLinear):
 
     def candidates(self, x2: torch.Tensor) -> dict:
         c = {"dequant_cublas": lambda: self._dequant_cublas(x2), "tinygemm": lambda: self._tinygemm(x2)}
-        if x2.shape[0] <= TRITON_MAX_M and triton_available():
-            for cfg in self.triton_configs():
+        if triton_available():
+            for cfg in self.triton_configs(large_m=x2.shape[0] > TRITON_MAX_M):
                 c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
         return c
 
-    def triton_configs(self) -> list[str]:
-        return [c for c in W4A16_CONFIGS if w4a16_config_fits(c, self.out_features, self.in_features, self.group)]
+    def triton_configs(self, large_m: bool = False) -> list[str]:
+        """The Triton tile configs that tile this layer: split-K small-M ones, or the large-M (prefill) ones."""
+        pool = W4A16_LARGE_M_CONFIGS if large_m else W4A16_CONFIGS
+        return [c for c in pool if w4a16_config_fits(c, self.out_features, self.in_features, self.group)]
 
     def choose(self, x2: torch.Tensor) -> str:
         if self.forced:
@@ -219,7 +234,7 @@ class Int4Backend(QuantBackend):
                 raise BadInput("backend.options.kernel selects a CUDA int4 kernel; this run is not on CUDA")
             mod.force(kernel)
             cfg = mod.forced.partition(":")[2]
-            if cfg and cfg not in mod.triton_configs():
+            if cfg and cfg not in mod.triton_configs() + mod.triton_configs(large_m=True):
                 raise BadInput(f"{name}: int4 kernel {kernel} does not tile N={linear.out_features}, K={linear.in_features}, "
                                f"group {group}; configs that do: {', '.join(mod.triton_configs()) or 'none'}")
         return mod

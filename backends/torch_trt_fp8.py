@@ -67,12 +67,10 @@ class TorchTRTFP8Backend(QuantBackend):
             self.capability_notes.append(capability_line(True, f"{pkg} {getattr(m, '__version__', '?')}"))
         del mtq
 
-    def apply(self, model: nn.Module, calib: Iterable[Any] | None = None):
+    def prepare(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], calib: Iterable[Any] | None) -> None:
+        # Runs after the capability checks, so a machine without TensorRT hears that first.
         if calib is None:
             raise BadInput("backend 'torch_trt_fp8' needs calibration data (probe observations) to set fp8 activation scales")
-        return super().apply(model, calib)
-
-    def prepare(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], calib: Iterable[Any] | None) -> None:
         mtq = _import_modelopt()
         quant_cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
         for name, _ in targets:

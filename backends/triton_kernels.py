@@ -150,6 +150,16 @@ if _HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next call (and the next CUDA-graph replay)
 
     @triton.jit
+    def _int4_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, stride_wn, stride_on, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, NG: tl.constexpr):
+        """out [N, K] = dequant(w) in out's dtype, one tile per program (unpack for the cuBLAS large-M path)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        w = _int4_tile(w_ptr, sz_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_N, BLOCK_K, NG)
+        ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + (k0 + tl.arange(0, BLOCK_K))[None, :]
+        tl.store(ptrs, w.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
     def _w4a16_store(ptrs, acc_a, acc_b, mask, GEGLU: tl.constexpr):
         if GEGLU:
             a = 0.7978845608028654 * (acc_a + 0.044715 * acc_a * acc_a * acc_a)
@@ -167,11 +177,26 @@ W4A16_CONFIGS = {
     "n32k128s8": (32, 128, 8, 4, 3), "n16k256s8": (16, 256, 8, 4, 2), "n32k256s8": (32, 256, 8, 4, 2),
     "n32k256s16": (32, 256, 16, 4, 2),
 }
+# Large-M (prefill) tiles for the same kernel, no split: name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+W4A16_LARGE_M_CONFIGS = {
+    "m64n128k64": (64, 128, 64, 4, 3), "m128n128k64": (128, 128, 64, 8, 3), "m128n64k128": (128, 64, 128, 8, 3),
+    "m64n64k128": (64, 64, 128, 4, 3), "m128n256k64": (128, 256, 64, 8, 3),
+}
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
+def _w4a16_config(config: str) -> tuple[int | None, int, int, int, int, int]:
+    """(BLOCK_M or None = by M, BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages) of a small- or large-M config."""
+    if config in W4A16_CONFIGS:
+        return (None, *W4A16_CONFIGS[config])
+    block_m, block_n, block_k, warps, stages = W4A16_LARGE_M_CONFIGS[config]
+    return block_m, block_n, block_k, 1, warps, stages
+
+
 def w4a16_config_fits(config: str, n: int, k: int, group: int) -> bool:
-    block_n, block_k, split, _, _ = W4A16_CONFIGS[config]
+    if config not in W4A16_CONFIGS and config not in W4A16_LARGE_M_CONFIGS:
+        return False
+    _, block_n, block_k, split, _, _ = _w4a16_config(config)
     return n % block_n == 0 and k % (block_k * split) == 0 and (group % block_k == 0 or block_k % group == 0)
 
 
@@ -193,10 +218,10 @@ def _w4a16_launch(x2d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, 
     assert _HAVE_TRITON and (x2d.is_cuda or _INTERPRET) and x2d.stride(-1) == 1
     m, k = x2d.shape
     n = wa.shape[0]
-    if config not in W4A16_CONFIGS or not w4a16_config_fits(config, n, k, group):
+    if not w4a16_config_fits(config, n, k, group):
         raise ValueError(f"int4 triton config {config} does not tile N={n}, K={k}, group={group}")
-    block_n, block_k, split, warps, stages = W4A16_CONFIGS[config]
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_m, block_n, block_k, split, warps, stages = _w4a16_config(config)
+    block_m = block_m or (16 if m <= 16 else (32 if m <= 32 else 64))
     m_tiles = triton.cdiv(m, block_m)
     grid = (n // block_n, split, m_tiles)
     y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)  # bf16 (or fp16; fp32 under the interpreter)
@@ -214,7 +239,8 @@ def _w4a16_launch(x2d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, 
 
 
 def w4a16_gemm(x2d: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int, config: str = "n16k128s1") -> torch.Tensor:
-    """Small-M W4A16 GEMM (our Triton kernel): x [M, K] bf16 (y has x's dtype), qweight uint8 [N, K/2], scales_zeros [K/g, N, 2] bf16."""
+    """W4A16 GEMM (our Triton kernel; small-M split-K configs or large-M tiles): x [M, K] bf16 (y has x's
+    dtype), qweight uint8 [N, K/2], scales_zeros [K/g, N, 2] bf16."""
     return _w4a16_launch(x2d, qweight, None, scales_zeros, None, group, config)
 
 
@@ -223,6 +249,19 @@ def w4a16_geglu(x2d: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, szg: torc
     """gelu_tanh(x @ Wg^T) * (x @ Wu^T) for int4 Wg, Wu (packed as for w4a16_gemm), one Triton launch."""
     assert wg.shape == wu.shape
     return _w4a16_launch(x2d, wg, wu, szg, szu, group, config)
+
+
+def int4_dequant(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Nibble-packed int4 [N, K/2] + scales/zeros [K/g, N, 2] -> dense [N, K] in one Triton launch."""
+    assert _HAVE_TRITON and (qweight.is_cuda or _INTERPRET)
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    block_k = 128 if (group % 128 == 0 or 128 % group == 0) else group
+    if k % block_k or n % 32:
+        raise ValueError(f"int4_dequant needs N % 32 == 0 and K % {block_k} == 0, got N={n}, K={k}")
+    out = torch.empty((n, k), device=qweight.device, dtype=dtype)
+    _int4_dequant_kernel[(n // 32, k // block_k)](qweight, scales_zeros, out, n, k, qweight.stride(0), out.stride(0), GROUP=group,
+                                                 BLOCK_N=32, BLOCK_K=block_k, NG=max(1, block_k // group), num_warps=4)
+    return out
 
 
 def geglu_quant_fp8(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

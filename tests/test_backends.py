@@ -218,6 +218,11 @@ def test_int4_options_are_checked():
         get_backend("int4", engine="fake_quant")
 
 
+def test_sparse24_values_are_checked():
+    with pytest.raises(BadInput, match="valid: bf16, int8"):
+        get_backend("sparse24", engine="emulated", dtype="fp4").apply(tiny_policy().model)
+
+
 def test_torch_trt_fp8_needs_calibration_and_records_it():
     p = tiny_policy()
     with pytest.raises(BadInput, match="calibration"):

@@ -153,3 +153,24 @@ def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
         for y, yg in outs:
             assert float((y.float() - want).norm() / want.norm()) < 1e-2, c
             assert float((yg.float() - want_g).norm() / want_g.norm()) < 1e-2, c
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])
+@pytest.mark.parametrize("m", [65, 712, 4099])
+def test_large_m_int4_kernels_and_dequant(n, k, m):
+    """The prefill paths: every large-M tile config and the one-kernel unpack, against the dequantized weights."""
+    from backends.quant import dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
+    from backends.triton_kernels import W4A16_LARGE_M_CONFIGS, int4_dequant, w4a16_config_fits, w4a16_gemm
+
+    torch.manual_seed(0)
+    q, s, z = quant_int4_groups(torch.randn(n, k, device="cuda"), 128)
+    sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+    w = dequant_int4_groups(unpack_nibbles(pack_nibbles(q)), s.to(torch.bfloat16).float(), z.to(torch.bfloat16).float(), 128)
+    torch.testing.assert_close(int4_dequant(pack_nibbles(q), sz, 128, torch.float32), w, rtol=1e-6, atol=1e-6)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x.float(), w)
+    configs = [c for c in W4A16_LARGE_M_CONFIGS if w4a16_config_fits(c, n, k, 128)]
+    assert configs
+    for c in configs:
+        got = w4a16_gemm(x, pack_nibbles(q), sz, 128, c).float()
+        assert float((got - want).norm() / want.norm()) < 1e-2, c
