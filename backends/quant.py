@@ -317,6 +317,20 @@ def flush_l2(device: torch.device) -> None:
     buf.zero_()
 
 
+def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run fn once on a side stream (PyTorch's rule before capture), then capture one call of it:
+    (graph, fn's output tensors as the graph writes them on every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def time_cuda_ms(fn: Callable[[], Any], reps: int = 20) -> tuple[float, str]:
     """Median GPU ms of fn, timed as CUDA-graph replays (how the policy runs; eager timing would mostly
     measure Python launch overhead, which differs between Triton and ATen kernels), each after an L2 flush
@@ -327,14 +341,7 @@ def time_cuda_ms(fn: Callable[[], Any], reps: int = 20) -> tuple[float, str]:
         fn()
     mode, g = "graph", None
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g, _ = capture_cuda_graph(fn)
     except RuntimeError:
         mode, g = "eager", None
     run = g.replay if g is not None else fn

@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.base import module_weight_bytes  # noqa: E402
-from backends.quant import CHOICE_LOG, KERNEL_CHOICE  # noqa: E402
+from backends.quant import CHOICE_LOG, KERNEL_CHOICE, capture_cuda_graph  # noqa: E402
 from backends.registry import get_backend  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402
 
@@ -57,14 +57,7 @@ STACK = {"prefix_mlp": (2048, 16384, [712, 968]), "expert_mlp": (1024, 4096, [10
 def graph_ms(fn, reps: int = 30) -> float:
     """Median ms of one CUDA-graph replay of fn (captured after one eager call that also warms kernel choices)."""
     fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_cuda_graph(fn)
     for _ in range(3):
         g.replay()
     times = []

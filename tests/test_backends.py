@@ -418,3 +418,24 @@ def test_kernel_chooser_picks_the_fastest_correct_candidate(monkeypatch):
     n = len(calls)
     assert q.choose_kernel(key, c, reference="ref") == "fast:cfg1" and len(calls) == n  # cached, not re-timed
     q.KERNEL_CHOICE.pop(key)
+
+
+def test_backends_bench_logic_on_cpu(tmp_path):
+    """bench/backends.py end to end on pi05_tiny (CPU logic check): casts run (fp16 too: its prefix-MLP probe
+    input follows the model's dtype), GPU-only backends are recorded as not run with their capability line."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.json"
+    proc = subprocess.run([sys.executable, "bench/backends.py", "--device", "cpu", "--variant", "tiny", "--calls", "2",
+                           "--warmup", "1", "--backends", "bf16,fp16,sparse24,nvfp4", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == []
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert set(rows) == {"bf16", "fp16"} and rows["fp16"]["e2e_speedup_vs_bf16"] > 0
+    assert rows["fp16"]["action_cosine_vs_bf16"] > 0.99 and rows["fp16"]["report_problems"] == []
+    why = {s["backend"]: s["why"] for s in res["skipped"]}
+    assert "compute capability >= 8.0" in why["sparse24"] and "compute capability >= 10.0" in why["nvfp4"]

@@ -120,7 +120,7 @@ def test_fused_int4_mlp_matches_its_stored_weights(m):
 def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     """Every split-K config: the plain and GeGLU kernels against the dequantized weights, called repeatedly
     and replayed in a CUDA graph (the arrival counters must be left at zero by every launch)."""
-    from backends.quant import dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
+    from backends.quant import capture_cuda_graph, dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
     from backends.triton_kernels import W4A16_CONFIGS, w4a16_config_fits, w4a16_gemm, w4a16_geglu
 
     torch.manual_seed(0)
@@ -138,14 +138,7 @@ def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     for c in configs:
         run = lambda c=c: (w4a16_gemm(x, qa, sza, 128, c), w4a16_geglu(x, qa, qb, sza, szb, 128, c))
         outs = [run(), run()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            captured = run()
+        g, captured = capture_cuda_graph(run)
         for _ in range(3):
             g.replay()
             torch.cuda.synchronize()
