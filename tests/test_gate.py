@@ -113,6 +113,10 @@ def test_latency_ratio_gate_and_device_skip():
     assert by_name(slow, "latency").status == "fail" and by_name(slow, "latency").value == pytest.approx(1.2)
     ok = judge(run(s, p50=10.5), run(s, p50=10.0))
     assert by_name(ok, "latency").status == "pass"
+    jitter = judge(run(s, p50=0.11), run(s, p50=0.09))  # +22 % but 0.02 ms: a tiny policy's timer noise
+    assert by_name(jitter, "latency").status == "warn" and jitter.passed and "timer noise" in by_name(jitter, "latency").explanation
+    strict = judge(run(s, p50=0.11), run(s, p50=0.09), GateConfig(latency_min_delta_ms=0.0))
+    assert by_name(strict, "latency").status == "fail" and not strict.passed
     other = judge(run(s, p50=30.0, device="cpu"), run(s, p50=10.0))
     lat = by_name(other, "latency")
     assert lat.status == "skip" and other.passed and "same device" in lat.explanation

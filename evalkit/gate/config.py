@@ -33,6 +33,9 @@ class GateConfig:
     power: float = 0.8  # 1 - beta: probability of catching a drop of the reported detectable size
     max_drop: float = 0.05  # the success drop the gate must be able to catch; warns when it cannot
     max_latency_ratio: float = 1.10  # candidate p50 / baseline p50, same device only
+    # A ratio above the maximum fails only if p50 also grew by more than this: sub-millisecond policies on a
+    # shared CPU jitter by tens of percent (0.09 -> 0.11 ms), which says nothing about the policy.
+    latency_min_delta_ms: float = 0.2
     baseline: Optional[str] = None  # mlflow run id | latest | run dir | references key ("ref:policy/backend/suite/steps")
 
     @classmethod

@@ -192,12 +192,14 @@ def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateChe
             f"skipped: latency is only compared on the same device (candidate {dc}, baseline {db})",
         )
     est = S.latency_ratio_from_quantiles(lc, lb)
+    delta = lc["latency_ms_p50"] - lb["latency_ms_p50"]
     ok = est.ratio <= cfg.max_latency_ratio
-    return _check(
-        name, float(est.ratio), f"<= {cfg.max_latency_ratio}", PASS if ok else FAIL,
-        f"p50 {lc['latency_ms_p50']:.2f} ms vs {lb['latency_ms_p50']:.2f} ms on {dc}; "
-        f"p50..p99 ratios span {est.low:.3f}..{est.high:.3f}",
-    )
+    status = PASS if ok else (WARN if delta <= cfg.latency_min_delta_ms else FAIL)
+    expl = (f"p50 {lc['latency_ms_p50']:.2f} ms vs {lb['latency_ms_p50']:.2f} ms on {dc}; "
+            f"p50..p99 ratios span {est.low:.3f}..{est.high:.3f}")
+    if status == WARN:
+        expl += f"; the p50 grew by {delta:.3f} ms <= gate.latency_min_delta_ms={cfg.latency_min_delta_ms}: timer noise, not a regression"
+    return _check(name, float(est.ratio), f"<= {cfg.max_latency_ratio}", status, expl)
 
 
 def _fidelity_check(cand: StoredRun) -> GateCheck | None:
