@@ -1,7 +1,12 @@
-"""Our own Triton kernels: fused per-token (row-wise) activation quantization, one pass for amax and one
-for the cast, in a single launch, so dynamic W8A8 does not pay separate amax/divide/cast kernels.
+"""Our own Triton kernels, written where no library kernel does the job fast enough:
+- fused per-token (row-wise) activation quantization (fp8 e4m3 / int8), one pass for amax and one for the
+  cast in a single launch, and the same fused with a GeGLU (gelu(gate) * up), so dynamic W8A8 does not pay
+  separate amax/divide/cast kernels;
+- W4A16 int4 GEMMs: small-M (the denoise loop) with K split across programs and reduced in the same launch,
+  optionally computing a GeGLU's gate + up + gelu at once; large-M tiles; a one-launch int4 -> bf16 unpack.
 
 Imported lazily: the CPU machine has no Triton; backends that need these check `triton_available()` up front.
+With TRITON_INTERPRET=1 (Triton installed on a CPU machine) the int4 kernels run on CPU tensors for checks.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ if _HAVE_TRITON:
 
         Grid (N / BLOCK_N, SPLIT, M tiles). Each program reduces one K slice of one output tile. With SPLIT > 1
         the partial sums go to an fp32 workspace [SPLIT, 1 + GEGLU, M_PAD, N]; the program that arrives last
-        at the tile's counter (one atomic per program) adds them up, writes bf16 y and resets the counter, so
+        at the tile's counter (one atomic per program) adds them up, writes y and resets the counter, so
         a whole small-M GEMM is one launch with enough programs to keep every SM reading weights."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
