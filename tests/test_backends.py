@@ -345,8 +345,6 @@ class HalvedWeights(Backend):
     name = "halved"
 
     def apply(self, model, calib=None):
-        from backends.quant import describe_model
-
         for _, lin in select_linears(model, self.targets):
             with torch.no_grad():
                 lin.weight.mul_(0.5)
