@@ -71,9 +71,11 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_zeros", torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous())  # [K/g, N, 2]
         self.mode = mode  # "cuda", "cpu", "emulated"
         self.forced = None
+        # decided once: the one-launch Triton unpack tiles N in 32s; otherwise dequant_cublas unpacks with torch ops
+        self.triton_unpack = mode == "cuda" and triton_available() is not None and self.out_features % 32 == 0
         if mode == "cuda":
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
-            self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(KERNEL_NAMES.values())
+            self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(self.kernel_name(k) for k in CANDIDATES)
         elif mode == "cpu":
             self.register_buffer("tg_packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
             self.kernel = "torch._weight_int4pack_mm_for_cpu"
@@ -86,7 +88,12 @@ class Int4Linear(QuantLinear):
         if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in configs)):
             raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(configs)}>)")
         self.forced = kernel if cfg or base != "triton_w4a16" else f"triton_w4a16:{DEFAULT_TRITON_CONFIG}"
-        self.kernel = KERNEL_NAMES[base] + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
+        self.kernel = self.kernel_name(base) + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
+
+    def kernel_name(self, base: str) -> str:
+        if base == "dequant_cublas" and not self.triton_unpack:
+            return "unpack int4->bf16 per call (torch ops) + cuBLAS bf16"
+        return KERNEL_NAMES[base]
 
     def ignore_scales(self) -> None:
         sz = self.scales_zeros.clone()
@@ -107,7 +114,7 @@ class Int4Linear(QuantLinear):
         return dequant_int4_groups(unpack_nibbles(self.qweight), s, z, self.group)
 
     def _dequant_cublas(self, x2: torch.Tensor) -> torch.Tensor:
-        if triton_available() and self.out_features % 32 == 0:
+        if self.triton_unpack:
             return F.linear(x2, int4_dequant(self.qweight, self.scales_zeros, self.group, x2.dtype))
         s, z = self._scales()
         q = unpack_nibbles(self.qweight).to(torch.bfloat16).reshape(self.out_features, -1, self.group)

@@ -164,6 +164,7 @@ def main() -> int:
             prompt_tokens = int(policy.preprocess(obs)["tokens"].shape[1])
             work, prefix_len = pi05_work(policy.model, 1, 2, prompt_tokens, 10)
             floors = {k: w.floor_ms(peak, bw) for k, w in work.items()}
+            rbytes = read_bytes(policy.model)
             st = rep.stages
             row = {
                 "backend": label, "mode": mode, "report_backend": report.backend, "build_s": round(build_s, 1),
@@ -171,8 +172,8 @@ def main() -> int:
                 "stage_ms_p50": {k: v.p50 for k, v in st.items()},
                 "denoise_ms_p50": st["denoise"].p50 if "denoise" in st else None,
                 "prefix_tokens": prefix_len, "prefix_mlp_ms": prefix_mlp_ms(policy, prefix_len, dev),
-                "weight_bytes": report.weight_bytes_after, "read_bytes": read_bytes(policy.model),
-                "weight_read_floor_ms": read_bytes(policy.model) / (bw * 1e9) * 1e3,
+                "weight_bytes": report.weight_bytes_after, "read_bytes": rbytes,
+                "weight_read_floor_ms": rbytes / (bw * 1e9) * 1e3,
                 "stage_floor_ms_bf16": {**floors, "total": sum(floors.values())},
                 "action_cosine_vs_bf16": None if ref_actions is None else cosine(actions, ref_actions),
                 "action_rel_err_vs_bf16": None if ref_actions is None else float(np.linalg.norm(actions - ref_actions) / (np.linalg.norm(ref_actions) + 1e-30)),

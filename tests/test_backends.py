@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from backends.base import Backend, BackendReport, module_weight_bytes
-from backends.quant import QuantLinear, describe_model, fake_quant_fp8_rows, quant_int8_rows
+from backends.quant import QuantLinear, describe_model
 from backends.registry import BACKENDS, backend_from_config, get_backend
 from backends.targets import select_linears
 from backends.verify import verify_report
 from evalkit.errors import BadInput, CapabilityError
 from evalkit.policies.base import Observation, ObsBatch
+from tests.conftest import quant_linear_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -150,25 +150,6 @@ def test_backend_runs_and_report_matches_module_state(name, opts, targets, wtol,
     assert np.isfinite(worst) and worst < 4 * wtol + 0.1, f"MLP outputs drift {worst}"
 
 
-def _reference_forward(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the module must compute, rebuilt from its stored tensors (independently of its kernel)."""
-    w = mod.dequantized_weight()
-    act = mod.activation_precision
-    if act.startswith("fp8"):
-        xq = fake_quant_fp8_rows(x)
-    elif act.startswith("int8"):
-        q, s = quant_int8_rows(x)
-        xq = q.float() * s[:, None]
-    elif act.startswith("nvfp4"):
-        from backends.fp4 import fake_quant_nvfp4
-
-        xq = fake_quant_nvfp4(x)
-    else:
-        xq = x.to(torch.bfloat16).float()
-    y = F.linear(xq, w)
-    return y if mod.bias is None else y + mod.bias.float()
-
-
 @pytest.mark.parametrize("name,opts", [(c[0], c[1]) for c in CPU_RUNNABLE if c[0] != "torch_trt_fp8"],
                          ids=[f"{c[0]}-{c[1].get('engine', 'native')}" for c in CPU_RUNNABLE if c[0] != "torch_trt_fp8"])
 def test_kernel_computes_what_the_module_stores(name, opts):
@@ -181,7 +162,7 @@ def test_kernel_computes_what_the_module_stores(name, opts):
         if isinstance(mod, QuantLinear):
             x = torch.randn(7, mod.in_features)
             got = mod(x.to(torch.bfloat16)).float()
-            err = rel(got, _reference_forward(mod, x.to(torch.bfloat16).float()))
+            err = rel(got, quant_linear_reference(mod, x.to(torch.bfloat16).float()))
             assert err < 0.02, f"{name} {n}: kernel output differs from its stored weights by {err}"
 
 

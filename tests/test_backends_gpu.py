@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.quant import QuantLinear, fake_quant_fp8_rows, quant_int8_rows
+from backends.quant import QuantLinear, fake_quant_fp8_rows
 from backends.registry import get_backend
 from backends.verify import verify_report
+from tests.conftest import quant_linear_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -36,18 +37,6 @@ def mlp_stack(depth: int = 2, width: int = WIDTH, mlp_dim: int = MLP_DIM) -> nn.
     return root.cuda()
 
 
-def expected(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    act = mod.activation_precision
-    if act.startswith("fp8"):
-        xq = fake_quant_fp8_rows(x)
-    elif act.startswith("int8"):
-        q, s = quant_int8_rows(x)
-        xq = q.float() * s[:, None]
-    else:
-        xq = x.float()
-    return F.linear(xq, mod.dequantized_weight())
-
-
 @pytest.mark.parametrize("name,opts", NATIVE + TRITON_INT4, ids=[f"{n}-{o.get('kernel', 'auto')}" for n, o in NATIVE + TRITON_INT4])
 @pytest.mark.parametrize("m", [1, 10, 50, 712, 4099])
 def test_native_kernels_match_stored_weights(name, opts, m):
@@ -63,7 +52,8 @@ def test_native_kernels_match_stored_weights(name, opts, m):
             x = torch.randn(m, mod.in_features, device="cuda", dtype=torch.bfloat16)
             got = mod(x).float()
             assert torch.isfinite(got).all()
-            err = float((got - expected(mod, x.float())).norm() / expected(mod, x.float()).norm())
+            want = quant_linear_reference(mod, x.float())
+            err = float((got - want).norm() / want.norm())
             assert err < 0.02, f"{name} {n} M={m}: kernel vs stored weights {err}"
 
 
@@ -75,17 +65,24 @@ def test_fp8_native_really_uses_fp8_storage_and_scaled_mm():
     assert any("compute capability" in n for n in report.notes)
 
 
+def fused_mlp_case(backend: str, fused_cls: type, m: int):
+    """The backend on a two-layer MLP stack (report checked against the modules): layer 0's MLP, which must be
+    the backend's fused GeGLU wrapper, the report and an [m, WIDTH] bf16 input."""
+    torch.manual_seed(0)
+    model = mlp_stack()
+    report = get_backend(backend, targets="prefix_mlp").apply(model)
+    assert verify_report(model, report) == []
+    mlp = model.prefix.layers[0].mlp
+    assert isinstance(mlp, fused_cls)
+    return mlp, report, torch.randn(m, WIDTH, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("m", [1, 10, 712])
 def test_fused_fp8_mlp_matches_its_stored_weights(m):
     from backends.fp8 import Fp8GemmaMLP
 
-    torch.manual_seed(0)
-    model = mlp_stack()
-    report = get_backend("fp8", targets="prefix_mlp").apply(model)
-    assert verify_report(model, report) == []
-    mlp = model.prefix.layers[0].mlp
-    assert isinstance(mlp, Fp8GemmaMLP) and any("fused 2 GeGLU" in n for n in report.notes)
-    x = torch.randn(m, WIDTH, device="cuda", dtype=torch.bfloat16)
+    mlp, report, x = fused_mlp_case("fp8", Fp8GemmaMLP, m)
+    assert any("fused 2 GeGLU" in n for n in report.notes)
     xq = fake_quant_fp8_rows(x.float())
     g = F.linear(xq, mlp.gate_proj.dequantized_weight()).to(torch.bfloat16).float()
     u = F.linear(xq, mlp.up_proj.dequantized_weight()).to(torch.bfloat16).float()
@@ -99,13 +96,7 @@ def test_fused_fp8_mlp_matches_its_stored_weights(m):
 def test_fused_int4_mlp_matches_its_stored_weights(m):
     from backends.int4 import Int4GemmaMLP
 
-    torch.manual_seed(0)
-    model = mlp_stack()
-    report = get_backend("int4", targets="prefix_mlp").apply(model)
-    assert verify_report(model, report) == []
-    mlp = model.prefix.layers[0].mlp
-    assert isinstance(mlp, Int4GemmaMLP)
-    x = torch.randn(m, WIDTH, device="cuda", dtype=torch.bfloat16)
+    mlp, _, x = fused_mlp_case("int4", Int4GemmaMLP, m)
     g = F.linear(x.float(), mlp.gate_proj.dequantized_weight())
     u = F.linear(x.float(), mlp.up_proj.dequantized_weight())
     want = F.linear((F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float(), mlp.down_proj.dequantized_weight())
