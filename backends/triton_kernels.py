@@ -88,7 +88,9 @@ if _HAVE_TRITON:
         high nibble) with scales/zeros [K/GROUP, N, 2] (w = (q - 8) * s + z). BLOCK_K divides GROUP or is a
         multiple of it (then each tile spans NG = BLOCK_K / GROUP groups). (Applying the scales after the dot
         instead, with the nibbles split into even/odd dots, measured 1.7-5x slower on H200 at M = 10-50:
-        bench/results/int4_kernel_variants.json.)"""
+        bench/results/int4_kernel_variants.json. Even/odd nibble tiles dequantized to bf16 by a bit trick in
+        inline PTX (no int->float conversions, two values per FMA), also with the weights as the MMA's A
+        operand, were no faster at any expert shape: bench/results/int4_nibble_pairs.json, code in ee6185f.)"""
         offs_kh = tl.arange(0, BLOCK_K // 2)
         b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :])
         q = tl.interleave((b >> 4).to(tl.float32), (b & 0xF).to(tl.float32))
@@ -105,98 +107,17 @@ if _HAVE_TRITON:
         return w
 
     @triton.jit
-    def _nibbles_to_bf16(b, s, z):
-        """bf16 ((b >> 4) - 8) * s + z and ((b & 15) - 8) * s + z for uint8 b and bf16 s, z (broadcast), four
-        bytes per asm block. Each nibble becomes the bf16 128 + q by OR-ing it into the bits of 128.0 (no
-        int -> float conversion: those run at a quarter of the FMA rate and dominated the plain dequant),
-        then q - 8 = (128 + q) - 136 exactly and one bf16x2 FMA applies scale and zero, two values per
-        instruction, rounded once (as the fp32 path's cast to bf16)."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 t0, t1, h0, h1, l0, l1, one, c136, zero;
-            mov.b32 zero, 0;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 c136, 0xC308C308;
-            prmt.b32 t0, $4, zero, 0x4140;
-            prmt.b32 t1, $4, zero, 0x4342;
-            shr.b32 h0, t0, 4;
-            shr.b32 h1, t1, 4;
-            lop3.b32 h0, h0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 h1, h1, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 l0, t0, 0x000F000F, 0x43004300, 0xEA;
-            lop3.b32 l1, t1, 0x000F000F, 0x43004300, 0xEA;
-            fma.rn.bf16x2 h0, h0, one, c136;
-            fma.rn.bf16x2 h1, h1, one, c136;
-            fma.rn.bf16x2 l0, l0, one, c136;
-            fma.rn.bf16x2 l1, l1, one, c136;
-            fma.rn.bf16x2 $0, h0, $5, $7;
-            fma.rn.bf16x2 $1, h1, $6, $8;
-            fma.rn.bf16x2 $2, l0, $5, $7;
-            fma.rn.bf16x2 $3, l1, $6, $8;
-            }
-            """,
-            constraints="=r,=r,=r,=r,r,r,r,r,r",
-            args=[b, s, z],
-            dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True,
-            pack=4,
-        )
-
-    @triton.jit
-    def _int4_pair_tile(w_ptr, sz_ptr, offs_n, k0, N, stride_wn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ASM: tl.constexpr):
-        """Dequantized (even-k, odd-k) tiles [BLOCK_N, BLOCK_K/2] of the nibble-packed weight (the high and the
-        low nibbles of each byte, so no interleave), within one group (GROUP % BLOCK_K == 0). ASM: bf16 by
-        `_nibbles_to_bf16`; else fp32 with plain ops (Triton's CPU interpreter runs no PTX)."""
-        offs_kh = tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :])
-        sz = ((k0 // GROUP) * N + offs_n) * 2
-        s = tl.load(sz_ptr + sz)[:, None]
-        z = tl.load(sz_ptr + sz + 1)[:, None]
-        if ASM:
-            we, wo = _nibbles_to_bf16(b, s, z)
-        else:
-            we = ((b >> 4).to(tl.float32) - 8.0) * s.to(tl.float32) + z.to(tl.float32)
-            wo = ((b & 0xF).to(tl.float32) - 8.0) * s.to(tl.float32) + z.to(tl.float32)
-        return we, wo
-
-    @triton.jit
-    def _dot_pair(acc, x_ptr, offs_m, k0, M, stride_xm, we, wo, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
-        """acc += x[:, even k] @ we^T + x[:, odd k] @ wo^T; with SWAP acc is the transposed tile [BLOCK_N, BLOCK_M]
-        and the weights are the MMA's A operand (their N rows fill its 64-row side; M = 10 would pad it)."""
-        offs_e = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        if SWAP:
-            ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_e[:, None]  # x^T [BLOCK_K/2, BLOCK_M]
-            mask = offs_m[None, :] < M
-            xe = tl.load(ptrs, mask=mask, other=0.0)
-            xo = tl.load(ptrs + 1, mask=mask, other=0.0)
-            acc += tl.dot(we.to(xe.dtype), xe)
-            acc += tl.dot(wo.to(xe.dtype), xo)
-        else:
-            ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_e[None, :]  # [BLOCK_M, BLOCK_K/2]
-            mask = offs_m[:, None] < M
-            xe = tl.load(ptrs, mask=mask, other=0.0)
-            xo = tl.load(ptrs + 1, mask=mask, other=0.0)
-            acc += tl.dot(xe, tl.trans(we.to(xe.dtype)))
-            acc += tl.dot(xo, tl.trans(wo.to(xe.dtype)))
-        return acc
-
-    @triton.jit
     def _w4a16_splitk_kernel(x_ptr, wa_ptr, wb_ptr, sza_ptr, szb_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, M_PAD,
                              stride_xm, stride_wn, stride_ym, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, SPLIT: tl.constexpr,
-                             GEGLU: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
+                             GEGLU: tl.constexpr):
         """Small-M W4A16 GEMM, split over K. y = x @ dequant(wa)^T, or with GEGLU
         y = gelu_tanh(x @ dequant(wa)^T) * (x @ dequant(wb)^T) (a GeGLU's gate, up and activation in one launch).
 
         Grid (N / BLOCK_N, SPLIT, M tiles). Each program reduces one K slice of one output tile. With SPLIT > 1
         the partial sums go to an fp32 workspace [SPLIT, 1 + GEGLU, M_PAD, N]; the program that arrives last
         at the tile's counter (one atomic per program) adds them up, writes y and resets the counter, so
-        a whole small-M GEMM is one launch with enough programs to keep every SM reading weights.
-        PAIRS: dequantize each byte's two nibbles as separate even-k / odd-k tiles (two dots, no interleave;
-        with ASM the bit-trick bf16 dequant of `_nibbles_to_bf16`); SWAP (with PAIRS): weights as the MMA's A
-        operand, computing the transposed tile."""
+        a whole small-M GEMM is one launch with enough programs to keep every SM reading weights."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -204,29 +125,15 @@ if _HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         k_slice = K // SPLIT
-        if SWAP:
-            acc_a = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_b = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_s * k_slice, (pid_s + 1) * k_slice, BLOCK_K):
-            if PAIRS:
-                we, wo = _int4_pair_tile(wa_ptr, sza_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_K, ASM)
-                acc_a = _dot_pair(acc_a, x_ptr, offs_m, k0, M, stride_xm, we, wo, BLOCK_K, SWAP)
-                if GEGLU:
-                    we, wo = _int4_pair_tile(wb_ptr, szb_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_K, ASM)
-                    acc_b = _dot_pair(acc_b, x_ptr, offs_m, k0, M, stride_xm, we, wo, BLOCK_K, SWAP)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :], mask=offs_m[:, None] < M, other=0.0)
-                wa = _int4_tile(wa_ptr, sza_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_N, BLOCK_K, NG).to(x.dtype)
-                acc_a += tl.dot(x, tl.trans(wa))
-                if GEGLU:
-                    wb = _int4_tile(wb_ptr, szb_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_N, BLOCK_K, NG).to(x.dtype)
-                    acc_b += tl.dot(x, tl.trans(wb))
-        if SWAP:
-            acc_a = tl.trans(acc_a)
-            acc_b = tl.trans(acc_b)
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :], mask=offs_m[:, None] < M, other=0.0)
+            wa = _int4_tile(wa_ptr, sza_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_N, BLOCK_K, NG).to(x.dtype)
+            acc_a += tl.dot(x, tl.trans(wa))
+            if GEGLU:
+                wb = _int4_tile(wb_ptr, szb_ptr, offs_n, k0, N, stride_wn, GROUP, BLOCK_N, BLOCK_K, NG).to(x.dtype)
+                acc_b += tl.dot(x, tl.trans(wb))
         y_offs = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
         if SPLIT == 1:
             _w4a16_store(y_ptr + y_offs, acc_a, acc_b, offs_m[:, None] < M, GEGLU)
@@ -270,21 +177,14 @@ if _HAVE_TRITON:
 
 
 # Tile configs the per-shape chooser tries for the small-M int4 kernel: name -> (BLOCK_N, BLOCK_K, SPLIT,
-# num_warps, num_stages, variant). SPLIT > 1 splits K across programs (the down projection, K = 4 N, has too few
-# output tiles to fill the GPU otherwise); a config that does not tile a shape is skipped for it. variant "":
-# fp32 dequant of whole tiles; "p": even/odd nibble tiles (bit-trick bf16 dequant on the GPU); "ps": the same
-# with the weights as the MMA's A operand (transposed tile).
+# num_warps, num_stages). SPLIT > 1 splits K across programs (the down projection, K = 4 N, has too few
+# output tiles to fill the GPU otherwise); a config that does not tile a shape is skipped for it.
 W4A16_CONFIGS = {
-    "n16k128s1": (16, 128, 1, 4, 4, ""), "n32k256s1": (32, 256, 1, 4, 3, ""),
-    "n16k256s2": (16, 256, 2, 4, 3, ""), "n32k256s2": (32, 256, 2, 4, 3, ""),
-    "n16k256s4": (16, 256, 4, 4, 3, ""), "n32k256s4": (32, 256, 4, 4, 3, ""), "n64k128s4": (64, 128, 4, 4, 3, ""),
-    "n32k128s8": (32, 128, 8, 4, 3, ""), "n16k256s8": (16, 256, 8, 4, 2, ""), "n32k256s8": (32, 256, 8, 4, 2, ""),
-    "n32k256s16": (32, 256, 16, 4, 2, ""),
-    "n32k128s2p": (32, 128, 2, 4, 3, "p"), "n32k128s4p": (32, 128, 4, 4, 3, "p"), "n64k128s4p": (64, 128, 4, 4, 3, "p"),
-    "n32k128s8p": (32, 128, 8, 4, 3, "p"), "n32k128s16p": (32, 128, 16, 4, 2, "p"),
-    "n64k128s2ps": (64, 128, 2, 4, 3, "ps"), "n64k128s4ps": (64, 128, 4, 4, 3, "ps"), "n64k128s8ps": (64, 128, 8, 4, 3, "ps"),
-    "n64k128s16ps": (64, 128, 16, 4, 2, "ps"), "n128k128s2ps": (128, 128, 2, 4, 3, "ps"), "n128k128s4ps": (128, 128, 4, 8, 3, "ps"),
-    "n64k64s16ps": (64, 64, 16, 4, 2, "ps"),
+    "n16k128s1": (16, 128, 1, 4, 4), "n32k256s1": (32, 256, 1, 4, 3),
+    "n16k256s2": (16, 256, 2, 4, 3), "n32k256s2": (32, 256, 2, 4, 3),
+    "n16k256s4": (16, 256, 4, 4, 3), "n32k256s4": (32, 256, 4, 4, 3), "n64k128s4": (64, 128, 4, 4, 3),
+    "n32k128s8": (32, 128, 8, 4, 3), "n16k256s8": (16, 256, 8, 4, 2), "n32k256s8": (32, 256, 8, 4, 2),
+    "n32k256s16": (32, 256, 16, 4, 2),
 }
 # Large-M (prefill) tiles for the same kernel, no split: name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
 W4A16_LARGE_M_CONFIGS = {
@@ -294,20 +194,18 @@ W4A16_LARGE_M_CONFIGS = {
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _w4a16_config(config: str) -> tuple[int | None, int, int, int, int, int, str]:
-    """(BLOCK_M or None = by M, BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages, variant) of a small- or large-M config."""
+def _w4a16_config(config: str) -> tuple[int | None, int, int, int, int, int]:
+    """(BLOCK_M or None = by M, BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages) of a small- or large-M config."""
     if config in W4A16_CONFIGS:
         return (None, *W4A16_CONFIGS[config])
     block_m, block_n, block_k, warps, stages = W4A16_LARGE_M_CONFIGS[config]
-    return block_m, block_n, block_k, 1, warps, stages, ""
+    return block_m, block_n, block_k, 1, warps, stages
 
 
 def w4a16_config_fits(config: str, n: int, k: int, group: int) -> bool:
     if config not in W4A16_CONFIGS and config not in W4A16_LARGE_M_CONFIGS:
         return False
-    _, block_n, block_k, split, _, _, variant = _w4a16_config(config)
-    if variant and group % block_k:  # the nibble-pair tiles stay inside one group (one scale per row)
-        return False
+    _, block_n, block_k, split, _, _ = _w4a16_config(config)
     return n % block_n == 0 and k % (block_k * split) == 0 and (group % block_k == 0 or block_k % group == 0)
 
 
@@ -331,10 +229,7 @@ def _w4a16_launch(x2d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, 
     n = wa.shape[0]
     if not w4a16_config_fits(config, n, k, group):
         raise ValueError(f"int4 triton config {config} does not tile N={n}, K={k}, group={group}")
-    block_m, block_n, block_k, split, warps, stages, variant = _w4a16_config(config)
-    asm = bool(variant) and not _INTERPRET
-    if asm and x2d.dtype != torch.bfloat16:
-        raise ValueError(f"int4 triton config {config} dequantizes to bf16 and needs bf16 activations, got {x2d.dtype}")
+    block_m, block_n, block_k, split, warps, stages = _w4a16_config(config)
     block_m = block_m or (16 if m <= 16 else (32 if m <= 32 else 64))
     m_tiles = triton.cdiv(m, block_m)
     grid = (n // block_n, split, m_tiles)
@@ -348,8 +243,7 @@ def _w4a16_launch(x2d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, 
     _w4a16_splitk_kernel[grid](x2d, wa, wb if geglu else wa, sza, szb if geglu else sza, y, ws, cnt, m, n, k,
                                m_tiles * block_m, x2d.stride(0), wa.stride(0), y.stride(0), GROUP=group,
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NG=max(1, block_k // group),
-                               SPLIT=split, GEGLU=geglu, PAIRS=bool(variant), SWAP=variant == "ps", ASM=asm,
-                               num_warps=warps, num_stages=stages)
+                               SPLIT=split, GEGLU=geglu, num_warps=warps, num_stages=stages)
     return y
 
 
