@@ -93,24 +93,45 @@ class Fp8WeightOnlyLinear(QuantLinear):
 
 class Fp8GemmaMLP(nn.Module):
     """GeGLU MLP (π0.5's GemmaMLP: down(gelu_tanh(gate(x)) * up(x))) over three native Fp8Linear children:
-    x is quantized once for gate and up, and gelu*up is fused with the per-token quantization that feeds
-    down_proj (one Triton kernel; the bf16 product h is never written)."""
+    gate and up run as one `_scaled_mm` over their stacked weights (N = 2I: one launch, fuller waves; x is
+    quantized once), and gelu*up is fused with the per-token quantization that feeds down_proj (one Triton
+    kernel; the bf16 product h is never written).
+
+    The children's `qweight`/`wscale` become views of the stacked tensors, so the report counts each byte
+    once; if a child's tensor is replaced (fault injection, `ignore_scales`), the stack is rebuilt from the
+    children on the next call, so what runs is always what the children hold."""
 
     def __init__(self, gate_proj: Fp8Linear, up_proj: Fp8Linear, down_proj: Fp8Linear) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        shared = "triton:rowwise_quant_fp8 (x quantized once for gate and up) + torch._scaled_mm(rowwise"
         acc = ", fast_accum)" if gate_proj.fast_accum else ")"
-        gate_proj.kernel = up_proj.kernel = shared + acc
+        gate_proj.kernel = up_proj.kernel = "triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc + " over stacked gate|up weights"
         down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc
+        self._stack_gate_up()
+
+    def _children(self) -> tuple[torch.Tensor, ...]:
+        g, u = self.gate_proj, self.up_proj
+        return g.qweight, u.qweight, g.wscale, u.wscale
+
+    def _stack_gate_up(self) -> None:
+        g, u = self.gate_proj, self.up_proj
+        n = g.out_features
+        w, s = torch.cat([g.qweight, u.qweight]), torch.cat([g.wscale, u.wscale], dim=1)  # [2I, K], [1, 2I]
+        g.qweight, u.qweight, g.wscale, u.wscale = w[:n], w[n:], s[:, :n], s[:, n:]
+        self._gu = (w, s)  # not buffers: the children's views are what the report and state_dict see
+        self._gu_from = self._children()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(a is not b for a, b in zip(self._children(), self._gu_from)):
+            self._stack_gate_up()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         xq, xs = quant_act_fp8(x2)
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        gy = torch._scaled_mm(xq, g.qweight.t(), scale_a=xs, scale_b=g.wscale, out_dtype=torch.bfloat16, use_fast_accum=g.fast_accum)
-        uy = torch._scaled_mm(xq, u.qweight.t(), scale_a=xs, scale_b=u.wscale, out_dtype=torch.bfloat16, use_fast_accum=u.fast_accum)
+        w, s = self._gu
+        gu = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s, out_dtype=torch.bfloat16, use_fast_accum=g.fast_accum)
+        n = g.out_features
+        gy, uy = gu[:, :n], gu[:, n:]
         if g.bias is not None:
             gy = gy + g.bias
         if u.bias is not None:
@@ -139,7 +160,7 @@ class FP8Backend(QuantBackend):
 
     def extra_notes(self) -> list[str]:
         n = getattr(self, "_fused", 0)
-        return [f"fused {n} GeGLU MLPs (shared x quantization; gelu*up fused with the down_proj input quantization)"] if n else []
+        return [f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -57,29 +57,42 @@ if _HAVE_TRITON:
 
 
     @triton.jit
-    def _geglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, stride_q, BLOCK: tl.constexpr):
-        """h = gelu_tanh(g) * u in fp32, then per-row e4m3 quantization of h, without writing h."""
+    def _geglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, stride_q, BLOCK: tl.constexpr,
+                            ONE_PASS: tl.constexpr):
+        """h = gelu_tanh(g) * u in fp32, then per-row e4m3 quantization of h, without writing h. ONE_PASS
+        (BLOCK >= K): the row stays in registers between amax and cast (g and u are read once)."""
         row = tl.program_id(0).to(tl.int64)
         g_row, u_row, q_row = g_ptr + row * stride_g, u_ptr + row * stride_u, q_ptr + row * stride_q
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, K, BLOCK):
-            offs = k + tl.arange(0, BLOCK)
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
             g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u  # 1 + tanh(a) = 2 sigmoid(2a)
-            acc = tl.maximum(acc, tl.abs(h))
-        amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
-        tl.store(s_ptr + row, amax / 448.0)
-        inv = 448.0 / amax
-        for k in range(0, K, BLOCK):
-            offs = k + tl.arange(0, BLOCK)
-            g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u * inv
-            h = tl.minimum(tl.maximum(h, -448.0), 448.0)
+            h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u
+            amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
+            tl.store(s_ptr + row, amax / 448.0)
+            h = tl.minimum(tl.maximum(h * (448.0 / amax), -448.0), 448.0)
             tl.store(q_row + offs, h.to(tl.float8e4nv), mask=offs < K)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in range(0, K, BLOCK):
+                offs = k + tl.arange(0, BLOCK)
+                g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u  # 1 + tanh(a) = 2 sigmoid(2a)
+                acc = tl.maximum(acc, tl.abs(h))
+            amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
+            tl.store(s_ptr + row, amax / 448.0)
+            inv = 448.0 / amax
+            for k in range(0, K, BLOCK):
+                offs = k + tl.arange(0, BLOCK)
+                g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u * inv
+                h = tl.minimum(tl.maximum(h, -448.0), 448.0)
+                tl.store(q_row + offs, h.to(tl.float8e4nv), mask=offs < K)
 
     @triton.jit
     def _int4_tile(w_ptr, sz_ptr, offs_n, k0, N, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -279,8 +292,12 @@ def geglu_quant_fp8(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, tor
     m, k = g.shape
     q = torch.empty((m, k), device=g.device, dtype=torch.float8_e4m3fn)
     s = torch.empty((m, 1), device=g.device, dtype=torch.float32)
-    block = min(4096, triton.next_power_of_2(k))
-    _geglu_quant_kernel[(m,)](g, u, q, s, k, g.stride(0), u.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    block = triton.next_power_of_2(k)
+    if block <= 16384:  # one pass, the row in registers (<= 32 values of g and of u per thread at 16 warps)
+        warps = max(4, min(16, block // 1024))
+        _geglu_quant_kernel[(m,)](g, u, q, s, k, g.stride(0), u.stride(0), q.stride(0), BLOCK=block, ONE_PASS=True, num_warps=warps)
+    else:
+        _geglu_quant_kernel[(m,)](g, u, q, s, k, g.stride(0), u.stride(0), q.stride(0), BLOCK=4096, ONE_PASS=False, num_warps=8)
     return q, s
 
 

@@ -90,6 +90,30 @@ def test_fused_fp8_mlp_matches_its_stored_weights(m):
     want = F.linear(h, mlp.down_proj.dequantized_weight())
     got = mlp(x).float()
     assert float((got - want).norm() / want.norm()) < 0.03
+    # gate and up run as one GEMM over stacked weights the children view (bytes counted once) ...
+    assert mlp.gate_proj.qweight.untyped_storage().data_ptr() == mlp.up_proj.qweight.untyped_storage().data_ptr()
+    # ... and what runs follows the children: unit scales injected into them reach the stacked GEMM
+    for p in (mlp.gate_proj, mlp.up_proj):
+        p.ignore_scales()
+    g = F.linear(xq, mlp.gate_proj.dequantized_weight()).to(torch.bfloat16).float()
+    u = F.linear(xq, mlp.up_proj.dequantized_weight()).to(torch.bfloat16).float()
+    want = F.linear(fake_quant_fp8_rows(F.gelu(g, approximate="tanh") * u), mlp.down_proj.dequantized_weight())
+    got = mlp(x).float()
+    assert float((got - want).norm() / want.norm()) < 0.03
+
+
+@pytest.mark.parametrize("k", [1024, 16384, 20000])  # one pass (row in registers) up to 16384, two passes above
+def test_geglu_quant_fp8_against_torch(k):
+    from backends.triton_kernels import geglu_quant_fp8
+
+    torch.manual_seed(0)
+    gu = torch.randn(7, 2 * k, device="cuda", dtype=torch.bfloat16)
+    g, u = gu[:, :k], gu[:, k:]  # strided row views, as the stacked gate|up GEMM's output
+    q, s = geglu_quant_fp8(g, u)
+    h = F.gelu(g.float(), approximate="tanh") * u.float()
+    assert torch.allclose(s[:, 0], h.abs().amax(-1) / 448.0, rtol=1e-5)
+    want = fake_quant_fp8_rows(h)
+    assert float((q.float() * s - want).norm() / want.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("m", [1, 10, 50])
