@@ -98,9 +98,59 @@ def w4t_call(x, wa, wb, sza, szb, cfg):
                               GEGLU=wb is not None, num_warps=warps, num_stages=stages)
     return y
 
+@triton.jit
+def stream_read(src_ptr, out_ptr, n_per_prog, BLOCK: tl.constexpr):
+    """Read a contiguous int32 chunk per program and write one sum: the cost of reading a buffer, nothing else."""
+    base = tl.program_id(0).to(tl.int64) * n_per_prog
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(0, n_per_prog, BLOCK):
+        acc += tl.load(src_ptr + base + i + tl.arange(0, BLOCK))
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, 0))
+
+
+def stream_part(dev: torch.device) -> dict:
+    """Per-kernel cost of reading 1-8 MiB in a chain of 18 cold reads (what an int4 expert GEMM must at least
+    pay), by grid size; and our GeGLU kernel on cold (18 layers) vs L2-hot (one layer 18 times) weights."""
+    res = {}
+    sink = torch.empty(4096, device=dev, dtype=torch.int32)
+    for mib in (1, 2, 4, 8):
+        n = mib * (1 << 18)  # int32 elements
+        bufs = [torch.randint(0, 7, (n,), device=dev, dtype=torch.int32) for _ in range(18)]
+        for progs in (128, 256, 512, 1024, 2048):
+            per = n // progs  # every byte is read: n and progs are powers of two
+            fn = lambda per=per, progs=progs, bufs=bufs: [stream_read[(progs,)](b, sink, per, BLOCK=min(1024, per), num_warps=4) for b in bufs]
+            res[f"read{mib}MiB:p{progs}"] = chain_ms(fn) / 18 * 1000  # us per kernel
+        del bufs
+    layers = []
+    for _ in range(18):
+        ws = []
+        for _ in range(2):
+            q, s_, z = quant_int4_groups(torch.randn(4096, 1024, device=dev), 128)
+            ws.append((pack_nibbles(q), torch.stack([s_.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()))
+        layers.append(ws)
+    x = torch.randn(10, 1024, device=dev, dtype=torch.bfloat16)
+    for c in ("n32k256s2", "n32k256s1", "n64k128s4"):
+        res[f"geglu:{c}:cold"] = chain_ms(lambda c=c: [w4a16_geglu(x, g[0], u[0], g[1], u[1], 128, c) for g, u in layers]) / 18 * 1000
+        g, u = layers[0]
+        res[f"geglu:{c}:hot"] = chain_ms(lambda c=c: [w4a16_geglu(x, g[0], u[0], g[1], u[1], 128, c) for _ in range(18)]) / 18 * 1000
+    return res
+
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench/results/int4_chain_probe.json")
+ap.add_argument("--part", default="all", choices=("all", "stream"), help="stream: only the read-cost chains (microseconds per kernel)")
 args = ap.parse_args()
+if args.part == "stream":
+    if not torch.cuda.is_available():
+        print("error: bench/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
+        raise SystemExit(2)
+    res = stream_part(torch.device("cuda"))
+    for k, v in res.items():
+        print(f"{k:>28} {v:8.2f} us/kernel")
+    Path(args.out).write_text(json.dumps({"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+                                          "versions": {"torch": torch.__version__, "triton": triton.__version__},
+                                          "us_per_kernel": res}, indent=1))
+    raise SystemExit(0)
 if not torch.cuda.is_available():
     print("error: bench/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
     raise SystemExit(2)
