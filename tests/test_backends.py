@@ -4,6 +4,8 @@ exactly the fault it names."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -418,3 +420,18 @@ def test_backends_bench_logic_on_cpu(tmp_path):
     assert rows["fp16"]["action_cosine_vs_bf16"] > 0.99 and rows["fp16"]["report_problems"] == []
     why = {s["backend"]: s["why"] for s in res["skipped"]}
     assert "compute capability >= 8.0" in why["sparse24"] and "compute capability >= 10.0" in why["nvfp4"]
+
+
+def test_backend_docs_tables_are_printed_from_the_committed_results():
+    """docs/backends.md pastes bench/md_tables.py's output for the stacked-MLP and π0.5 result files: a table that
+    drifts from its JSON (or a JSON replaced without refreshing the docs) fails here."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import md_tables
+
+    docs = (ROOT / "docs" / "backends.md").read_text()
+    for kind, name in (("stacked", "gemm_sweep_stacked"), ("pi05", "backends"), ("pi05", "backends_compile")):
+        d = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+        table = md_tables.stacked_table(d) if kind == "stacked" else md_tables.pi05_table(d)
+        rows = d["stacked"] if kind == "stacked" else d["rows"]
+        assert len([l for l in table.splitlines() if l.startswith("| ") and "---" not in l]) == len(rows) + 1
+        assert table in docs, f"docs/backends.md does not hold the table of bench/results/{name}.json"
