@@ -107,14 +107,17 @@ if _HAVE_TRITON:
         offs_kh = tl.arange(0, BLOCK_K // 2)
         b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :])
         q = tl.interleave((b >> 4).to(tl.float32), (b & 0xF).to(tl.float32))
+        # scale and zero are adjacent: one 4-byte load per (row, group), which Triton's pipeliner can issue
+        # ahead as cp.async (two 2-byte loads were synchronous in every K step)
+        pair = tl.arange(0, 2)
         if NG == 1:
             sz = ((k0 // GROUP) * N + offs_n) * 2
-            w = (q - 8.0) * tl.load(sz_ptr + sz).to(tl.float32)[:, None] + tl.load(sz_ptr + sz + 1).to(tl.float32)[:, None]
+            s, z = tl.split(tl.load(sz_ptr + sz[:, None] + pair[None, :]).to(tl.float32))
+            w = (q - 8.0) * s[:, None] + z[:, None]
         else:
             offs_g = k0 // GROUP + tl.arange(0, NG)
             sz = (offs_g[None, :] * N + offs_n[:, None]) * 2  # [BLOCK_N, NG]
-            s = tl.load(sz_ptr + sz).to(tl.float32)
-            z = tl.load(sz_ptr + sz + 1).to(tl.float32)
+            s, z = tl.split(tl.load(sz_ptr + sz[:, :, None] + pair[None, None, :]).to(tl.float32))
             q3 = tl.reshape(q, (BLOCK_N, NG, GROUP))
             w = tl.reshape((q3 - 8.0) * s[:, :, None] + z[:, :, None], (BLOCK_N, BLOCK_K))
         return w

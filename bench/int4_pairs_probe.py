@@ -22,6 +22,7 @@ from backends.quant import pack_nibbles, quant_int4_groups, time_cuda_ms  # noqa
 ap = argparse.ArgumentParser()
 ap.add_argument("kernels", help="path of a backends/triton_kernels.py version (e.g. commit ee6185f's)")
 ap.add_argument("--out", required=True)
+ap.add_argument("--no-extra", action="store_true", help="only the module's own configs (its config tuples may differ)")
 args = ap.parse_args()
 spec = importlib.util.spec_from_file_location("pair_kernels", args.kernels)
 pk = importlib.util.module_from_spec(spec)
@@ -50,7 +51,8 @@ extra = {  # more warps / stages for the pair variant
     "n32k64s2p": (32, 64, 2, 4, 4, "p"), "n64k64s2ps": (64, 64, 2, 4, 4, "ps"),
     "n32k256s2w8": (32, 256, 2, 8, 3, ""), "n16k256s1": (16, 256, 1, 4, 3, ""), "n16k128s1w2": (16, 128, 1, 2, 4, ""),
 }
-pk.W4A16_CONFIGS.update(extra)
+if not args.no_extra:
+    pk.W4A16_CONFIGS.update(extra)
 res = {}
 ref = torch.nn.functional.gelu(x.float() @ pk.int4_dequant(layers[0][0][0], layers[0][0][1], 128).float().t(), approximate="tanh") * (x.float() @ pk.int4_dequant(layers[0][1][0], layers[0][1][1], 128).float().t())
 for c in pk.W4A16_CONFIGS:
