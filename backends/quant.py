@@ -113,6 +113,12 @@ def quant_int4_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.
     return q.reshape(n, k), s, z
 
 
+def int4_pack(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (nibble-packed uint8 [N, K/2], bf16 scales+zeros [K/g, N, 2]): the int4 backend's storage."""
+    q, s, z = quant_int4_groups(w, group)
+    return pack_nibbles(q), torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
 def dequant_int4_groups(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group: int) -> torch.Tensor:
     n, k = q.shape
     g = (q.float().reshape(n, k // group, group) - 8.0) * s.float()[..., None] + z.float()[..., None]

@@ -26,7 +26,7 @@ except ImportError:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.quant import pack_nibbles, quant_int4_groups, time_cuda_ms  # noqa: E402
+from backends.quant import int4_pack, pack_nibbles, quant_int4_groups, time_cuda_ms  # noqa: E402
 from backends.triton_kernels import _counters, w4a16_geglu, w4a16_gemm  # noqa: E402
 
 
@@ -121,13 +121,7 @@ def stream_part(dev: torch.device) -> dict:
             fn = lambda per=per, progs=progs, bufs=bufs: [stream_read[(progs,)](b, sink, per, BLOCK=min(1024, per), num_warps=4) for b in bufs]
             res[f"read{mib}MiB:p{progs}"] = chain_ms(fn) / 18 * 1000  # us per kernel
         del bufs
-    layers = []
-    for _ in range(18):
-        ws = []
-        for _ in range(2):
-            q, s_, z = quant_int4_groups(torch.randn(4096, 1024, device=dev), 128)
-            ws.append((pack_nibbles(q), torch.stack([s_.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()))
-        layers.append(ws)
+    layers = [[int4_pack(torch.randn(4096, 1024, device=dev), 128) for _ in range(2)] for _ in range(18)]
     x = torch.randn(10, 1024, device=dev, dtype=torch.bfloat16)
     for c in ("n32k256s2", "n32k256s1", "n64k128s4"):
         res[f"geglu:{c}:cold"] = chain_ms(lambda c=c: [w4a16_geglu(x, g[0], u[0], g[1], u[1], 128, c) for g, u in layers]) / 18 * 1000

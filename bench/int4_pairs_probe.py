@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.quant import pack_nibbles, quant_int4_groups, time_cuda_ms  # noqa: E402
+from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("kernels", help="path of a backends/triton_kernels.py version (e.g. commit ee6185f's)")
@@ -31,17 +31,8 @@ spec.loader.exec_module(pk)
 dev = torch.device("cuda"); torch.manual_seed(0)
 def us(fn):
     ms, mode = time_cuda_ms(fn, 30); assert mode == "graph"; return ms / 18 * 1000
-layers = []
-for _ in range(18):
-    ws = []
-    for _ in range(2):
-        q, s_, z = quant_int4_groups(torch.randn(4096, 1024, device=dev), 128)
-        ws.append((pack_nibbles(q), torch.stack([s_.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()))
-    layers.append(ws)
-down = []
-for _ in range(18):
-    q, s_, z = quant_int4_groups(torch.randn(1024, 4096, device=dev), 128)
-    down.append((pack_nibbles(q), torch.stack([s_.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()))
+layers = [[int4_pack(torch.randn(4096, 1024, device=dev), 128) for _ in range(2)] for _ in range(18)]  # gate, up
+down = [int4_pack(torch.randn(1024, 4096, device=dev), 128) for _ in range(18)]
 x = torch.randn(10, 1024, device=dev, dtype=torch.bfloat16)
 h = torch.randn(10, 4096, device=dev, dtype=torch.bfloat16)
 extra = {  # more warps / stages for the pair variant
