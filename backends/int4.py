@@ -28,9 +28,8 @@ from backends.quant import (
     capability_line,
     check_group,
     dequant_int4_groups,
+    int4_pack,
     linear_fp32,
-    pack_nibbles,
-    quant_int4_groups,
     unpack_nibbles,
 )
 from backends.quant import choose_kernel
@@ -66,9 +65,9 @@ class Int4Linear(QuantLinear):
         super().__init__(linear, out_dtype)
         self.group = group
         self.weight_format = f"int4 x2 nibble-packed, group {group}, bf16 scales+zeros"
-        q, s, z = quant_int4_groups(linear.weight.detach(), group)
-        self.register_buffer("qweight", pack_nibbles(q))  # [N, K/2]
-        self.register_buffer("scales_zeros", torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous())  # [K/g, N, 2]
+        qweight, scales_zeros = int4_pack(linear.weight.detach(), group)
+        self.register_buffer("qweight", qweight)  # [N, K/2]
+        self.register_buffer("scales_zeros", scales_zeros)  # [K/g, N, 2]
         self.mode = mode  # "cuda", "cpu", "emulated"
         self.forced = None
         # decided once: the one-launch Triton unpack tiles N in 32s; otherwise dequant_cublas unpacks with torch ops
@@ -77,7 +76,7 @@ class Int4Linear(QuantLinear):
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
             self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(self.kernel_name(k) for k in CANDIDATES)
         elif mode == "cpu":
-            self.register_buffer("tg_packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            self.register_buffer("tg_packed", torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1))
             self.kernel = "torch._weight_int4pack_mm_for_cpu"
         else:
             self.kernel = "emulated: dequant int4 (group) + fp32 F.linear"

@@ -57,6 +57,12 @@ if _HAVE_TRITON:
 
 
     @triton.jit
+    def _gelu_tanh_mul(g, u):
+        """gelu_tanh(g) * u in fp32 (1 + tanh(a) = 2 sigmoid(2a))."""
+        a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u
+
+    @triton.jit
     def _geglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, K, stride_g, stride_u, stride_q, BLOCK: tl.constexpr,
                             ONE_PASS: tl.constexpr):
         """h = gelu_tanh(g) * u in fp32, then per-row e4m3 quantization of h, without writing h. ONE_PASS
@@ -67,8 +73,7 @@ if _HAVE_TRITON:
             offs = tl.arange(0, BLOCK)
             g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u
+            h = _gelu_tanh_mul(g, u)
             amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
             tl.store(s_ptr + row, amax / 448.0)
             h = tl.minimum(tl.maximum(h * (448.0 / amax), -448.0), 448.0)
@@ -79,8 +84,7 @@ if _HAVE_TRITON:
                 offs = k + tl.arange(0, BLOCK)
                 g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
                 u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-                a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u  # 1 + tanh(a) = 2 sigmoid(2a)
+                h = _gelu_tanh_mul(g, u)
                 acc = tl.maximum(acc, tl.abs(h))
             amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
             tl.store(s_ptr + row, amax / 448.0)
@@ -89,8 +93,7 @@ if _HAVE_TRITON:
                 offs = k + tl.arange(0, BLOCK)
                 g = tl.load(g_row + offs, mask=offs < K, other=0.0).to(tl.float32)
                 u = tl.load(u_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-                a = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-                h = 0.5 * g * (2.0 * tl.sigmoid(2.0 * a)) * u * inv
+                h = _gelu_tanh_mul(g, u) * inv
                 h = tl.minimum(tl.maximum(h, -448.0), 448.0)
                 tl.store(q_row + offs, h.to(tl.float8e4nv), mask=offs < K)
 
@@ -187,8 +190,7 @@ if _HAVE_TRITON:
     @triton.jit
     def _w4a16_store(ptrs, acc_a, acc_b, mask, GEGLU: tl.constexpr):
         if GEGLU:
-            a = 0.7978845608028654 * (acc_a + 0.044715 * acc_a * acc_a * acc_a)
-            acc_a = 0.5 * acc_a * (2.0 * tl.sigmoid(2.0 * a)) * acc_b  # 1 + tanh(a) = 2 sigmoid(2a)
+            acc_a = _gelu_tanh_mul(acc_a, acc_b)
         tl.store(ptrs, acc_a.to(ptrs.dtype.element_ty), mask=mask)
 
 

@@ -26,7 +26,7 @@ except ImportError:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.quant import int4_pack, pack_nibbles, quant_int4_groups, time_cuda_ms  # noqa: E402
+from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from backends.triton_kernels import _counters, w4a16_geglu, w4a16_gemm  # noqa: E402
 
 
@@ -167,9 +167,7 @@ for _ in range(L):
     ws = []
     for (n, k) in ((4096, 1024), (4096, 1024), (1024, 4096)):
         w = torch.randn(n, k, device=dev) * k ** -0.5
-        q, s, z = quant_int4_groups(w, 128)
-        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
-        p = pack_nibbles(q)
+        p, sz = int4_pack(w, 128)
         ws.append(dict(w=w.to(torch.bfloat16), p=p, pt=p.t().contiguous(), sz=sz))
     layers.append(ws)
 x = torch.randn(10, 1024, device=dev, dtype=torch.bfloat16)

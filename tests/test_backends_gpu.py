@@ -130,21 +130,25 @@ def test_fused_int4_mlp_matches_its_stored_weights(m):
         assert float((got.float() - want).norm() / want.norm()) < 0.02
 
 
+def int4_case(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random [n, k] weight as the int4 backend stores it (packed nibbles, bf16 scales+zeros) and the fp32
+    weight those hold, the reference for the kernels."""
+    from backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
+
+    packed, sz = int4_pack(torch.randn(n, k, device="cuda"), 128)
+    return packed, sz, dequant_int4_groups(unpack_nibbles(packed), sz[..., 0].t(), sz[..., 1].t(), 128)
+
+
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])  # the expert MLP's shapes
 @pytest.mark.parametrize("m", [1, 10, 50])
 def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     """Every split-K config: the plain and GeGLU kernels against the dequantized weights, called repeatedly
     and replayed in a CUDA graph (the arrival counters must be left at zero by every launch)."""
-    from backends.quant import capture_cuda_graph, dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
+    from backends.quant import capture_cuda_graph
     from backends.triton_kernels import W4A16_CONFIGS, w4a16_config_fits, w4a16_gemm, w4a16_geglu
 
     torch.manual_seed(0)
-    packed = []
-    for _ in range(2):
-        q, s, z = quant_int4_groups(torch.randn(n, k, device="cuda"), 128)
-        sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
-        packed.append((pack_nibbles(q), sz, dequant_int4_groups(unpack_nibbles(pack_nibbles(q)), s.to(torch.bfloat16).float(), z.to(torch.bfloat16).float(), 128)))
-    (qa, sza, wa), (qb, szb, wb) = packed
+    (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x.float(), wa)
     want_g = F.gelu(want, approximate="tanh") * F.linear(x.float(), wb)
@@ -167,18 +171,15 @@ def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
 @pytest.mark.parametrize("m", [65, 712, 4099])
 def test_large_m_int4_kernels_and_dequant(n, k, m):
     """The prefill paths: every large-M tile config and the one-kernel unpack, against the dequantized weights."""
-    from backends.quant import dequant_int4_groups, pack_nibbles, quant_int4_groups, unpack_nibbles
     from backends.triton_kernels import W4A16_LARGE_M_CONFIGS, int4_dequant, w4a16_config_fits, w4a16_gemm
 
     torch.manual_seed(0)
-    q, s, z = quant_int4_groups(torch.randn(n, k, device="cuda"), 128)
-    sz = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
-    w = dequant_int4_groups(unpack_nibbles(pack_nibbles(q)), s.to(torch.bfloat16).float(), z.to(torch.bfloat16).float(), 128)
-    torch.testing.assert_close(int4_dequant(pack_nibbles(q), sz, 128, torch.float32), w, rtol=1e-6, atol=1e-6)
+    packed, sz, w = int4_case(n, k)
+    torch.testing.assert_close(int4_dequant(packed, sz, 128, torch.float32), w, rtol=1e-6, atol=1e-6)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x.float(), w)
     configs = [c for c in W4A16_LARGE_M_CONFIGS if w4a16_config_fits(c, n, k, 128)]
     assert configs
     for c in configs:
-        got = w4a16_gemm(x, pack_nibbles(q), sz, 128, c).float()
+        got = w4a16_gemm(x, packed, sz, 128, c).float()
         assert float((got - want).norm() / want.norm()) < 1e-2, c
