@@ -9,11 +9,15 @@ and caching the winner for the process (all layers of one shape share the choice
   in-kernel reduction (one launch), tile config timed per shape; the GeGLU variant runs gate + up + gelu in
   one launch;
 - `triton_w4a16` large-M tiles (M > 64, the prefill): the same kernel with 64-128-row tiles;
+- `cuda_mma` (M <= 16): our CUDA kernel (`backends/int4_mma.cu`, compiled by NVRTC at first use): every
+  weight load issued up front, nibbles dequantized straight into tensor-core fragments (`mma.sync` bf16);
+  its GeGLU variant runs gate + up + gelu in one launch. It reads a third packing of the weights
+  (`mma_words`/`mma_sz`, made when the module is built on CUDA);
 - `dequant_cublas`: unpack to bf16 per call (one Triton kernel) + cuBLAS bf16 GEMM (large M).
 `backend.options.kernel=tinygemm|dequant_cublas` forces one. On CPU the native engine runs
 `torch._weight_int4pack_mm_for_cpu` (a real int4 CPU kernel); `engine=emulated` dequantizes and multiplies in fp32.
-Both packings are kept (the plain nibble packing also serves `dequantized_weight`), and the report's bytes count
-both; the weight-read floor counts one (`read_bytes`).
+All packings are kept (the plain nibble packing also serves `dequantized_weight`), and the report's bytes count
+all of them; the weight-read floor counts one (`read_bytes`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from backends.quant import (
     linear_fp32,
     unpack_nibbles,
 )
+from backends import int4_mma
 from backends.quant import choose_kernel
 from backends.targets import replace_module
 from backends.triton_kernels import (
@@ -45,13 +50,16 @@ from backends.triton_kernels import (
 )
 from evalkit.errors import BadInput
 
-CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16")  # triton_w4a16 may name a tile config: triton_w4a16:n32k256s4
+CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16", "cuda_mma")  # triton_w4a16 / cuda_mma may name a config: triton_w4a16:n32k256s4
+DEFAULT_MMA_CONFIG = "t1w4s1"
 DEFAULT_TRITON_CONFIG = "n16k128s1"
 KERNEL_NAMES = {
     "tinygemm": "torch._weight_int4pack_mm (tinygemm)",
     "dequant_cublas": "unpack int4->bf16 per call (one Triton kernel) + cuBLAS bf16",
     "triton_w4a16": f"triton:w4a16_gemm (dequant in registers; small-M split-K tiles {'/'.join(W4A16_CONFIGS)}; "
                     f"large-M tiles {'/'.join(W4A16_LARGE_M_CONFIGS)})",
+    "cuda_mma": f"cuda:int4_mma_gemm (NVRTC; loads up front, dequant into mma.sync fragments; M<={int4_mma.MAX_M}; "
+                f"configs {'/'.join(int4_mma.CONFIGS)})",
 }
 TRITON_MAX_M = 64  # our Triton kernel is a small-M (denoise) kernel
 INNER_K_TILES = 8
@@ -74,6 +82,11 @@ class Int4Linear(QuantLinear):
         self.triton_unpack = mode == "cuda" and triton_available() is not None and self.out_features % 32 == 0
         if mode == "cuda":
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
+            self.mma_ok = self.out_features % 16 == 0 and self.in_features % 64 == 0 and group % 64 == 0
+            if self.mma_ok:
+                words, sz = int4_mma.pack_mma(self.qweight, self.scales_zeros, group)
+                self.register_buffer("mma_words", words)  # [N/16, K/64, 32, 4] fragment words
+                self.register_buffer("mma_sz", sz)  # [N/16, K/g, 8, 4] duplicated (s, z) pairs
             self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(self.kernel_name(k) for k in CANDIDATES)
         elif mode == "cpu":
             self.register_buffer("tg_packed", torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 1))
@@ -84,10 +97,16 @@ class Int4Linear(QuantLinear):
     def force(self, kernel: str) -> None:
         base, _, cfg = kernel.partition(":")
         configs = {**W4A16_CONFIGS, **W4A16_LARGE_M_CONFIGS}
-        if base not in CANDIDATES or (cfg and (base != "triton_w4a16" or cfg not in configs)):
-            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} (triton_w4a16:<{'|'.join(configs)}>)")
-        self.forced = kernel if cfg or base != "triton_w4a16" else f"triton_w4a16:{DEFAULT_TRITON_CONFIG}"
-        self.kernel = self.kernel_name(base) + (f" config {self.forced.partition(':')[2]}" if base == "triton_w4a16" else "")
+        if base not in CANDIDATES or (cfg and not ((base == "triton_w4a16" and cfg in configs)
+                                                   or (base == "cuda_mma" and cfg in int4_mma.CONFIGS))):
+            raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} "
+                           f"(triton_w4a16:<{'|'.join(configs)}>, cuda_mma:<{'|'.join(int4_mma.CONFIGS)}>)")
+        if base == "cuda_mma" and not getattr(self, "mma_ok", False):
+            raise BadInput(f"int4 kernel cuda_mma needs out_features % 16 == 0, in_features % 64 == 0 and group % 64 == 0; "
+                           f"this layer is {self.out_features}x{self.in_features}, group {self.group}")
+        default = {"triton_w4a16": DEFAULT_TRITON_CONFIG, "cuda_mma": DEFAULT_MMA_CONFIG}.get(base)
+        self.forced = kernel if cfg or default is None else f"{base}:{default}"
+        self.kernel = self.kernel_name(base) + (f" config {self.forced.partition(':')[2]}" if default else "")
 
     def kernel_name(self, base: str) -> str:
         if base == "dequant_cublas" and not self.triton_unpack:
@@ -99,11 +118,13 @@ class Int4Linear(QuantLinear):
         sz[..., 0] = 1.0
         sz[..., 1] = 0.0
         self.scales_zeros = sz
+        if getattr(self, "mma_sz", None) is not None:  # every packing runs what scales_zeros holds
+            self.mma_sz = int4_mma.pack_mma(self.qweight, sz, self.group)[1]
         self.scales_ignored = True
 
     def read_bytes(self) -> int:
         """One packing (the nibble or the tinygemm layout, same size) plus scales and zeros: a kernel reads one."""
-        return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "tg_packed")
+        return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n not in ("tg_packed", "mma_words", "mma_sz"))
 
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scales_zeros[..., 0].t(), self.scales_zeros[..., 1].t()  # [N, K/g]
@@ -129,6 +150,8 @@ class Int4Linear(QuantLinear):
             return self._tinygemm(x2)
         if base == "dequant_cublas":
             return self._dequant_cublas(x2)
+        if base == "cuda_mma":
+            return int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG)
         return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or DEFAULT_TRITON_CONFIG)
 
     def candidates(self, x2: torch.Tensor) -> dict:
@@ -136,7 +159,16 @@ class Int4Linear(QuantLinear):
         if triton_available():
             for cfg in self.triton_configs(large_m=x2.shape[0] > TRITON_MAX_M):
                 c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
+        if x2.shape[0] <= int4_mma.MAX_M:
+            for cfg in self.mma_configs():
+                c[f"cuda_mma:{cfg}"] = lambda cfg=cfg: int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg)
         return c
+
+    def mma_configs(self) -> list[str]:
+        """The CUDA mma kernel's configs that tile this layer (none if its packing was not made)."""
+        if not getattr(self, "mma_ok", False):
+            return []
+        return [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, self.out_features, self.in_features, self.group)]
 
     def triton_configs(self, large_m: bool = False) -> list[str]:
         """The Triton tile configs that tile this layer: split-K small-M ones, or the large-M (prefill) ones."""
@@ -163,15 +195,17 @@ class Int4Linear(QuantLinear):
 
 
 class Int4GemmaMLP(nn.Module):
-    """GeGLU MLP over three CUDA Int4Linear children. Per M, the faster (timed once, checked, cached) of:
-    `fused_triton` (gate + up + gelu*up in one Triton launch, M <= 64; then down_proj's own chosen kernel)
-    and `per_linear` (each projection's own chosen kernel, torch gelu/mul)."""
+    """GeGLU MLP over three CUDA Int4Linear children. Per M, the fastest (timed once, checked, cached) of:
+    `fused_triton` (gate + up + gelu*up in one Triton launch, M <= 64; then down_proj's own chosen kernel),
+    `fused_mma` (the same in one launch of our CUDA mma kernel, M <= 16) and `per_linear` (each projection's
+    own chosen kernel, torch gelu/mul)."""
 
     def __init__(self, gate_proj: Int4Linear, up_proj: Int4Linear, down_proj: Int4Linear) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         for p in (gate_proj, up_proj):
-            p.kernel = f"auto per M (timed once, checked, cached): triton:w4a16_geglu (gate+up+gelu fused, M<={TRITON_MAX_M}) | per-linear: {p.kernel}"
+            p.kernel = (f"auto per M (timed once, checked, cached): triton:w4a16_geglu (gate+up+gelu fused, M<={TRITON_MAX_M}) | "
+                        f"cuda:int4_mma_gemm GeGLU (gate+up+gelu fused, M<={int4_mma.MAX_M}) | per-linear: {p.kernel}")
 
     def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x2), approximate="tanh") * self.up_proj(x2))
@@ -179,6 +213,18 @@ class Int4GemmaMLP(nn.Module):
     def _fused_triton(self, x2: torch.Tensor, cfg: str = DEFAULT_TRITON_CONFIG) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
         return self.down_proj(w4a16_geglu(x2, g.qweight, u.qweight, g.scales_zeros, u.scales_zeros, g.group, cfg))
+
+    def _fused_mma(self, x2: torch.Tensor, cfg: str = DEFAULT_MMA_CONFIG) -> torch.Tensor:
+        g, u = self.gate_proj, self.up_proj
+        return self.down_proj(int4_mma.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg))
+
+    def _run(self, choice: str, x2: torch.Tensor) -> torch.Tensor:
+        base, _, cfg = choice.partition(":")
+        if base == "fused_triton":
+            return self._fused_triton(x2, cfg)
+        if base == "fused_mma":
+            return self._fused_mma(x2, cfg)
+        return self._per_linear(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -189,8 +235,11 @@ class Int4GemmaMLP(nn.Module):
             cands = {"per_linear": lambda: self._per_linear(x2)}
             for cfg in self.gate_proj.triton_configs():
                 cands[f"fused_triton:{cfg}"] = lambda cfg=cfg: self._fused_triton(x2, cfg)
+            if x2.shape[0] <= int4_mma.MAX_M and self.up_proj.mma_configs():
+                for cfg in self.gate_proj.mma_configs():
+                    cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self._fused_mma(x2, cfg)
             choice = choose_kernel(key, cands, reference="per_linear", tol=2e-2)
-        y = self._per_linear(x2) if choice == "per_linear" else self._fused_triton(x2, choice.partition(":")[2])
+        y = self._run(choice, x2)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -239,8 +288,9 @@ class Int4Backend(QuantBackend):
             if mode != "cuda":
                 raise BadInput("backend.options.kernel selects a CUDA int4 kernel; this run is not on CUDA")
             mod.force(kernel)
-            cfg = mod.forced.partition(":")[2]
-            if cfg and cfg not in mod.triton_configs() + mod.triton_configs(large_m=True):
+            base, _, cfg = mod.forced.partition(":")
+            fitting = mod.mma_configs() if base == "cuda_mma" else mod.triton_configs() + mod.triton_configs(large_m=True)
+            if cfg and cfg not in fitting:
                 raise BadInput(f"{name}: int4 kernel {kernel} does not tile N={linear.out_features}, K={linear.in_features}, "
-                               f"group {group}; configs that do: {', '.join(mod.triton_configs()) or 'none'}")
+                               f"group {group}; configs that do: {', '.join(fitting) or 'none'}")
         return mod

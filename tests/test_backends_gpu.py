@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 NATIVE = [("fp8", {}), ("fp8_weight_only", {}), ("int8", {}), ("int8_weight_only", {}), ("int4", {}),
           ("int4", {"kernel": "tinygemm"}), ("int4", {"kernel": "dequant_cublas"}), ("sparse24", {})]
 TRITON_INT4 = [("int4", {"kernel": f"triton_w4a16:{c}"}) for c in ("n16k128s1", "n32k256s1", "n32k256s2")]
+MMA_INT4 = [("int4", {"kernel": "cuda_mma"}), ("int4", {"kernel": "cuda_mma:t1w4s2"})]
 WIDTH, MLP_DIM = 512, 1024  # K = 512 and 1024: room for the split-K configs
 
 
@@ -37,11 +38,13 @@ def mlp_stack(depth: int = 2, width: int = WIDTH, mlp_dim: int = MLP_DIM) -> nn.
     return root.cuda()
 
 
-@pytest.mark.parametrize("name,opts", NATIVE + TRITON_INT4, ids=[f"{n}-{o.get('kernel', 'auto')}" for n, o in NATIVE + TRITON_INT4])
+@pytest.mark.parametrize("name,opts", NATIVE + TRITON_INT4 + MMA_INT4, ids=[f"{n}-{o.get('kernel', 'auto')}" for n, o in NATIVE + TRITON_INT4 + MMA_INT4])
 @pytest.mark.parametrize("m", [1, 10, 50, 712, 4099])
 def test_native_kernels_match_stored_weights(name, opts, m):
     if str(opts.get("kernel", "")).startswith("triton") and m > 64:
         pytest.skip("small-M kernel")
+    if str(opts.get("kernel", "")).startswith("cuda_mma") and m > 16:
+        pytest.skip("M <= 16 kernel")
     torch.manual_seed(0)
     model = mlp_stack()
     report = get_backend(name, targets="prefix_mlp", **opts).apply(model)
@@ -126,6 +129,10 @@ def test_fused_int4_mlp_matches_its_stored_weights(m):
     want = F.linear((F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float(), mlp.down_proj.dequantized_weight())
     fused = [mlp._fused_triton(x, c) for c in mlp.gate_proj.triton_configs()]
     assert len(fused) >= 3  # a split-K config included
+    if m <= 16:
+        mma = [mlp._fused_mma(x, c) for c in mlp.gate_proj.mma_configs()]
+        assert len(mma) >= 3
+        fused += mma
     for got in fused + [mlp._per_linear(x), mlp(x)]:
         assert float((got.float() - want).norm() / want.norm()) < 0.02
 
@@ -183,3 +190,52 @@ def test_large_m_int4_kernels_and_dequant(n, k, m):
     for c in configs:
         got = w4a16_gemm(x, packed, sz, 128, c).float()
         assert float((got - want).norm() / want.norm()) < 1e-2, c
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])  # the expert MLP's shapes
+@pytest.mark.parametrize("m", [1, 8, 10, 16])
+def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
+    """Our CUDA mma kernel (plain and GeGLU), every config that tiles the shape (split ones included), against
+    the dequantized weights: called repeatedly and replayed in a CUDA graph (split counters reset)."""
+    from backends import int4_mma
+    from backends.quant import capture_cuda_graph
+
+    torch.manual_seed(0)
+    (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
+    (pa, spa), (pb, spb) = int4_mma.pack_mma(qa, sza, 128), int4_mma.pack_mma(qb, szb, 128)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x.float(), wa)
+    want_g = F.gelu(want, approximate="tanh") * F.linear(x.float(), wb)
+    configs = [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, n, k, 128)]
+    assert any(int4_mma.parse_config(c)[2] > 1 for c in configs) and len(configs) >= 6
+    for c in configs:
+        run = lambda c=c: (int4_mma.int4_mma_gemm(x, pa, spa, 128, c), int4_mma.int4_mma_geglu(x, pa, pb, spa, spb, 128, c))
+        outs = [run(), run()]
+        g, captured = capture_cuda_graph(run)
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            outs.append(tuple(t.clone() for t in captured))
+        for y, yg in outs:
+            assert float((y.float() - want).norm() / want.norm()) < 1e-2, c
+            assert float((yg.float() - want_g).norm() / want_g.norm()) < 1e-2, c
+
+
+def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
+    """fault_ignored_scale's unit scales reach the mma packing (what runs is what scales_zeros holds), and the
+    custom op runs under torch.compile(fullgraph=True)."""
+    from backends import int4_mma
+
+    torch.manual_seed(0)
+    model = mlp_stack(depth=1)
+    get_backend("int4", targets="prefix_mlp", kernel="cuda_mma").apply(model)
+    mod = model.prefix.layers[0].mlp.gate_proj
+    x = torch.randn(10, mod.in_features, device="cuda", dtype=torch.bfloat16)
+    before = mod(x).float()
+    mod.ignore_scales()
+    after = mod(x).float()
+    want = quant_linear_reference(mod, x.float())
+    assert float((after - want).norm() / want.norm()) < 0.02
+    assert float((after - before).norm() / before.norm()) > 0.5
+    compiled = torch.compile(lambda t: int4_mma.int4_mma_gemm(t, mod.mma_words, mod.mma_sz, 128, "t1w4s1"), fullgraph=True)
+    torch.testing.assert_close(compiled(x), mod(x))

@@ -1,0 +1,264 @@
+// W4A16 small-M GEMM on tensor cores for the denoise loop (M = horizon x batch <= 16), compiled at run time
+// by NVRTC (backends/int4_mma.py). Written by hand because neither a library kernel nor our Triton kernel is
+// fast at this M: every weight load of a warp is issued before the first use (no software-pipeline loop and
+// no shared-memory layout conversion between load and MMA), and the weights are dequantized straight into
+// the MMA's A-fragment registers.
+//
+//   y[m, n] = sum_k x[m, k] * W[n, k]            (GEGLU: y = gelu_tanh(x Wa^T) * (x Wb^T))
+//
+// The product is computed transposed, y^T = W x^T, with mma.sync.m16n8k16 (bf16 in, fp32 accumulate):
+// A = a 16x16 tile of W (rows n, cols k), B = x^T (16 k x 8 m), one or two m-halves (MT) for M <= 8 / 16.
+//
+// Weight layout (backends/int4_mma.py:pack_mma, checked on CPU by tests/test_int4_mma_layout.py):
+//   words[n_tile][kp][lane][e], uint32, kp = K/64 "k-pairs" of two 32-k blocks, e = 2 * half + step.
+//   Word (n_tile, kp, lane, e) holds the 8 nibbles this lane's A fragment needs for one m16n8k16 step.
+//   Within each 32-k block the k order is permuted (the same permutation for x): lane q = lane % 4 owns real
+//   k 8q..8q+7 of the block, step t the 4 of them at 8q+4t.., so its x fragment is one 16-byte load.
+//   Nibble p of a word: fragment register j = p % 4, half h = p / 4 (low/high bf16 of the register):
+//   row = 16 n_tile + lane/4 + 8 (j % 2), real k = 32 b + 8 q + 4 t + 2 (j / 2) + h.
+// Scales: sz[n_tile][group][r][4] uint32 = bf16x2 (s, s), (z, z) of row r, then of row r + 8;
+//   w = (q - 8) * s + z. Dequant: OR the nibble into the bits of bf16 128.0 (exact 128 + q), subtract 136
+//   (exact), one fma.rn.bf16x2 with (s, z): one rounding, as a bf16 dequantized weight would have.
+//
+// Grid (N / (16 NT), SPLIT); block 32 WARPS threads. CTA (i, s) covers NT n-tiles and the K slice s; each warp
+// a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory; with SPLIT > 1 each CTA writes
+// fp32 partials to a workspace and the CTA that arrives last at the tile's counter adds them, writes y and
+// resets the counter (so the kernel is one launch and CUDA-graph replays stay correct).
+
+typedef unsigned int u32;
+
+struct __align__(16) u32x4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read once, keep them out of L1
+    u32x4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32x4 ld_shared_ro(const u32x4* p) {  // x and scales: re-read by every CTA
+    u32x4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 fma_bf16x2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// Fragment register j (0..3) of a word: bf16x2 of (q - 8) * s + z for its two nibbles.
+__device__ __forceinline__ u32 dequant_pair(u32 w, int j, u32 s2, u32 z2) {
+    const u32 ONE = 0x3F803F80u;       // bf16x2 (1, 1)
+    const u32 MINUS136 = 0xC308C308u;  // bf16x2 (-136, -136)
+    u32 v = ((w >> (4 * j)) & 0x000F000Fu) | 0x43004300u;  // bf16x2 (128 + q_lo, 128 + q_hi), exact
+    u32 d = fma_bf16x2(v, ONE, MINUS136);                  // q - 8, exact
+    return fma_bf16x2(d, s2, z2);
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float gelu_tanh(float g) {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+__device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest even
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7F800000u) == 0x7F800000u) return (unsigned short)((u >> 16) | ((u & 0xFFFF) ? 0x40 : 0));
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+template <int MT, int NMAT, int NT, int WARPS, int KP, int SPLIT, int GROUP>
+__global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
+    const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const u32x4* __restrict__ sza,
+    const u32x4* __restrict__ szb, const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
+    float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K, u32 sentinel) {
+    static_assert(GROUP % 64 == 0, "group must be a multiple of 64 (one k-pair never spans two groups)");
+    constexpr int KPG = GROUP / 64;  // k-pairs per group
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, q = lane & 3;
+    const int KPT = K / 64;                       // k-pairs in all of K
+    const int kp0 = (blockIdx.y * WARPS + warp) * KP;  // this warp's first k-pair
+    const int tile0 = blockIdx.x * NT;
+    const u32x4* wmat[2] = {wa, wb};
+    const u32x4* szmat[2] = {sza, szb};
+
+    // 1) every weight load of this warp, issued up front
+    u32x4 w[NMAT][NT][KP];
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int p = 0; p < KP; ++p)
+                w[mat][t][p] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KPT + kp0 + p) * 32 + lane);
+
+    // 2) x fragments: row m = 8 * mh + r, real k 8q..8q+7 of each 32-k block (16 bytes); rows >= M are zero
+    u32x4 xf[MT][KP][2];
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        const int m = 8 * mh + r;
+#pragma unroll
+        for (int p = 0; p < KP; ++p)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int k = (kp0 + p) * 64 + 32 * h + 8 * q;
+                xf[mh][p][h] = m < M ? ld_shared_ro(reinterpret_cast<const u32x4*>(x + (size_t)m * K + k)) : u32x4{0, 0, 0, 0};
+            }
+    }
+
+    // 3) (s, z) of rows r and r + 8 for each group this warp touches
+    constexpr int NG = (KP + KPG - 1) / KPG;
+    u32x4 szf[NMAT][NT][NG];
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int g = 0; g < NG; ++g)
+                szf[mat][t][g] = ld_shared_ro(szmat[mat] + ((size_t)(tile0 + t) * (K / GROUP) + kp0 / KPG + g) * 8 + r);
+
+    // ptxas sinks loads next to their first use (it issued half of them after the first MMAs), which
+    // serializes DRAM latency. A branch on a value that needs every loaded word makes all loads issue first.
+    u32 all = 0;
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int p = 0; p < KP; ++p) all ^= w[mat][t][p].x ^ w[mat][t][p].y ^ w[mat][t][p].z ^ w[mat][t][p].w;
+#pragma unroll
+            for (int g = 0; g < NG; ++g) all ^= szf[mat][t][g].x ^ szf[mat][t][g].w;
+        }
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+        for (int p = 0; p < KP; ++p)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) all ^= xf[mh][p][h].x ^ xf[mh][p][h].w;
+    if (all == sentinel) __nanosleep(32);  // harmless either way; only the dependency matters
+
+    // 4) dequantize into A fragments and multiply
+    float acc[NMAT][NT][MT][4];
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] = 0.f;
+
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int p = 0; p < KP; ++p) {
+                const u32x4 sz = szf[mat][t][p / KPG];
+                const u32 wv[4] = {w[mat][t][p].x, w[mat][t][p].y, w[mat][t][p].z, w[mat][t][p].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {  // e = 2 * half + step
+                    u32 a[4];
+                    a[0] = dequant_pair(wv[e], 0, sz.x, sz.y);  // row r,     k slots 2q, 2q+1
+                    a[1] = dequant_pair(wv[e], 1, sz.z, sz.w);  // row r + 8
+                    a[2] = dequant_pair(wv[e], 2, sz.x, sz.y);  // row r,     k slots 2q+8, 2q+9
+                    a[3] = dequant_pair(wv[e], 3, sz.z, sz.w);  // row r + 8
+                    const int h = e >> 1, st = e & 1;
+#pragma unroll
+                    for (int mh = 0; mh < MT; ++mh) {
+                        const u32 b0 = st ? xf[mh][p][h].z : xf[mh][p][h].x;
+                        const u32 b1 = st ? xf[mh][p][h].w : xf[mh][p][h].y;
+                        mma_bf16(acc[mat][t][mh], a, b0, b1);
+                    }
+                }
+            }
+        }
+
+    // 5) reduce the warps' K sub-slices through shared memory (warp 0 sums)
+    constexpr int NACC = NMAT * NT * MT * 4;
+    __shared__ float red[WARPS > 1 ? WARPS - 1 : 1][NACC][32];
+    if (WARPS > 1) {
+        if (warp > 0) {
+            int i = 0;
+#pragma unroll
+            for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+#pragma unroll
+                    for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) red[warp - 1][i++][lane] = acc[mat][t][mh][c];
+        }
+        __syncthreads();
+        if (warp > 0) return;
+#pragma unroll
+        for (int v = 0; v < WARPS - 1; ++v) {
+            int i = 0;
+#pragma unroll
+            for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+#pragma unroll
+                    for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] += red[v][i++][lane];
+        }
+    }
+
+    // 6) C fragment: c0, c1 = (n = r, m = 2q, 2q+1), c2, c3 = (n = r + 8, same m); m += 8 * mh
+    if (SPLIT > 1) {
+        const size_t plane = (size_t)M * N;
+#pragma unroll
+        for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
+                        if (m < M) ws[(blockIdx.y * NMAT + mat) * plane + (size_t)m * N + n] = acc[mat][t][mh][c];
+                    }
+        __threadfence();  // partials visible device-wide before the arrival below
+        __syncwarp();
+        int arrived = 0;
+        if (lane == 0) arrived = atomicAdd(cnt + blockIdx.x, 1);
+        arrived = __shfl_sync(0xFFFFFFFFu, arrived, 0);
+        if (arrived != SPLIT - 1) return;
+        __threadfence();
+#pragma unroll
+        for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
+                        float s = 0.f;
+                        if (m < M)
+                            for (int sp = 0; sp < SPLIT; ++sp) s += __ldcg(ws + (sp * NMAT + mat) * plane + (size_t)m * N + n);
+                        acc[mat][t][mh][c] = s;
+                    }
+        if (lane == 0) cnt[blockIdx.x] = 0;  // ready for the next launch / graph replay
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
+                float v = acc[0][t][mh][c];
+                if (NMAT == 2) v = gelu_tanh(v) * acc[NMAT - 1][t][mh][c];
+                if (m < M) y[(size_t)m * N + n] = f2bf(v);
+            }
+}

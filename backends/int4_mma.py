@@ -1,0 +1,249 @@
+"""Our CUDA W4A16 kernel for M <= 16 (the denoise loop): `int4_mma.cu`, compiled at run time with NVRTC.
+
+Why our own: at M = 10 the expert's int4 GEMMs are bound by latency, not bytes. Library kernels (tinygemm)
+and our Triton kernel pipeline a K loop whose loads wait behind shared-memory layout conversions; this
+kernel issues every weight load of a warp up front, dequantizes straight into tensor-core fragments and
+needs no shared memory until the final cross-warp reduction (see the .cu header for the layout).
+
+Pieces:
+- `pack_mma`: re-lays the int4 backend's storage (nibble-packed [N, K/2] + scales/zeros [K/g, N, 2]) into
+  per-lane fragment words and duplicated (s, z) pairs. Pure torch; the layout is checked on CPU by emulating
+  the kernel's fragment reads (`emulate_mma_gemm`, tests/test_int4_mma_layout.py).
+- `int4_mma_gemm`: the launch (a `torch.library` custom op, so `torch.compile` treats it as one opaque call;
+  CUDA-graph capturable). Configs `t{NT}w{WARPS}s{SPLIT}` (n-tiles per CTA, warps per CTA, CTAs along K);
+  the int4 backend times the ones that tile a shape and keeps the fastest.
+Needs compute capability >= 8.0 (mma.sync bf16) and NVRTC (PyTorch's CUDA wheels ship it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int4_mma.cu")
+MAX_M = 16
+MAX_KP = 8  # k-pairs (64 k each) per warp: 2 x 8 x 4 weight registers at most, no spills (ptxas -v)
+CONFIGS = ("t1w4s1", "t1w8s1", "t1w2s1", "t2w4s1", "t1w4s2", "t1w4s4", "t1w8s2", "t1w8s4", "t1w4s8", "t1w16s1")
+_SENTINEL = 0x5EED1234  # the kernel's load-ordering branch compares against this; any value is correct
+_KERNELS: dict[tuple, object] = {}
+
+
+def parse_config(cfg: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"t(\d+)w(\d+)s(\d+)", cfg)
+    if not m:
+        raise ValueError(f"int4 mma config '{cfg}' is not t<n-tiles>w<warps>s<split>; known: {', '.join(CONFIGS)}")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def config_fits(cfg: str, n: int, k: int, group: int) -> bool:
+    """Whether cfg tiles [N, K] with group `group`: whole 16-row tiles, 1..MAX_KP k-pairs per warp, groups
+    aligned with each warp's k range."""
+    nt, warps, split = parse_config(cfg)
+    if n % (16 * nt) or k % 64 or group % 64 or k % (64 * warps * split):
+        return False
+    kp = k // (64 * warps * split)
+    kpg = group // 64
+    return 1 <= kp <= MAX_KP and (kp % kpg == 0 or kpg % kp == 0)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def _fragment_index(n_tiles: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, k) of every nibble of every word: shape [n_tiles, K/64, 32 lanes, 4 words, 8 nibbles]."""
+    ar = functools.partial(torch.arange, device=device)
+    i = ar(n_tiles).view(-1, 1, 1, 1, 1)
+    kp = ar(k // 64).view(1, -1, 1, 1, 1)
+    lane = ar(32).view(1, 1, -1, 1, 1)
+    e = ar(4).view(1, 1, 1, -1, 1)
+    p = ar(8).view(1, 1, 1, 1, -1)
+    r, q = lane // 4, lane % 4
+    half, step = e // 2, e % 2
+    j, hi = p % 4, p // 4  # fragment register, low/high bf16 in it
+    row = 16 * i + r + 8 * (j % 2)
+    col = 32 * (2 * kp + half) + 8 * q + 4 * step + 2 * (j // 2) + hi
+    return row, col
+
+
+def pack_mma(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 backend storage -> (words int32 [N/16, K/64, 32, 4], sz int32 [N/16, K/g, 8, 4]) for int4_mma.cu."""
+    from backends.quant import unpack_nibbles
+
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if n % 16 or k % 64 or group % 64:
+        raise ValueError(f"int4 mma kernel needs N % 16 == 0, K % 64 == 0, group % 64 == 0; got N={n}, K={k}, group={group}")
+    q = unpack_nibbles(qweight)  # uint8 [N, K], values 0..15
+    shifts = (4 * torch.arange(8, device=q.device, dtype=torch.int64))
+    words = torch.empty((n // 16, k // 64, 32, 4), dtype=torch.int32, device=q.device)
+    step = max(1, (1 << 22) // (k // 64 * 32 * 4 * 8))  # n-tiles per chunk: bounds the index tensors' memory
+    for t0 in range(0, n // 16, step):
+        tiles = min(step, n // 16 - t0)
+        row, col = _fragment_index(tiles, k, q.device)
+        w = (q[row + 16 * t0, col].to(torch.int64) << shifts).sum(-1)
+        words[t0:t0 + tiles] = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+    s, z = scales_zeros[..., 0], scales_zeros[..., 1]  # [G, N] bf16
+    g = s.shape[0]
+
+    def rows(v: torch.Tensor) -> torch.Tensor:  # [G, N] -> [N/16, G, 8 (r), 2 (row r, row r + 8)]
+        return v.t().reshape(n // 16, 2, 8, g).permute(0, 3, 2, 1)
+
+    rs, rz = rows(s), rows(z)
+    four = torch.stack([rs[..., 0], rz[..., 0], rs[..., 1], rz[..., 1]], dim=-1)  # [N/16, G, 8, 4]
+    sz = torch.stack([four, four], dim=-1).to(torch.bfloat16).contiguous().view(torch.int32).squeeze(-1)
+    return words.contiguous(), sz.contiguous()
+
+
+def emulate_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """y [M, N] fp32 computed the way int4_mma.cu reads its operands: per lane, per fragment register, with
+    the PTX ISA's m16n8k16 fragment positions (A: a0/a1 row r, a2/a3 row r+8, a4..a7 the same at k+8;
+    B: k slots 2q, 2q+1 | 2q+8, 2q+9 at column r; C: rows r, r+8, columns 2q, 2q+1). A CPU check of
+    pack_mma and of the kernel's index arithmetic."""
+    m_rows, k = x.shape
+    n_tiles = words.shape[0]
+    y = torch.zeros(m_rows, n_tiles * 16, dtype=torch.float64)
+    wv = words.to(torch.int64) & 0xFFFFFFFF
+    szb = sz.contiguous().view(torch.bfloat16).reshape(*sz.shape, 2)[..., 0].double()  # [tiles, G, 8, 4]
+    xd = torch.zeros(16, k, dtype=torch.float64)
+    xd[:m_rows] = x.double()
+    lane = torch.arange(32)
+    r, q = lane // 4, lane % 4
+    for kp in range(k // 64):
+        grp = kp * 64 // group
+        for e in range(4):
+            half, step = e // 2, e % 2
+            base = 32 * (2 * kp + half) + 8 * q + 4 * step  # real k of this lane's x fragment, per lane
+            for i in range(n_tiles):
+                a = torch.zeros(16, 16, dtype=torch.float64)  # A[row, slot]
+                w = wv[i, kp, :, e]
+                for j in range(4):
+                    srow = szb[i, grp, r, 2 * (j % 2)]  # s of row r (j even) or r + 8 (j odd)
+                    zrow = szb[i, grp, r, 2 * (j % 2) + 1]
+                    for hi in range(2):
+                        nib = ((w >> (4 * j + 16 * hi)) & 0xF).double()
+                        slot = 2 * q + 8 * (j // 2) + hi
+                        a[r + 8 * (j % 2), slot] = ((nib - 8) * srow + zrow).to(torch.bfloat16).double()  # one rounding, as fma.rn.bf16x2
+                b = torch.zeros(16, 16, dtype=torch.float64)  # B[slot, m]; b0 slots 2q,2q+1 <- x[m, base+0,1]; b1 slots 2q+8,2q+9 <- x[m, base+2,3]
+                for mh in range(2):
+                    m = 8 * mh + r
+                    for s_off, k_off in ((0, 0), (1, 1), (8, 2), (9, 3)):
+                        b[2 * q + s_off, m] = xd[m, base + k_off]
+                c = a @ b  # [16 n, 16 m]
+                y[:, 16 * i:16 * i + 16] += c.t()[:m_rows]
+    return y.float()
+
+
+# ------------------------------------------------------------------------------------------------ compile
+@functools.lru_cache(maxsize=1)
+def _nvrtc() -> ctypes.CDLL:
+    """libnvrtc: the one PyTorch loads, else the nvidia-cuda-nvrtc wheel's copy."""
+    import glob
+    import site
+
+    major = (torch.version.cuda or "0").split(".")[0]
+    tried = [f"libnvrtc.so.{major}", "libnvrtc.so"]
+    for d in site.getsitepackages() + [site.getusersitepackages()]:
+        tried += sorted(glob.glob(f"{d}/nvidia/*/lib/libnvrtc.so*")) + sorted(glob.glob(f"{d}/nvidia/cuda_nvrtc/lib/libnvrtc.so*"))
+    for name in tried:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise RuntimeError(f"NVRTC not found (tried {', '.join(tried[:4])}, ...): the int4 mma kernel compiles with it; "
+                       "install nvidia-cuda-nvrtc or use backend.options.kernel=tinygemm")
+
+
+def _compile(mt: int, nmat: int, nt: int, warps: int, kp: int, split: int, group: int, device: torch.device):
+    """Compile (once per process and device) one instantiation of int4_mma_gemm to a cubin for this GPU."""
+    cc = torch.cuda.get_device_capability(device)
+    key = (mt, nmat, nt, warps, kp, split, group, cc, device.index)
+    kern = _KERNELS.get(key)
+    if kern is not None:
+        return kern
+    from torch.cuda._utils import _cuda_load_module
+
+    lib = _nvrtc()
+    name = f"int4_mma_gemm<{mt},{nmat},{nt},{warps},{kp},{split},{group}>".encode()
+    prog = ctypes.c_void_p()
+
+    def check(res: int, what: str) -> None:
+        if res != 0:
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(res).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"int4_mma.cu", 0, None, None), "create")
+    try:
+        check(lib.nvrtcAddNameExpression(prog, name), "add name")
+        opts = [f"--gpu-architecture=sm_{cc[0]}{cc[1]}".encode(), b"-std=c++17"]
+        arr = (ctypes.c_char_p * len(opts))(*opts)
+        if lib.nvrtcCompileProgram(prog, len(opts), arr) != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {name.decode()} from {SOURCE}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(lib.nvrtcGetLoweredName(prog, name, ctypes.byref(lowered)), "lowered name")
+        mangled = lowered.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    with torch.cuda.device(device):
+        kern = _cuda_load_module(cubin.raw, [mangled])[mangled]
+    _KERNELS[key] = kern
+    return kern
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: torch.Tensor, szb: torch.Tensor | None,
+            group: int, config: str) -> torch.Tensor:
+    from backends.triton_kernels import _counters
+
+    m, k = x.shape
+    n = wa.shape[0] * 16
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"int4 mma kernel is for 1 <= M <= {MAX_M}, got M={m}")
+    if not config_fits(config, n, k, group):
+        raise ValueError(f"int4 mma config {config} does not tile N={n}, K={k}, group={group}")
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.stride(0) != k or x.data_ptr() % 16:
+        x = x.to(torch.bfloat16).contiguous().clone()  # 16-byte aligned rows for the x fragment loads
+    nt, warps, split = parse_config(config)
+    kp = k // (64 * warps * split)
+    nmat = 1 if wb is None else 2
+    kern = _compile(1 if m <= 8 else 2, nmat, nt, warps, kp, split, group, x.device)
+    y = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
+    grid_x = n // (16 * nt)
+    if split > 1:
+        ws = torch.empty((split, nmat, m, n), device=x.device, dtype=torch.float32)
+        cnt = _counters(x.device, grid_x)
+    else:
+        ws, cnt = y, y  # unused by the kernel
+    kern(grid=(grid_x, split, 1), block=(32 * warps, 1, 1),
+         args=[wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL])
+    return y
+
+
+@torch.library.custom_op("evalkit::int4_mma_gemm", mutates_args=())
+def _int4_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, sza: torch.Tensor, szb: torch.Tensor,
+                 geglu: bool, group: int, config: str) -> torch.Tensor:
+    return _launch(x, wa, wb if geglu else None, sza, szb if geglu else None, group, config)
+
+
+@_int4_mma_op.register_fake
+def _(x, wa, wb, sza, szb, geglu, group, config):
+    return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
+
+
+def int4_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: str) -> torch.Tensor:
+    """y [M, N] bf16 = x [M, K] @ W^T for W packed by pack_mma (M <= 16)."""
+    return _int4_mma_op(x, words, words, sz, sz, False, group, config)
+
+
+def int4_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, szg: torch.Tensor, szu: torch.Tensor,
+                   group: int, config: str) -> torch.Tensor:
+    """gelu_tanh(x Wg^T) * (x Wu^T) in one launch (M <= 16)."""
+    return _int4_mma_op(x, wg, wu, szg, szu, True, group, config)

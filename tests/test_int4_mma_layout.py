@@ -1,0 +1,47 @@
+"""CPU checks of the int4 mma kernel's data layout (backends/int4_mma.py, int4_mma.cu): the packed fragment
+words, read the way the kernel reads them (lane by lane, with the PTX ISA's m16n8k16 fragment positions),
+multiply to the same product as the dequantized weights. The kernel itself runs in tests/test_backends_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends import int4_mma
+from backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
+
+
+@pytest.mark.parametrize("n,k,m,group", [(32, 128, 10, 128), (48, 256, 3, 64), (16, 64, 16, 64), (32, 256, 1, 128)])
+def test_fragment_layout_reproduces_the_dequantized_product(n, k, m, group):
+    torch.manual_seed(0)
+    qweight, sz = int4_pack(torch.randn(n, k), group)
+    words, szp = int4_mma.pack_mma(qweight, sz, group)
+    assert words.shape == (n // 16, k // 64, 32, 4) and words.dtype == torch.int32
+    assert szp.shape == (n // 16, k // group, 8, 4)
+    x = torch.randn(m, k).to(torch.bfloat16).float()
+    w = dequant_int4_groups(unpack_nibbles(qweight), sz[..., 0].t(), sz[..., 1].t(), group)
+    want = x.double() @ w.to(torch.bfloat16).double().t()
+    got = int4_mma.emulate_mma_gemm(x, words, szp, group)
+    assert float((got.double() - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_a_wrong_nibble_order_is_caught():
+    """The emulation is sensitive to the layout: swapping two words' halves changes the product."""
+    torch.manual_seed(1)
+    qweight, sz = int4_pack(torch.randn(16, 64), 64)
+    words, szp = int4_mma.pack_mma(qweight, sz, 64)
+    x = torch.randn(4, 64)
+    good = int4_mma.emulate_mma_gemm(x, words, szp, 64)
+    bad = int4_mma.emulate_mma_gemm(x, words.flip(-1).contiguous(), szp, 64)
+    assert float((good - bad).norm() / good.norm()) > 0.1
+
+
+def test_configs_tile_the_expert_shapes_and_reject_bad_ones():
+    fits = lambda n, k: [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, n, k, 128)]
+    assert "t1w4s1" in fits(4096, 1024) and "t1w4s4" in fits(1024, 4096)
+    assert fits(4096, 1000) == [] and fits(4100, 1024) == []
+    assert not int4_mma.config_fits("t1w2s1", 1024, 4096, 128)  # 32 k-pairs per warp: more than MAX_KP registers
+    with pytest.raises(ValueError, match="t<n-tiles>w<warps>s<split>"):
+        int4_mma.parse_config("n16k128s1")
+    with pytest.raises(ValueError, match="N % 16"):
+        int4_mma.pack_mma(torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(1, 8, 2, dtype=torch.bfloat16), 64)
