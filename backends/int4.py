@@ -77,6 +77,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", qweight)  # [N, K/2]
         self.register_buffer("scales_zeros", scales_zeros)  # [K/g, N, 2]
         self.mode = mode  # "cuda", "cpu", "emulated"
+        self.pdl = True  # cuda_mma launches with programmatic dependent launch (backend.options.pdl)
         self.forced = None
         # decided once: the one-launch Triton unpack tiles N in 32s; otherwise dequant_cublas unpacks with torch ops
         self.triton_unpack = mode == "cuda" and triton_available() is not None and self.out_features % 32 == 0
@@ -151,7 +152,7 @@ class Int4Linear(QuantLinear):
         if base == "dequant_cublas":
             return self._dequant_cublas(x2)
         if base == "cuda_mma":
-            return int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG)
+            return int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG, self.pdl)
         return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or DEFAULT_TRITON_CONFIG)
 
     def candidates(self, x2: torch.Tensor) -> dict:
@@ -161,7 +162,7 @@ class Int4Linear(QuantLinear):
                 c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
         if x2.shape[0] <= int4_mma.MAX_M:
             for cfg in self.mma_configs():
-                c[f"cuda_mma:{cfg}"] = lambda cfg=cfg: int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg)
+                c[f"cuda_mma:{cfg}"] = lambda cfg=cfg: int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg, self.pdl)
         return c
 
     def mma_configs(self) -> list[str]:
@@ -216,7 +217,7 @@ class Int4GemmaMLP(nn.Module):
 
     def _fused_mma(self, x2: torch.Tensor, cfg: str = DEFAULT_MMA_CONFIG) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        return self.down_proj(int4_mma.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg))
+        return self.down_proj(int4_mma.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg, g.pdl))
 
     def _run(self, choice: str, x2: torch.Tensor) -> torch.Tensor:
         base, _, cfg = choice.partition(":")
@@ -283,6 +284,7 @@ class Int4Backend(QuantBackend):
         if mode == "cuda" and linear.in_features % (INNER_K_TILES * 16):
             raise BadInput(f"{name}: tinygemm needs in_features % {INNER_K_TILES * 16} == 0, got {linear.in_features}")
         mod = Int4Linear(linear.to(device), self.base_dtype, group, mode, device)
+        mod.pdl = bool(self.options.get("pdl", True))
         kernel = self.options.get("kernel", "auto")
         if kernel != "auto":
             if mode != "cuda":

@@ -20,6 +20,9 @@
 //   w = (q - 8) * s + z. Dequant: OR the nibble into the bits of bf16 128.0 (exact 128 + q), subtract 136
 //   (exact), one fma.rn.bf16x2 with (s, z): one rounding, as a bf16 dequantized weight would have.
 //
+// Launched with programmatic dependent launch where the GPU has it (sm_90): weights and scales load before
+// the kernel waits for its predecessor (griddepcontrol), so they stream in during the previous kernel's tail.
+//
 // Grid (N / (16 NT), SPLIT); block 32 WARPS threads. CTA (i, s) covers NT n-tiles and the K slice s; each warp
 // a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory; with SPLIT > 1 each CTA writes
 // fp32 partials to a workspace and the CTA that arrives last at the tile's counter adds them, writes y and
@@ -36,9 +39,15 @@ __device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read o
     return v;
 }
 
-__device__ __forceinline__ u32x4 ld_shared_ro(const u32x4* p) {  // x and scales: re-read by every CTA
+__device__ __forceinline__ u32x4 ld_shared_ro(const u32x4* p) {  // scales: constant, re-read by every CTA
     u32x4 v;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32x4 ld_l2(const u32x4* p) {  // x: written by the previous kernel; read at L2, never a stale L1 line
+    u32x4 v;
+    asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 
@@ -90,7 +99,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
     const u32x4* wmat[2] = {wa, wb};
     const u32x4* szmat[2] = {sza, szb};
 
-    // 1) every weight load of this warp, issued up front
+    // 1) every weight load of this warp, and its groups' (s, z) of rows r and r + 8, issued up front. They do
+    //    not depend on the previous kernel, so under programmatic dependent launch they overlap its tail.
     u32x4 w[NMAT][NT][KP];
 #pragma unroll
     for (int mat = 0; mat < NMAT; ++mat)
@@ -99,22 +109,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
             for (int p = 0; p < KP; ++p)
                 w[mat][t][p] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KPT + kp0 + p) * 32 + lane);
-
-    // 2) x fragments: row m = 8 * mh + r, real k 8q..8q+7 of each 32-k block (16 bytes); rows >= M are zero
-    u32x4 xf[MT][KP][2];
-#pragma unroll
-    for (int mh = 0; mh < MT; ++mh) {
-        const int m = 8 * mh + r;
-#pragma unroll
-        for (int p = 0; p < KP; ++p)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int k = (kp0 + p) * 64 + 32 * h + 8 * q;
-                xf[mh][p][h] = m < M ? ld_shared_ro(reinterpret_cast<const u32x4*>(x + (size_t)m * K + k)) : u32x4{0, 0, 0, 0};
-            }
-    }
-
-    // 3) (s, z) of rows r and r + 8 for each group this warp touches
     constexpr int NG = (KP + KPG - 1) / KPG;
     u32x4 szf[NMAT][NT][NG];
 #pragma unroll
@@ -137,13 +131,37 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
             for (int g = 0; g < NG; ++g) all ^= szf[mat][t][g].x ^ szf[mat][t][g].w;
         }
+    if (all == sentinel) __nanosleep(32);  // harmless either way; only the dependency matters
+
+#if __CUDA_ARCH__ >= 900
+    // 2) programmatic dependent launch: let the next kernel start its own weight loads, then wait until the
+    //    previous kernel (which wrote x, and may still read memory we are about to write) has completed.
+    //    Both are no-ops when the launch did not ask for it.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+
+    // 3) x fragments: row m = 8 * mh + r, real k 8q..8q+7 of each 32-k block (16 bytes); rows >= M are zero
+    u32x4 xf[MT][KP][2];
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        const int m = 8 * mh + r;
+#pragma unroll
+        for (int p = 0; p < KP; ++p)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int k = (kp0 + p) * 64 + 32 * h + 8 * q;
+                xf[mh][p][h] = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + k)) : u32x4{0, 0, 0, 0};
+            }
+    }
+    u32 xall = 0;
 #pragma unroll
     for (int mh = 0; mh < MT; ++mh)
 #pragma unroll
         for (int p = 0; p < KP; ++p)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) all ^= xf[mh][p][h].x ^ xf[mh][p][h].w;
-    if (all == sentinel) __nanosleep(32);  // harmless either way; only the dependency matters
+            for (int h = 0; h < 2; ++h) xall ^= xf[mh][p][h].x ^ xf[mh][p][h].w;
+    if (xall == sentinel) __nanosleep(32);
 
     // 4) dequantize into A fragments and multiply
     float acc[NMAT][NT][MT][4];

@@ -10,7 +10,8 @@ Pieces:
   per-lane fragment words and duplicated (s, z) pairs. Pure torch; the layout is checked on CPU by emulating
   the kernel's fragment reads (`emulate_mma_gemm`, tests/test_int4_mma_layout.py).
 - `int4_mma_gemm`: the launch (a `torch.library` custom op, so `torch.compile` treats it as one opaque call;
-  CUDA-graph capturable). Configs `t{NT}w{WARPS}s{SPLIT}` (n-tiles per CTA, warps per CTA, CTAs along K);
+  CUDA-graph capturable), by default with programmatic dependent launch on sm_90+ (`cuLaunchKernelEx`):
+  the kernel's weight loads start while the previous kernel on the stream finishes. Configs `t{NT}w{WARPS}s{SPLIT}` (n-tiles per CTA, warps per CTA, CTAs along K);
   the int4 backend times the ones that tile a shape and keeps the fastest.
 Needs compute capability >= 8.0 (mma.sync bf16) and NVRTC (PyTorch's CUDA wheels ship it).
 """
@@ -27,7 +28,7 @@ import torch
 SOURCE = Path(__file__).with_name("int4_mma.cu")
 MAX_M = 16
 MAX_KP = 8  # k-pairs (64 k each) per warp: 2 x 8 x 4 weight registers at most, no spills (ptxas -v)
-CONFIGS = ("t1w4s1", "t1w8s1", "t1w2s1", "t2w4s1", "t1w4s2", "t1w4s4", "t1w8s2", "t1w8s4", "t1w4s8", "t1w16s1")
+CONFIGS = ("t1w4s1", "t1w8s1", "t1w16s1", "t1w32s1", "t2w8s1", "t1w8s2", "t1w16s2", "t1w4s4", "t1w8s4", "t1w4s8")
 _SENTINEL = 0x5EED1234  # the kernel's load-ordering branch compares against this; any value is correct
 _KERNELS: dict[tuple, object] = {}
 
@@ -199,8 +200,43 @@ def _compile(mt: int, nmat: int, nt: int, warps: int, kp: int, split: int, group
 
 
 # ------------------------------------------------------------------------------------------------ launch
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_PDL_ATTR = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+_PDL_ATTR.value[0] = 1
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _launch_pdl(kern, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+    """cuLaunchKernelEx with programmatic stream serialization (the kernel may start while its predecessor
+    on the stream finishes; it waits for it with griddepcontrol.wait before touching its output)."""
+    keep, ptrs = [], []
+    for a in args:
+        v = ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+        keep.append(v)
+        ptrs.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
+    params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(_PDL_ATTR), 1)
+    res = _libcuda().cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None)
+    if res != 0:
+        raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {res}")
+
+
 def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: torch.Tensor, szb: torch.Tensor | None,
-            group: int, config: str) -> torch.Tensor:
+            group: int, config: str, pdl: bool) -> torch.Tensor:
     from backends.triton_kernels import _counters
 
     m, k = x.shape
@@ -222,28 +258,32 @@ def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: tor
         cnt = _counters(x.device, grid_x)
     else:
         ws, cnt = y, y  # unused by the kernel
-    kern(grid=(grid_x, split, 1), block=(32 * warps, 1, 1),
-         args=[wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL])
+    args = [wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL]
+    if pdl and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        _launch_pdl(kern, (grid_x, split, 1), (32 * warps, 1, 1), args)
+    else:
+        kern(grid=(grid_x, split, 1), block=(32 * warps, 1, 1), args=args)
     return y
 
 
 @torch.library.custom_op("evalkit::int4_mma_gemm", mutates_args=())
 def _int4_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, sza: torch.Tensor, szb: torch.Tensor,
-                 geglu: bool, group: int, config: str) -> torch.Tensor:
-    return _launch(x, wa, wb if geglu else None, sza, szb if geglu else None, group, config)
+                 geglu: bool, group: int, config: str, pdl: bool) -> torch.Tensor:
+    return _launch(x, wa, wb if geglu else None, sza, szb if geglu else None, group, config, pdl)
 
 
 @_int4_mma_op.register_fake
-def _(x, wa, wb, sza, szb, geglu, group, config):
+def _(x, wa, wb, sza, szb, geglu, group, config, pdl):
     return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
 
 
-def int4_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: str) -> torch.Tensor:
-    """y [M, N] bf16 = x [M, K] @ W^T for W packed by pack_mma (M <= 16)."""
-    return _int4_mma_op(x, words, words, sz, sz, False, group, config)
+def int4_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: str, pdl: bool = True) -> torch.Tensor:
+    """y [M, N] bf16 = x [M, K] @ W^T for W packed by pack_mma (M <= 16). pdl: programmatic dependent
+    launch on sm_90+ (ignored below)."""
+    return _int4_mma_op(x, words, words, sz, sz, False, group, config, pdl)
 
 
 def int4_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, szg: torch.Tensor, szu: torch.Tensor,
-                   group: int, config: str) -> torch.Tensor:
+                   group: int, config: str, pdl: bool = True) -> torch.Tensor:
     """gelu_tanh(x Wg^T) * (x Wu^T) in one launch (M <= 16)."""
-    return _int4_mma_op(x, wg, wu, szg, szu, True, group, config)
+    return _int4_mma_op(x, wg, wu, szg, szu, True, group, config, pdl)

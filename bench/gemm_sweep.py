@@ -47,6 +47,7 @@ VARIANTS = {
     "int4:tinygemm": ("int4", {"kernel": "tinygemm"}, "bf16"),
     "int4:dequant_cublas": ("int4", {"kernel": "dequant_cublas"}, "bf16"),
     "int4:triton_w4a16": ("int4", {"kernel": "triton_w4a16"}, "bf16"),
+    "int4:no_pdl": ("int4", {"pdl": False}, "bf16"),  # our cuda_mma kernel launched plainly (no programmatic dependent launch)
     "sparse24": ("sparse24", {}, "bf16"),
     "sparse24:int8": ("sparse24", {"dtype": "int8"}, "int8"),
 }

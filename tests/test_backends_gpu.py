@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 NATIVE = [("fp8", {}), ("fp8_weight_only", {}), ("int8", {}), ("int8_weight_only", {}), ("int4", {}),
           ("int4", {"kernel": "tinygemm"}), ("int4", {"kernel": "dequant_cublas"}), ("sparse24", {})]
 TRITON_INT4 = [("int4", {"kernel": f"triton_w4a16:{c}"}) for c in ("n16k128s1", "n32k256s1", "n32k256s2")]
-MMA_INT4 = [("int4", {"kernel": "cuda_mma"}), ("int4", {"kernel": "cuda_mma:t1w4s2"})]
+MMA_INT4 = [("int4", {"kernel": "cuda_mma"}), ("int4", {"kernel": "cuda_mma:t1w8s1"}), ("int4", {"kernel": "cuda_mma", "pdl": False})]
 WIDTH, MLP_DIM = 512, 1024  # K = 512 and 1024: room for the split-K configs
 
 
