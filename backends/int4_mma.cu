@@ -24,7 +24,7 @@
 // the kernel waits for its predecessor (griddepcontrol), so they stream in during the previous kernel's tail.
 //
 // Grid (N / (16 NT), SPLIT); block 32 WARPS threads. CTA (i, s) covers NT n-tiles and the K slice s; each warp
-// a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory; with SPLIT > 1 each CTA writes
+// a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory (a tree); with SPLIT > 1 each CTA writes
 // fp32 partials to a workspace and the CTA that arrives last at the tile's counter adds them, writes y and
 // resets the counter (so the kernel is one launch and CUDA-graph replays stay correct).
 
@@ -200,11 +200,14 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
             }
         }
 
-    // 5) reduce the warps' K sub-slices through shared memory (warp 0 sums)
+    // 5) reduce the warps' K sub-slices through shared memory: a tree (WARPS is a power of two), so the
+    //    buffer holds half the warps' accumulators (<= 32 KB at 32 warps, GeGLU, M > 8) and adds run in parallel
+    static_assert((WARPS & (WARPS - 1)) == 0, "WARPS must be a power of two");
     constexpr int NACC = NMAT * NT * MT * 4;
-    __shared__ float red[WARPS > 1 ? WARPS - 1 : 1][NACC][32];
-    if (WARPS > 1) {
-        if (warp > 0) {
+    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
+#pragma unroll
+    for (int half = WARPS / 2; half >= 1; half /= 2) {
+        if (warp >= half && warp < 2 * half) {
             int i = 0;
 #pragma unroll
             for (int mat = 0; mat < NMAT; ++mat)
@@ -213,12 +216,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
                     for (int mh = 0; mh < MT; ++mh)
 #pragma unroll
-                        for (int c = 0; c < 4; ++c) red[warp - 1][i++][lane] = acc[mat][t][mh][c];
+                        for (int c = 0; c < 4; ++c) red[warp - half][i++][lane] = acc[mat][t][mh][c];
         }
         __syncthreads();
-        if (warp > 0) return;
-#pragma unroll
-        for (int v = 0; v < WARPS - 1; ++v) {
+        if (warp < half) {
             int i = 0;
 #pragma unroll
             for (int mat = 0; mat < NMAT; ++mat)
@@ -227,9 +228,11 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
                     for (int mh = 0; mh < MT; ++mh)
 #pragma unroll
-                        for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] += red[v][i++][lane];
+                        for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] += red[warp][i++][lane];
         }
+        __syncthreads();
     }
+    if (warp > 0) return;
 
     // 6) C fragment: c0, c1 = (n = r, m = 2q, 2q+1), c2, c3 = (n = r + 8, same m); m += 8 * mh
     if (SPLIT > 1) {
