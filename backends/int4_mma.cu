@@ -99,6 +99,9 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
     const u32x4* wmat[2] = {wa, wb};
     const u32x4* szmat[2] = {sza, szb};
 
+    constexpr int NACC = NMAT * NT * MT * 4;
+    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];  // the cross-warp reduction (step 5)
+
     // 1) every weight load of this warp, and its groups' (s, z) of rows r and r + 8, issued up front. They do
     //    not depend on the previous kernel, so under programmatic dependent launch they overlap its tail.
     u32x4 w[NMAT][NT][KP];
@@ -132,6 +135,29 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
             for (int g = 0; g < NG; ++g) all ^= szf[mat][t][g].x ^ szf[mat][t][g].w;
         }
     if (all == sentinel) __nanosleep(32);  // harmless either way; only the dependency matters
+
+    // Small per-warp work (the many-warp configs): dequantize every A fragment now, before waiting for the
+    // previous kernel, so only x loads, MMAs and the reduction remain on the dependent path.
+    constexpr bool PRE = NMAT * NT * KP <= 2;  // at most 32 fragment registers (4 spilled at 512 threads)
+    u32 af[PRE ? NMAT : 1][PRE ? NT : 1][PRE ? KP : 1][4][4];
+    if constexpr (PRE) {
+#pragma unroll
+        for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int p = 0; p < KP; ++p) {
+                    const u32x4 sz = szf[mat][t][p / KPG];
+                    const u32 wv[4] = {w[mat][t][p].x, w[mat][t][p].y, w[mat][t][p].z, w[mat][t][p].w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        af[mat][t][p][e][0] = dequant_pair(wv[e], 0, sz.x, sz.y);
+                        af[mat][t][p][e][1] = dequant_pair(wv[e], 1, sz.z, sz.w);
+                        af[mat][t][p][e][2] = dequant_pair(wv[e], 2, sz.x, sz.y);
+                        af[mat][t][p][e][3] = dequant_pair(wv[e], 3, sz.z, sz.w);
+                    }
+                }
+    }
 
 #if __CUDA_ARCH__ >= 900
     // 2) programmatic dependent launch: let the next kernel start its own weight loads, then wait until the
@@ -185,10 +211,15 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {  // e = 2 * half + step
                     u32 a[4];
-                    a[0] = dequant_pair(wv[e], 0, sz.x, sz.y);  // row r,     k slots 2q, 2q+1
-                    a[1] = dequant_pair(wv[e], 1, sz.z, sz.w);  // row r + 8
-                    a[2] = dequant_pair(wv[e], 2, sz.x, sz.y);  // row r,     k slots 2q+8, 2q+9
-                    a[3] = dequant_pair(wv[e], 3, sz.z, sz.w);  // row r + 8
+                    if constexpr (PRE) {
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) a[j] = af[mat][t][p][e][j];
+                    } else {
+                        a[0] = dequant_pair(wv[e], 0, sz.x, sz.y);  // row r,     k slots 2q, 2q+1
+                        a[1] = dequant_pair(wv[e], 1, sz.z, sz.w);  // row r + 8
+                        a[2] = dequant_pair(wv[e], 2, sz.x, sz.y);  // row r,     k slots 2q+8, 2q+9
+                        a[3] = dequant_pair(wv[e], 3, sz.z, sz.w);  // row r + 8
+                    }
                     const int h = e >> 1, st = e & 1;
 #pragma unroll
                     for (int mh = 0; mh < MT; ++mh) {
@@ -201,10 +232,9 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
         }
 
     // 5) reduce the warps' K sub-slices through shared memory: a tree (WARPS is a power of two), so the
-    //    buffer holds half the warps' accumulators (<= 32 KB at 32 warps, GeGLU, M > 8) and adds run in parallel
+    //    buffer holds half the warps' accumulators and the adds run in parallel. (Shared-memory float
+    //    atomicAdd compiles to a CAS loop on sm_90: not used.)
     static_assert((WARPS & (WARPS - 1)) == 0, "WARPS must be a power of two");
-    constexpr int NACC = NMAT * NT * MT * 4;
-    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
 #pragma unroll
     for (int half = WARPS / 2; half >= 1; half /= 2) {
         if (warp >= half && warp < 2 * half) {
