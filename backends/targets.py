@@ -23,6 +23,10 @@ TARGET_PATTERNS: dict[str, str] = {
     "vision": _LEAD + r"vision\.layers\.\d+\.(?:mlp\.(?:fc1|fc2)|self_attn\.(?:q_proj|k_proj|v_proj|out_proj))$",
 }
 TARGET_PATTERNS["all"] = "|".join(f"(?:{p})" for p in TARGET_PATTERNS.values())
+# Finer sets: one stack's attention projections, and the whole action expert (the denoise loop's M = 10 GEMMs).
+TARGET_PATTERNS["prefix_attn"] = _LEAD + r"prefix\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)$"
+TARGET_PATTERNS["expert_attn"] = _LEAD + r"expert\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)$"
+TARGET_PATTERNS["expert"] = f"(?:{TARGET_PATTERNS['expert_mlp']})|(?:{TARGET_PATTERNS['expert_attn']})"
 TARGET_NAMES = tuple(TARGET_PATTERNS)
 
 # Decoder layers whose `.mlp` the fault backends rewire.

@@ -45,6 +45,7 @@ VARIANTS = {
     "int8_weight_only": ("int8_weight_only", {"targets": "prefix_mlp"}),
     "int4": ("int4", {"targets": "prefix_mlp"}),
     "int4[expert mlp]": ("int4", {"targets": "expert_mlp"}),
+    "int4[expert]": ("int4", {"targets": "expert"}),  # expert MLPs and attention projections: every denoise GEMM
     "fp8(prefix)+int4(expert)": None,  # composed below: two backends on disjoint targets
     "sparse24": ("sparse24", {"targets": "prefix_mlp"}),
     "sparse24[int8]": ("sparse24", {"targets": "prefix_mlp", "dtype": "int8"}),
@@ -135,7 +136,7 @@ def main() -> int:
                             "num_views": 2, "denoise_steps": 10, "seed": 0, "dtype": "bfloat16"}, dev)
             if VARIANTS[label] is None:
                 r1 = get_backend("fp8", targets="prefix_mlp").apply(policy.model)
-                report = get_backend("int4", targets="expert_mlp").apply(policy.model)
+                report = get_backend("int4", targets="expert").apply(policy.model)
                 report.notes = r1.notes + report.notes
             else:
                 name, opts = VARIANTS[label]

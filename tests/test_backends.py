@@ -120,6 +120,9 @@ def test_targets_select_the_named_linears():
     assert len(names["attn"]) == 8 * depth and all(".self_attn." in n for n in names["attn"])
     assert all(n.startswith("vision.layers.") for n in names["vision"]) and names["vision"]
     assert set(names["all"]) == set(names["prefix_mlp"] + names["expert_mlp"] + names["attn"] + names["vision"])
+    pa, ea, ex = (set(n for n, _ in select_linears(p.model, t)) for t in ("prefix_attn", "expert_attn", "expert"))
+    assert pa | ea == set(names["attn"]) and not pa & ea and all(n.startswith("expert.") for n in ea)
+    assert ex == ea | set(names["expert_mlp"])
     assert "action_out_proj" not in names["all"]  # heads and adaRMS projections are never targets
     with pytest.raises(BadInput, match="valid: prefix_mlp"):
         select_linears(p.model, "mlp")
