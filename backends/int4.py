@@ -12,7 +12,8 @@ and caching the winner for the process (all layers of one shape share the choice
 - `cuda_mma` (M <= 16): our CUDA kernel (`backends/int4_mma.cu`, compiled by NVRTC at first use): every
   weight load issued up front, nibbles dequantized straight into tensor-core fragments (`mma.sync` bf16);
   its GeGLU variant runs gate + up + gelu in one launch. It reads a third packing of the weights
-  (`mma_words`/`mma_sz`, made when the module is built on CUDA);
+  (`mma_words`/`mma_sz`), made on CUDA for the action expert's layers (`options.mma_layers=expert`, default;
+  `all` | `none`) and wherever `options.kernel` forces it;
 - `dequant_cublas`: unpack to bf16 per call (one Triton kernel) + cuBLAS bf16 GEMM (large M).
 `backend.options.kernel=tinygemm|dequant_cublas` forces one. On CPU the native engine runs
 `torch._weight_int4pack_mm_for_cpu` (a real int4 CPU kernel); `engine=emulated` dequantizes and multiplies in fp32.
@@ -21,6 +22,8 @@ all of them; the weight-read floor counts one (`read_bytes`).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +72,8 @@ class Int4Linear(QuantLinear):
     weight_store = "qweight"
     activation_precision = "bf16"
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, group: int, mode: str, device: torch.device) -> None:
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, group: int, mode: str, device: torch.device,
+                 mma_pack: bool = True) -> None:
         super().__init__(linear, out_dtype)
         self.group = group
         self.weight_format = f"int4 x2 nibble-packed, group {group}, bf16 scales+zeros"
@@ -83,7 +87,7 @@ class Int4Linear(QuantLinear):
         self.triton_unpack = mode == "cuda" and triton_available() is not None and self.out_features % 32 == 0
         if mode == "cuda":
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
-            self.mma_ok = self.out_features % 16 == 0 and self.in_features % 64 == 0 and group % 64 == 0
+            self.mma_ok = mma_pack and self.out_features % 16 == 0 and self.in_features % 64 == 0 and group % 64 == 0
             if self.mma_ok:
                 words, sz = int4_mma.pack_mma(self.qweight, self.scales_zeros, group)
                 self.register_buffer("mma_words", words)  # [N/16, K/64, 32, 4] fragment words
@@ -283,7 +287,14 @@ class Int4Backend(QuantBackend):
         mode = "emulated" if self.engine == "emulated" else ("cuda" if device.type == "cuda" else "cpu")
         if mode == "cuda" and linear.in_features % (INNER_K_TILES * 16):
             raise BadInput(f"{name}: tinygemm needs in_features % {INNER_K_TILES * 16} == 0, got {linear.in_features}")
-        mod = Int4Linear(linear.to(device), self.base_dtype, group, mode, device)
+        mma_layers = self.options.get("mma_layers", "expert")
+        if mma_layers not in ("expert", "all", "none"):
+            raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
+        # The mma kernel's packing is one more copy of the weights: by default only where M <= 16 is expected
+        # (the action expert's layers run at M = horizon x batch), or where options.kernel forces that kernel.
+        forced_mma = str(self.options.get("kernel", "auto")).startswith("cuda_mma")
+        mma_pack = forced_mma or mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", name) is not None)
+        mod = Int4Linear(linear.to(device), self.base_dtype, group, mode, device, mma_pack=mma_pack)
         mod.pdl = bool(self.options.get("pdl", True))
         kernel = self.options.get("kernel", "auto")
         if kernel != "auto":

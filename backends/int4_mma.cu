@@ -104,23 +104,19 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 
     // 1) every weight load of this warp, and its groups' (s, z) of rows r and r + 8, issued up front. They do
     //    not depend on the previous kernel, so under programmatic dependent launch they overlap its tail.
-    u32x4 w[NMAT][NT][KP];
+    constexpr int NG = (KP + KPG - 1) / KPG;
+    u32x4 w[NMAT][NT][KP], szf[NMAT][NT][NG];
 #pragma unroll
     for (int mat = 0; mat < NMAT; ++mat)
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+        for (int t = 0; t < NT; ++t) {
 #pragma unroll
             for (int p = 0; p < KP; ++p)
                 w[mat][t][p] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KPT + kp0 + p) * 32 + lane);
-    constexpr int NG = (KP + KPG - 1) / KPG;
-    u32x4 szf[NMAT][NT][NG];
-#pragma unroll
-    for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
 #pragma unroll
             for (int g = 0; g < NG; ++g)
                 szf[mat][t][g] = ld_shared_ro(szmat[mat] + ((size_t)(tile0 + t) * (K / GROUP) + kp0 / KPG + g) * 8 + r);
+        }
 
     // ptxas sinks loads next to their first use (it issued half of them after the first MMAs), which
     // serializes DRAM latency. A branch on a value that needs every loaded word makes all loads issue first.
@@ -189,17 +185,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
             for (int h = 0; h < 2; ++h) xall ^= xf[mh][p][h].x ^ xf[mh][p][h].w;
     if (xall == sentinel) __nanosleep(32);
 
-    // 4) dequantize into A fragments and multiply
-    float acc[NMAT][NT][MT][4];
+    // 4) dequantize into A fragments and multiply. acc is flat: index ((mat * NT + t) * MT + mh) * 4 + c
+    float acc[NACC];
 #pragma unroll
-    for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-        for (int t = 0; t < NT; ++t)
-#pragma unroll
-            for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] = 0.f;
-
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
 #pragma unroll
     for (int mat = 0; mat < NMAT; ++mat)
 #pragma unroll
@@ -225,7 +214,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
                     for (int mh = 0; mh < MT; ++mh) {
                         const u32 b0 = st ? xf[mh][p][h].z : xf[mh][p][h].x;
                         const u32 b1 = st ? xf[mh][p][h].w : xf[mh][p][h].y;
-                        mma_bf16(acc[mat][t][mh], a, b0, b1);
+                        mma_bf16(acc + ((mat * NT + t) * MT + mh) * 4, a, b0, b1);
                     }
                 }
             }
@@ -238,46 +227,28 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
     for (int half = WARPS / 2; half >= 1; half /= 2) {
         if (warp >= half && warp < 2 * half) {
-            int i = 0;
 #pragma unroll
-            for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-                for (int t = 0; t < NT; ++t)
-#pragma unroll
-                    for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) red[warp - half][i++][lane] = acc[mat][t][mh][c];
+            for (int i = 0; i < NACC; ++i) red[warp - half][i][lane] = acc[i];
         }
         __syncthreads();
         if (warp < half) {
-            int i = 0;
 #pragma unroll
-            for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-                for (int t = 0; t < NT; ++t)
-#pragma unroll
-                    for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) acc[mat][t][mh][c] += red[warp][i++][lane];
+            for (int i = 0; i < NACC; ++i) acc[i] += red[warp][i][lane];
         }
         __syncthreads();
     }
     if (warp > 0) return;
 
-    // 6) C fragment: c0, c1 = (n = r, m = 2q, 2q+1), c2, c3 = (n = r + 8, same m); m += 8 * mh
+    // 6) C fragment of acc[i]: c = i % 4 -> (n = r + 8 (c / 2), m = 2q + c % 2), m += 8 mh, n += 16 (tile0 + t)
+    auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
+    auto out_n = [&](int i) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); };
+    constexpr int PER_MAT = NT * MT * 4;
     if (SPLIT > 1) {
         const size_t plane = (size_t)M * N;
+        float* part = ws + (size_t)blockIdx.y * NMAT * plane;
 #pragma unroll
-        for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-                for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
-                        if (m < M) ws[(blockIdx.y * NMAT + mat) * plane + (size_t)m * N + n] = acc[mat][t][mh][c];
-                    }
+        for (int i = 0; i < NACC; ++i)
+            if (out_m(i) < M) part[(i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i)] = acc[i];
         __threadfence();  // partials visible device-wide before the arrival below
         __syncwarp();
         int arrived = 0;
@@ -286,30 +257,18 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
         if (arrived != SPLIT - 1) return;
         __threadfence();
 #pragma unroll
-        for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-                for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
-                        float s = 0.f;
-                        if (m < M)
-                            for (int sp = 0; sp < SPLIT; ++sp) s += __ldcg(ws + (sp * NMAT + mat) * plane + (size_t)m * N + n);
-                        acc[mat][t][mh][c] = s;
-                    }
+        for (int i = 0; i < NACC; ++i) {
+            float sum = 0.f;
+            if (out_m(i) < M)
+                for (int sp = 0; sp < SPLIT; ++sp)
+                    sum += __ldcg(ws + (sp * NMAT + i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i));
+            acc[i] = sum;
+        }
         if (lane == 0) cnt[blockIdx.x] = 0;  // ready for the next launch / graph replay
     }
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int mh = 0; mh < MT; ++mh)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int m = 8 * mh + 2 * q + (c & 1), n = 16 * (tile0 + t) + r + 8 * (c >> 1);
-                float v = acc[0][t][mh][c];
-                if (NMAT == 2) v = gelu_tanh(v) * acc[NMAT - 1][t][mh][c];
-                if (m < M) y[(size_t)m * N + n] = f2bf(v);
-            }
+    for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
+        const float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
+        if (out_m(i) < M) y[(size_t)out_m(i) * N + out_n(i)] = f2bf(v);
+    }
 }

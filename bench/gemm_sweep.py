@@ -43,11 +43,11 @@ VARIANTS = {
     "fp8_weight_only": ("fp8_weight_only", {}, "bf16"),
     "int8": ("int8", {}, "int8"),
     "int8_weight_only": ("int8_weight_only", {}, "bf16"),
-    "int4": ("int4", {}, "bf16"),
+    "int4": ("int4", {"mma_layers": "all"}, "bf16"),  # all: the per-linear sweep puts every shape under prefix.layers
     "int4:tinygemm": ("int4", {"kernel": "tinygemm"}, "bf16"),
     "int4:dequant_cublas": ("int4", {"kernel": "dequant_cublas"}, "bf16"),
     "int4:triton_w4a16": ("int4", {"kernel": "triton_w4a16"}, "bf16"),
-    "int4:no_pdl": ("int4", {"pdl": False}, "bf16"),  # our cuda_mma kernel launched plainly (no programmatic dependent launch)
+    "int4:no_pdl": ("int4", {"pdl": False, "mma_layers": "all"}, "bf16"),  # our cuda_mma kernel launched plainly (no programmatic dependent launch)
     "sparse24": ("sparse24", {}, "bf16"),
     "sparse24:int8": ("sparse24", {"dtype": "int8"}, "int8"),
 }

@@ -438,3 +438,8 @@ def test_backend_docs_tables_are_printed_from_the_committed_results():
         rows = d["stacked"] if kind == "stacked" else d["rows"]
         assert len([l for l in table.splitlines() if l.startswith("| ") and "---" not in l]) == len(rows) + 1
         assert table in docs, f"docs/backends.md does not hold the table of bench/results/{name}.json"
+
+
+def test_int4_mma_layers_option_is_checked():
+    with pytest.raises(BadInput, match="mma_layers 'some' unknown; valid: expert, all, none"):
+        get_backend("int4", targets="prefix_mlp", mma_layers="some", group_size=32).apply(tiny_policy().model)

@@ -68,12 +68,12 @@ def test_fp8_native_really_uses_fp8_storage_and_scaled_mm():
     assert any("compute capability" in n for n in report.notes)
 
 
-def fused_mlp_case(backend: str, fused_cls: type, m: int):
+def fused_mlp_case(backend: str, fused_cls: type, m: int, **opts):
     """The backend on a two-layer MLP stack (report checked against the modules): layer 0's MLP, which must be
     the backend's fused GeGLU wrapper, the report and an [m, WIDTH] bf16 input."""
     torch.manual_seed(0)
     model = mlp_stack()
-    report = get_backend(backend, targets="prefix_mlp").apply(model)
+    report = get_backend(backend, targets="prefix_mlp", **opts).apply(model)
     assert verify_report(model, report) == []
     mlp = model.prefix.layers[0].mlp
     assert isinstance(mlp, fused_cls)
@@ -123,7 +123,7 @@ def test_geglu_quant_fp8_against_torch(k):
 def test_fused_int4_mlp_matches_its_stored_weights(m):
     from backends.int4 import Int4GemmaMLP
 
-    mlp, _, x = fused_mlp_case("int4", Int4GemmaMLP, m)
+    mlp, _, x = fused_mlp_case("int4", Int4GemmaMLP, m, mma_layers="all")
     g = F.linear(x.float(), mlp.gate_proj.dequantized_weight())
     u = F.linear(x.float(), mlp.up_proj.dequantized_weight())
     want = F.linear((F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float(), mlp.down_proj.dequantized_weight())
@@ -146,12 +146,27 @@ def int4_case(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return packed, sz, dequant_int4_groups(unpack_nibbles(packed), sz[..., 0].t(), sz[..., 1].t(), 128)
 
 
+def check_repeated_and_replayed(run, wants: tuple[torch.Tensor, ...], label: str) -> None:
+    """run() twice eagerly and three times as CUDA-graph replays; each output against its reference (the
+    split-K arrival counters must be left at zero by every launch for the later calls to be right)."""
+    from backends.quant import capture_cuda_graph
+
+    outs = [run(), run()]
+    g, captured = capture_cuda_graph(run)
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        outs.append(tuple(t.clone() for t in captured))
+    for out in outs:
+        for got, want in zip(out, wants):
+            assert float((got.float() - want).norm() / want.norm()) < 1e-2, label
+
+
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])  # the expert MLP's shapes
 @pytest.mark.parametrize("m", [1, 10, 50])
 def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     """Every split-K config: the plain and GeGLU kernels against the dequantized weights, called repeatedly
     and replayed in a CUDA graph (the arrival counters must be left at zero by every launch)."""
-    from backends.quant import capture_cuda_graph
     from backends.triton_kernels import W4A16_CONFIGS, w4a16_config_fits, w4a16_gemm, w4a16_geglu
 
     torch.manual_seed(0)
@@ -163,15 +178,7 @@ def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     assert any(W4A16_CONFIGS[c][2] > 1 for c in configs)
     for c in configs:
         run = lambda c=c: (w4a16_gemm(x, qa, sza, 128, c), w4a16_geglu(x, qa, qb, sza, szb, 128, c))
-        outs = [run(), run()]
-        g, captured = capture_cuda_graph(run)
-        for _ in range(3):
-            g.replay()
-            torch.cuda.synchronize()
-            outs.append(tuple(t.clone() for t in captured))
-        for y, yg in outs:
-            assert float((y.float() - want).norm() / want.norm()) < 1e-2, c
-            assert float((yg.float() - want_g).norm() / want_g.norm()) < 1e-2, c
+        check_repeated_and_replayed(run, (want, want_g), c)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096)])
@@ -198,7 +205,6 @@ def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     """Our CUDA mma kernel (plain and GeGLU), every config that tiles the shape (split ones included), against
     the dequantized weights: called repeatedly and replayed in a CUDA graph (split counters reset)."""
     from backends import int4_mma
-    from backends.quant import capture_cuda_graph
 
     torch.manual_seed(0)
     (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
@@ -210,15 +216,7 @@ def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     assert any(int4_mma.parse_config(c)[2] > 1 for c in configs) and len(configs) >= 6
     for c in configs:
         run = lambda c=c: (int4_mma.int4_mma_gemm(x, pa, spa, 128, c), int4_mma.int4_mma_geglu(x, pa, pb, spa, spb, 128, c))
-        outs = [run(), run()]
-        g, captured = capture_cuda_graph(run)
-        for _ in range(3):
-            g.replay()
-            torch.cuda.synchronize()
-            outs.append(tuple(t.clone() for t in captured))
-        for y, yg in outs:
-            assert float((y.float() - want).norm() / want.norm()) < 1e-2, c
-            assert float((yg.float() - want_g).norm() / want_g.norm()) < 1e-2, c
+        check_repeated_and_replayed(run, (want, want_g), c)
 
 
 def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
@@ -239,3 +237,22 @@ def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
     assert float((after - before).norm() / before.norm()) > 0.5
     compiled = torch.compile(lambda t: int4_mma.int4_mma_gemm(t, mod.mma_words, mod.mma_sz, 128, "t1w4s1"), fullgraph=True)
     torch.testing.assert_close(compiled(x), mod(x))
+
+
+def test_int4_mma_packing_only_where_m_is_small_by_default():
+    """The mma kernel's extra packing is made for the action expert's layers (M = horizon x batch), not for the
+    prefix (M = prefix tokens), unless options.mma_layers or a forced cuda_mma kernel asks for it."""
+    from backends.int4 import Int4Linear
+
+    def packed(targets: str, **opts) -> dict[str, bool]:
+        root = nn.Module()
+        for stack in ("prefix", "expert"):
+            setattr(root, stack, mlp_stack(depth=1).prefix)
+        root.cuda()
+        get_backend("int4", targets=targets, **opts).apply(root)
+        return {n: hasattr(m, "mma_words") for n, m in root.named_modules() if isinstance(m, Int4Linear)}
+
+    default = packed("prefix_mlp,expert_mlp")
+    assert default and all(v == n.startswith("expert.") for n, v in default.items())
+    assert all(packed("prefix_mlp", mma_layers="all").values())
+    assert not any(packed("expert_mlp", mma_layers="none").values())
