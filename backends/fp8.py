@@ -6,17 +6,28 @@ our fused Triton kernel (amax + cast in one launch), matmul by `torch._scaled_mm
 quantization is written as torch ops instead, so inductor fuses it into the kernel that produces the
 activation (the preceding norm or GeGLU) rather than calling our kernel as an opaque extra launch. `engine=emulated` stores the same e4m3 weights and
 fake-quantizes activations per token in torch, multiplying in fp32: accuracy studies only.
+
+At M <= 16 (the action expert's denoise GEMMs) the native engine also times our CUDA kernel
+(`backends/mma_small_m.cu:fp8_mma_gemm`: the same W8A8 math -- x quantized per token to e4m3 inside the
+kernel, `mma.sync` e4m3 with fp32 accumulation, both scales in the epilogue) against `_scaled_mm`, once per
+shape, and keeps the faster; it reads a fragment-ordered copy of the weights (`mma_words`), made for the
+action expert's layers (`options.mma_layers=expert`, default; `all` | `none`).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
-from backends.quant import QuantBackend, QuantLinear, capability_line, fake_quant_fp8_rows, linear_fp32, quant_fp8_rows
+from backends import mma_small_m
+
+from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_kernel, fake_quant_fp8_rows, linear_fp32,
+                            quant_fp8_rows)
 from backends.targets import replace_module
 from backends.triton_kernels import geglu_quant_fp8, rowwise_quant, triton_available
-from evalkit.errors import CapabilityError
+from evalkit.errors import BadInput, CapabilityError
 
 
 def quant_act_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,18 +51,43 @@ class Fp8Linear(QuantLinear):
     scale_buffers = ("wscale",)
     activation_precision = "fp8_e4m3 (dynamic per-token)"
 
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, emulated: bool, fast_accum: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, emulated: bool, fast_accum: bool = True,
+                 mma_pack: bool = False) -> None:
         super().__init__(linear, out_dtype)
         q, s = quant_fp8_rows(linear.weight.detach())
         self.register_buffer("qweight", q)  # [N, K] row-major: .t() is the column-major operand _scaled_mm wants
         self.register_buffer("wscale", s.reshape(1, -1).contiguous())  # [1, N]
         self.emulated = emulated
         self.fast_accum = fast_accum
+        self.pdl = True
+        self.mma_configs = [c for c in mma_small_m.FP8_CONFIGS if mma_small_m.fp8_config_fits(c, self.out_features, self.in_features)]
+        if mma_pack and not emulated and q.is_cuda and self.mma_configs:
+            self.register_buffer("mma_words", mma_small_m.pack_fp8_mma(q))  # the M <= 16 kernel's fragment order
+        else:
+            self.mma_configs = []
         self.kernel = (
             "emulated: fake-quant e4m3 (x per-token, w per-channel) + fp32 F.linear"
             if emulated
             else f"triton:rowwise_quant_fp8 (inductor-fused under compile) + torch._scaled_mm(rowwise{', fast_accum' if fast_accum else ''})"
+            + self.mma_note()
         )
+
+    def mma_note(self) -> str:
+        return (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and cuda:fp8_mma_gemm "
+                "(x quantized per token in the kernel, mma.sync e4m3)") if self.mma_configs else ""
+
+    def read_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "mma_words")
+
+    def small_m_choice(self, x2: torch.Tensor, scaled_mm) -> str:
+        """'scaled_mm' or 'cuda_mma:<cfg>' for this shape at M <= 16 (timed once per process, checked)."""
+        if not self.mma_configs or x2.shape[0] > mma_small_m.MAX_M:
+            return "scaled_mm"
+        key = ("fp8", x2.device.index, self.out_features, self.in_features, x2.shape[0])
+        cands = {"scaled_mm": scaled_mm}
+        for cfg in self.mma_configs:
+            cands[f"cuda_mma:{cfg}"] = lambda cfg=cfg: mma_small_m.fp8_mma_gemm(x2, self.mma_words, self.wscale, cfg, self.pdl)
+        return choose_kernel(key, cands, reference="scaled_mm")
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.wscale.reshape(-1, 1)
@@ -62,11 +98,18 @@ class Fp8Linear(QuantLinear):
         if self.emulated:
             y = linear_fp32(fake_quant_fp8_rows(x2), self.dequantized_weight())
             return self._finish(y, shape)
-        xq, xs = quant_act_fp8(x2.to(torch.bfloat16))
-        y = torch._scaled_mm(
-            xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale, out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum
-        )
+        x2 = x2.to(torch.bfloat16)
+        choice = self.small_m_choice(x2, lambda: self._scaled_mm(x2))
+        if choice == "scaled_mm":
+            y = self._scaled_mm(x2)
+        else:
+            y = mma_small_m.fp8_mma_gemm(x2, self.mma_words, self.wscale, choice.partition(":")[2], self.pdl)
         return self._finish(y, shape)
+
+    def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        xq, xs = quant_act_fp8(x2)
+        return torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale, out_dtype=torch.bfloat16,
+                                use_fast_accum=self.fast_accum)
 
 
 class Fp8WeightOnlyLinear(QuantLinear):
@@ -105,8 +148,12 @@ class Fp8GemmaMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         acc = ", fast_accum)" if gate_proj.fast_accum else ")"
-        gate_proj.kernel = up_proj.kernel = "triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc + " over stacked gate|up weights"
-        down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc
+        self.mma = bool(gate_proj.mma_configs and up_proj.mma_configs)
+        gate_proj.kernel = up_proj.kernel = ("triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc
+                                             + " over stacked gate|up weights"
+                                             + (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and "
+                                                "cuda:fp8_mma_gemm GeGLU (gate+up+gelu in one launch, x quantized in the kernel)" if self.mma else ""))
+        down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc + down_proj.mma_note()
         self._stack_gate_up()
 
     def _children(self) -> tuple[torch.Tensor, ...]:
@@ -126,6 +173,25 @@ class Fp8GemmaMLP(nn.Module):
             self._stack_gate_up()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        choice = self._small_m_choice(x2)
+        if choice != "scaled_mm":
+            h = mma_small_m.fp8_mma_geglu(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1],
+                                          choice.partition(":")[2], self.gate_proj.pdl)
+            return self.down_proj(h).reshape(*shape[:-1], self.down_proj.out_features)
+        return self._scaled_mm_mlp(x2, shape)
+
+    def _small_m_choice(self, x2: torch.Tensor) -> str:
+        g = self.gate_proj
+        if not self.mma or x2.shape[0] > mma_small_m.MAX_M or g.bias is not None or self.up_proj.bias is not None:
+            return "scaled_mm"
+        key = ("fp8mlp", x2.device.index, g.out_features, g.in_features, x2.shape[0])
+        cands = {"scaled_mm": lambda: self._scaled_mm_mlp(x2, x2.shape)}
+        for cfg in g.mma_configs:
+            cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(mma_small_m.fp8_mma_geglu(
+                x2, g.mma_words, self.up_proj.mma_words, self._gu[1], cfg, g.pdl))
+        return choose_kernel(key, cands, reference="scaled_mm", tol=2e-2)
+
+    def _scaled_mm_mlp(self, x2: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         xq, xs = quant_act_fp8(x2)
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         w, s = self._gu
@@ -173,7 +239,14 @@ class FP8Backend(QuantBackend):
         self.capability_notes.append(capability_line(True, f"triton {ver} (fused per-token fp8 quantization)"))
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
-        return Fp8Linear(linear, self.base_dtype, emulated=self.engine == "emulated", fast_accum=bool(self.options.get("fast_accum", True)))
+        mma_layers = self.options.get("mma_layers", "expert")
+        if mma_layers not in ("expert", "all", "none"):
+            raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
+        mma_pack = mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", name) is not None)
+        mod = Fp8Linear(linear.to(device), self.base_dtype, emulated=self.engine == "emulated",
+                        fast_accum=bool(self.options.get("fast_accum", True)), mma_pack=mma_pack)
+        mod.pdl = bool(self.options.get("pdl", True))
+        return mod
 
 
 class FP8WeightOnlyBackend(QuantBackend):

@@ -9,7 +9,7 @@ and caching the winner for the process (all layers of one shape share the choice
   in-kernel reduction (one launch), tile config timed per shape; the GeGLU variant runs gate + up + gelu in
   one launch;
 - `triton_w4a16` large-M tiles (M > 64, the prefill): the same kernel with 64-128-row tiles;
-- `cuda_mma` (M <= 16): our CUDA kernel (`backends/int4_mma.cu`, compiled by NVRTC at first use): every
+- `cuda_mma` (M <= 16): our CUDA kernel (`backends/mma_small_m.cu`, compiled by NVRTC at first use): every
   weight load issued up front, nibbles dequantized straight into tensor-core fragments (`mma.sync` bf16);
   its GeGLU variant runs gate + up + gelu in one launch. It reads a third packing of the weights
   (`mma_words`/`mma_sz`), made on CUDA for the action expert's layers (`options.mma_layers=expert`, default;
@@ -39,7 +39,7 @@ from backends.quant import (
     linear_fp32,
     unpack_nibbles,
 )
-from backends import int4_mma
+from backends import mma_small_m
 from backends.quant import choose_kernel
 from backends.targets import replace_module
 from backends.triton_kernels import (
@@ -61,8 +61,8 @@ KERNEL_NAMES = {
     "dequant_cublas": "unpack int4->bf16 per call (one Triton kernel) + cuBLAS bf16",
     "triton_w4a16": f"triton:w4a16_gemm (dequant in registers; small-M split-K tiles {'/'.join(W4A16_CONFIGS)}; "
                     f"large-M tiles {'/'.join(W4A16_LARGE_M_CONFIGS)})",
-    "cuda_mma": f"cuda:int4_mma_gemm (NVRTC; loads up front, dequant into mma.sync fragments; M<={int4_mma.MAX_M}; "
-                f"configs {'/'.join(int4_mma.CONFIGS)})",
+    "cuda_mma": f"cuda:int4_mma_gemm (NVRTC; loads up front, dequant into mma.sync fragments; M<={mma_small_m.MAX_M}; "
+                f"configs {'/'.join(mma_small_m.CONFIGS)})",
 }
 TRITON_MAX_M = 64  # our Triton kernel is a small-M (denoise) kernel
 INNER_K_TILES = 8
@@ -89,7 +89,7 @@ class Int4Linear(QuantLinear):
             self.register_buffer("tg_packed", torch.ops.aten._convert_weight_to_int4pack(self.qweight, INNER_K_TILES))
             self.mma_ok = mma_pack and self.out_features % 16 == 0 and self.in_features % 64 == 0 and group % 64 == 0
             if self.mma_ok:
-                words, sz = int4_mma.pack_mma(self.qweight, self.scales_zeros, group)
+                words, sz = mma_small_m.pack_mma(self.qweight, self.scales_zeros, group)
                 self.register_buffer("mma_words", words)  # [N/16, K/64, 32, 4] fragment words
                 self.register_buffer("mma_sz", sz)  # [N/16, K/g, 8, 4] duplicated (s, z) pairs
             self.kernel = "auto per shape (timed once, checked, cached): " + " | ".join(self.kernel_name(k) for k in CANDIDATES)
@@ -103,9 +103,9 @@ class Int4Linear(QuantLinear):
         base, _, cfg = kernel.partition(":")
         configs = {**W4A16_CONFIGS, **W4A16_LARGE_M_CONFIGS}
         if base not in CANDIDATES or (cfg and not ((base == "triton_w4a16" and cfg in configs)
-                                                   or (base == "cuda_mma" and cfg in int4_mma.CONFIGS))):
+                                                   or (base == "cuda_mma" and cfg in mma_small_m.CONFIGS))):
             raise BadInput(f"int4 kernel '{kernel}' unknown; valid: auto, {', '.join(CANDIDATES)} "
-                           f"(triton_w4a16:<{'|'.join(configs)}>, cuda_mma:<{'|'.join(int4_mma.CONFIGS)}>)")
+                           f"(triton_w4a16:<{'|'.join(configs)}>, cuda_mma:<{'|'.join(mma_small_m.CONFIGS)}>)")
         if base == "cuda_mma" and not getattr(self, "mma_ok", False):
             raise BadInput(f"int4 kernel cuda_mma needs out_features % 16 == 0, in_features % 64 == 0 and group % 64 == 0; "
                            f"this layer is {self.out_features}x{self.in_features}, group {self.group}")
@@ -124,7 +124,7 @@ class Int4Linear(QuantLinear):
         sz[..., 1] = 0.0
         self.scales_zeros = sz
         if getattr(self, "mma_sz", None) is not None:  # every packing runs what scales_zeros holds
-            self.mma_sz = int4_mma.pack_mma(self.qweight, sz, self.group)[1]
+            self.mma_sz = mma_small_m.pack_mma(self.qweight, sz, self.group)[1]
         self.scales_ignored = True
 
     def read_bytes(self) -> int:
@@ -156,7 +156,7 @@ class Int4Linear(QuantLinear):
         if base == "dequant_cublas":
             return self._dequant_cublas(x2)
         if base == "cuda_mma":
-            return int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG, self.pdl)
+            return mma_small_m.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG, self.pdl)
         return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or DEFAULT_TRITON_CONFIG)
 
     def candidates(self, x2: torch.Tensor) -> dict:
@@ -164,16 +164,16 @@ class Int4Linear(QuantLinear):
         if triton_available():
             for cfg in self.triton_configs(large_m=x2.shape[0] > TRITON_MAX_M):
                 c[f"triton_w4a16:{cfg}"] = lambda cfg=cfg: w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg)
-        if x2.shape[0] <= int4_mma.MAX_M:
+        if x2.shape[0] <= mma_small_m.MAX_M:
             for cfg in self.mma_configs():
-                c[f"cuda_mma:{cfg}"] = lambda cfg=cfg: int4_mma.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg, self.pdl)
+                c[f"cuda_mma:{cfg}"] = lambda cfg=cfg: mma_small_m.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg, self.pdl)
         return c
 
     def mma_configs(self) -> list[str]:
         """The CUDA mma kernel's configs that tile this layer (none if its packing was not made)."""
         if not getattr(self, "mma_ok", False):
             return []
-        return [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, self.out_features, self.in_features, self.group)]
+        return [c for c in mma_small_m.CONFIGS if mma_small_m.config_fits(c, self.out_features, self.in_features, self.group)]
 
     def triton_configs(self, large_m: bool = False) -> list[str]:
         """The Triton tile configs that tile this layer: split-K small-M ones, or the large-M (prefill) ones."""
@@ -210,7 +210,7 @@ class Int4GemmaMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         for p in (gate_proj, up_proj):
             p.kernel = (f"auto per M (timed once, checked, cached): triton:w4a16_geglu (gate+up+gelu fused, M<={TRITON_MAX_M}) | "
-                        f"cuda:int4_mma_gemm GeGLU (gate+up+gelu fused, M<={int4_mma.MAX_M}) | per-linear: {p.kernel}")
+                        f"cuda:int4_mma_gemm GeGLU (gate+up+gelu fused, M<={mma_small_m.MAX_M}) | per-linear: {p.kernel}")
 
     def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x2), approximate="tanh") * self.up_proj(x2))
@@ -221,7 +221,7 @@ class Int4GemmaMLP(nn.Module):
 
     def _fused_mma(self, x2: torch.Tensor, cfg: str = DEFAULT_MMA_CONFIG) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        return self.down_proj(int4_mma.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg, g.pdl))
+        return self.down_proj(mma_small_m.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg, g.pdl))
 
     def _run(self, choice: str, x2: torch.Tensor) -> torch.Tensor:
         base, _, cfg = choice.partition(":")
@@ -240,7 +240,7 @@ class Int4GemmaMLP(nn.Module):
             cands = {"per_linear": lambda: self._per_linear(x2)}
             for cfg in self.gate_proj.triton_configs():
                 cands[f"fused_triton:{cfg}"] = lambda cfg=cfg: self._fused_triton(x2, cfg)
-            if x2.shape[0] <= int4_mma.MAX_M and self.up_proj.mma_configs():
+            if x2.shape[0] <= mma_small_m.MAX_M and self.up_proj.mma_configs():
                 for cfg in self.gate_proj.mma_configs():
                     cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self._fused_mma(x2, cfg)
             choice = choose_kernel(key, cands, reference="per_linear", tol=2e-2)

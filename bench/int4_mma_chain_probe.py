@@ -1,4 +1,4 @@
-"""Development probe (GPU): our CUDA int4 mma kernel (backends/int4_mma.py) in chains of 18 expert MLPs at M = 10.
+"""Development probe (GPU): our CUDA int4 mma kernel (backends/mma_small_m.py) in chains of 18 expert MLPs at M = 10.
 
     python bench/int4_mma_chain_probe.py --out bench/results/int4_mma_chains.json
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends import int4_mma  # noqa: E402
+from backends import mma_small_m  # noqa: E402
 from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 
@@ -33,18 +33,18 @@ t0 = time.time()
 
 
 def packed(n: int, k: int):
-    return int4_mma.pack_mma(*int4_pack(torch.randn(n, k, device=dev), 128), 128)
+    return mma_small_m.pack_mma(*int4_pack(torch.randn(n, k, device=dev), 128), 128)
 
 
 layers = [(packed(4096, 1024), packed(4096, 1024), packed(1024, 4096)) for _ in range(18)]  # gate, up, down
 x = torch.randn(args.m, 1024, device=dev, dtype=torch.bfloat16)
-gu_cfgs = [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, 4096, 1024, 128)]
-dn_cfgs = [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, 1024, 4096, 128)]
+gu_cfgs = [c for c in mma_small_m.CONFIGS if mma_small_m.config_fits(c, 4096, 1024, 128)]
+dn_cfgs = [c for c in mma_small_m.CONFIGS if mma_small_m.config_fits(c, 1024, 4096, 128)]
 
 
 def chain(gu: str, dn: str, pdl: bool):
     def run():
-        return [int4_mma.int4_mma_gemm(int4_mma.int4_mma_geglu(x, g[0], u[0], g[1], u[1], 128, gu, pdl), d[0], d[1], 128, dn, pdl)
+        return [mma_small_m.int4_mma_gemm(mma_small_m.int4_mma_geglu(x, g[0], u[0], g[1], u[1], 128, gu, pdl), d[0], d[1], 128, dn, pdl)
                 for g, u, d in layers]
     return run
 

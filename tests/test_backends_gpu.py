@@ -204,25 +204,25 @@ def test_large_m_int4_kernels_and_dequant(n, k, m):
 def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     """Our CUDA mma kernel (plain and GeGLU), every config that tiles the shape (split ones included), against
     the dequantized weights: called repeatedly and replayed in a CUDA graph (split counters reset)."""
-    from backends import int4_mma
+    from backends import mma_small_m
 
     torch.manual_seed(0)
     (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
-    (pa, spa), (pb, spb) = int4_mma.pack_mma(qa, sza, 128), int4_mma.pack_mma(qb, szb, 128)
+    (pa, spa), (pb, spb) = mma_small_m.pack_mma(qa, sza, 128), mma_small_m.pack_mma(qb, szb, 128)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x.float(), wa)
     want_g = F.gelu(want, approximate="tanh") * F.linear(x.float(), wb)
-    configs = [c for c in int4_mma.CONFIGS if int4_mma.config_fits(c, n, k, 128)]
-    assert any(int4_mma.parse_config(c)[2] > 1 for c in configs) and len(configs) >= 6
+    configs = [c for c in mma_small_m.CONFIGS if mma_small_m.config_fits(c, n, k, 128)]
+    assert any(mma_small_m.parse_config(c)[2] > 1 for c in configs) and len(configs) >= 6
     for c in configs:
-        run = lambda c=c: (int4_mma.int4_mma_gemm(x, pa, spa, 128, c), int4_mma.int4_mma_geglu(x, pa, pb, spa, spb, 128, c))
+        run = lambda c=c: (mma_small_m.int4_mma_gemm(x, pa, spa, 128, c), mma_small_m.int4_mma_geglu(x, pa, pb, spa, spb, 128, c))
         check_repeated_and_replayed(run, (want, want_g), c)
 
 
 def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
     """fault_ignored_scale's unit scales reach the mma packing (what runs is what scales_zeros holds), and the
     custom op runs under torch.compile(fullgraph=True)."""
-    from backends import int4_mma
+    from backends import mma_small_m
 
     torch.manual_seed(0)
     model = mlp_stack(depth=1)
@@ -235,7 +235,7 @@ def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
     want = quant_linear_reference(mod, x.float())
     assert float((after - want).norm() / want.norm()) < 0.02
     assert float((after - before).norm() / before.norm()) > 0.5
-    compiled = torch.compile(lambda t: int4_mma.int4_mma_gemm(t, mod.mma_words, mod.mma_sz, 128, "t1w4s1"), fullgraph=True)
+    compiled = torch.compile(lambda t: mma_small_m.int4_mma_gemm(t, mod.mma_words, mod.mma_sz, 128, "t1w4s1"), fullgraph=True)
     torch.testing.assert_close(compiled(x), mod(x))
 
 
@@ -256,3 +256,52 @@ def test_int4_mma_packing_only_where_m_is_small_by_default():
     assert default and all(v == n.startswith("expert.") for n, v in default.items())
     assert all(packed("prefix_mlp", mma_layers="all").values())
     assert not any(packed("expert_mlp", mma_layers="none").values())
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1024), (1024, 4096), (2048, 1024), (256, 1024)])  # expert MLP and attention shapes
+@pytest.mark.parametrize("m", [1, 10, 16])
+def test_fp8_mma_kernel_every_config_also_in_graph_replays(n, k, m):
+    """Our fp8 M <= 16 kernel (x quantized per token inside it), plain and GeGLU, every config that tiles the
+    shape, against the same W8A8 math in fp32 torch; repeated and replayed in a CUDA graph."""
+    from backends import mma_small_m
+    from backends.quant import quant_fp8_rows
+
+    torch.manual_seed(0)
+    (qa, sa), (qb, sb) = quant_fp8_rows(torch.randn(n, k, device="cuda")), quant_fp8_rows(torch.randn(n, k, device="cuda"))
+    pa, pb = mma_small_m.pack_fp8_mma(qa), mma_small_m.pack_fp8_mma(qb)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quant_fp8_rows(x.float())
+    want = (xq.float() @ qa.float().t()) * xs[:, None] * sa[None, :]
+    want_g = F.gelu(want, approximate="tanh") * ((xq.float() @ qb.float().t()) * xs[:, None] * sb[None, :])
+    s_gu = torch.cat([sa, sb]).contiguous()
+    configs = [c for c in mma_small_m.FP8_CONFIGS if mma_small_m.fp8_config_fits(c, n, k)]
+    assert configs
+    for c in configs:
+        run = lambda c=c: (mma_small_m.fp8_mma_gemm(x, pa, sa, c), mma_small_m.fp8_mma_geglu(x, pa, pb, s_gu, c))
+        check_repeated_and_replayed(run, (want, want_g), c)
+
+
+def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights():
+    """fp8 on an expert-named stack: the fragment copy exists there only, the M = 10 forward (whatever the
+    chooser picks) matches the stored e4m3 weights, and the chooser timed the mma candidates."""
+    from backends.fp8 import Fp8Linear
+    from backends.quant import CHOICE_LOG
+
+    torch.manual_seed(0)
+    root = nn.Module()
+    for stack in ("prefix", "expert"):
+        setattr(root, stack, mlp_stack(depth=1).prefix)
+    root.cuda()
+    report = get_backend("fp8", targets="prefix_mlp,expert_mlp").apply(root)
+    assert verify_report(root, report) == []
+    mods = {n: m for n, m in root.named_modules() if isinstance(m, Fp8Linear)}
+    assert all(hasattr(m, "mma_words") == n.startswith("expert.") for n, m in mods.items())
+    mlp = root.expert.layers[0].mlp
+    x = torch.randn(10, WIDTH, device="cuda", dtype=torch.bfloat16)
+    got = mlp(x).float()
+    g = quant_linear_reference(mlp.gate_proj, x.float())
+    u = quant_linear_reference(mlp.up_proj, x.float())
+    want = quant_linear_reference(mlp.down_proj, (F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float())
+    assert float((got - want).norm() / want.norm()) < 0.03
+    logs = [v for k, v in CHOICE_LOG.items() if k[0] == "fp8mlp" and k[4] == 10]
+    assert logs and any(name.startswith("fused_mma:") and isinstance(t, float) for name, t in logs[-1].items())

@@ -1,5 +1,5 @@
 // W4A16 small-M GEMM on tensor cores for the denoise loop (M = horizon x batch <= 16), compiled at run time
-// by NVRTC (backends/int4_mma.py). Written by hand because neither a library kernel nor our Triton kernel is
+// by NVRTC (backends/mma_small_m.py). Written by hand because neither a library kernel nor our Triton kernel is
 // fast at this M: every weight load of a warp is issued before the first use (no software-pipeline loop and
 // no shared-memory layout conversion between load and MMA), and the weights are dequantized straight into
 // the MMA's A-fragment registers.
@@ -9,7 +9,7 @@
 // The product is computed transposed, y^T = W x^T, with mma.sync.m16n8k16 (bf16 in, fp32 accumulate):
 // A = a 16x16 tile of W (rows n, cols k), B = x^T (16 k x 8 m), one or two m-halves (MT) for M <= 8 / 16.
 //
-// Weight layout (backends/int4_mma.py:pack_mma, checked on CPU by tests/test_int4_mma_layout.py):
+// Weight layout (backends/mma_small_m.py:pack_mma, checked on CPU by tests/test_int4_mma_layout.py):
 //   words[n_tile][kp][lane][e], uint32, kp = K/64 "k-pairs" of two 32-k blocks, e = 2 * half + step.
 //   Word (n_tile, kp, lane, e) holds the 8 nibbles this lane's A fragment needs for one m16n8k16 step.
 //   Within each 32-k block the k order is permuted (the same permutation for x): lane q = lane % 4 owns real
@@ -82,6 +82,76 @@ __device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest e
     if ((u & 0x7F800000u) == 0x7F800000u) return (unsigned short)((u >> 16) | ((u & 0xFFFF) ? 0x40 : 0));
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
+}
+
+// Steps shared by both kernels, after each warp holds its fp32 C fragments acc[NACC] (flat index
+// ((mat * NT + t) * MT + mh) * 4 + c; c = i % 4 -> n = r + 8 (c / 2), m = 2q + c % 2; m += 8 mh, n += 16 (tile0 + t)).
+
+// Sum the warps' accumulators into warp 0's: a tree through shared memory (WARPS a power of two), so the buffer
+// holds half the warps' values and the adds run in parallel. (Shared-memory float atomicAdd compiles to a CAS
+// loop on sm_90: not used.) Returns whether this warp goes on (warp 0).
+template <int NACC, int WARPS>
+__device__ __forceinline__ bool reduce_warps(float* acc, float (*red)[NACC][32], int warp, int lane) {
+    static_assert((WARPS & (WARPS - 1)) == 0, "WARPS must be a power of two");
+#pragma unroll
+    for (int half = WARPS / 2; half >= 1; half /= 2) {
+        if (warp >= half && warp < 2 * half) {
+#pragma unroll
+            for (int i = 0; i < NACC; ++i) red[warp - half][i][lane] = acc[i];
+        }
+        __syncthreads();
+        if (warp < half) {
+#pragma unroll
+            for (int i = 0; i < NACC; ++i) acc[i] += red[warp][i][lane];
+        }
+        __syncthreads();
+    }
+    return warp == 0;
+}
+
+// Warp 0: optional scales (row scale xs[m] x column scale wscale[mat * N + n] -- fp8), split-K partials (the
+// CTA that arrives last at the tile's counter adds them and resets the counter), GeGLU, bf16 store.
+template <int NMAT, int NT, int MT, int SPLIT>
+__device__ __forceinline__ void store_out(float* acc, const float* xs, const float* __restrict__ wscale, int wscale_n,
+                                          int q, int r, int tile0, int M, int N, float* __restrict__ ws,
+                                          int* __restrict__ cnt, unsigned short* __restrict__ y) {
+    constexpr int PER_MAT = NT * MT * 4, NACC = NMAT * PER_MAT;
+    const int lane = threadIdx.x & 31;
+    auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
+    auto out_n = [&](int i) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); };
+    if (xs != nullptr) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i)
+            if (out_m(i) < M) acc[i] *= xs[out_m(i)] * wscale[(i / PER_MAT) * wscale_n + out_n(i)];
+    }
+    if (SPLIT > 1) {
+        const size_t plane = (size_t)M * N;
+        float* part = ws + (size_t)blockIdx.y * NMAT * plane;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i)
+            if (out_m(i) < M) part[(i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i)] = acc[i];
+        __threadfence();  // partials visible device-wide before the arrival below
+        __syncwarp();
+        int arrived = 0;
+        if (lane == 0) arrived = atomicAdd(cnt + blockIdx.x, 1);
+        arrived = __shfl_sync(0xFFFFFFFFu, arrived, 0);
+        if (arrived != SPLIT - 1) return;
+        __threadfence();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) {
+            float sum = 0.f;
+            if (out_m(i) < M)
+                for (int sp = 0; sp < SPLIT; ++sp)
+                    sum += __ldcg(ws + (sp * NMAT + i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i));
+            acc[i] = sum;
+        }
+        if (lane == 0) cnt[blockIdx.x] = 0;  // ready for the next launch / graph replay
+    }
+#pragma unroll
+    for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
+        const float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
+        if (out_m(i) < M) y[(size_t)out_m(i) * N + out_n(i)] = f2bf(v);
+    }
 }
 
 template <int MT, int NMAT, int NT, int WARPS, int KP, int SPLIT, int GROUP>
@@ -220,55 +290,121 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
             }
         }
 
-    // 5) reduce the warps' K sub-slices through shared memory: a tree (WARPS is a power of two), so the
-    //    buffer holds half the warps' accumulators and the adds run in parallel. (Shared-memory float
-    //    atomicAdd compiles to a CAS loop on sm_90: not used.)
-    static_assert((WARPS & (WARPS - 1)) == 0, "WARPS must be a power of two");
-#pragma unroll
-    for (int half = WARPS / 2; half >= 1; half /= 2) {
-        if (warp >= half && warp < 2 * half) {
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) red[warp - half][i][lane] = acc[i];
-        }
-        __syncthreads();
-        if (warp < half) {
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) acc[i] += red[warp][i][lane];
-        }
-        __syncthreads();
-    }
-    if (warp > 0) return;
+    // 5) + 6): reduce the warps' K sub-slices, then split-K partials, GeGLU and the bf16 store
+    if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
+    store_out<NMAT, NT, MT, SPLIT>(acc, nullptr, nullptr, 0, q, r, tile0, M, N, ws, cnt, y);
+}
 
-    // 6) C fragment of acc[i]: c = i % 4 -> (n = r + 8 (c / 2), m = 2q + c % 2), m += 8 mh, n += 16 (tile0 + t)
-    auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
-    auto out_n = [&](int i) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); };
-    constexpr int PER_MAT = NT * MT * 4;
-    if (SPLIT > 1) {
-        const size_t plane = (size_t)M * N;
-        float* part = ws + (size_t)blockIdx.y * NMAT * plane;
+// ================================================================================================ fp8 (W8A8)
+// The same structure for the fp8 backend at M <= 16: e4m3 weights (per-channel fp32 scales), activations
+// quantized per token to e4m3 *inside* the kernel (each CTA reads its rows' full K once for the amax; the
+// rows are tiny), mma.sync.m16n8k32 e4m3 with fp32 accumulate, scales applied in the epilogue.
+// Weight layout (backends/mma_small_m.py:pack_fp8_mma): words[n_tile][kb][lane][j], kb = K/32 blocks; register
+// j of lane (r = lane/4, q = lane%4) holds 4 e4m3 bytes: row 16 n_tile + r + 8 (j % 2), real k
+// 32 kb + 8 q + 4 (j / 2) + byte -- the A fragment of one m16n8k32 step, with k permuted inside each 32-k block
+// (slots 4q.. <-> real 8q..8q+3, slots 16+4q.. <-> 8q+4..) so the x fragment is again one 16-byte load.
+
+__device__ __forceinline__ void mma_fp8(float* c, const u32x4& a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(u32 v) { return __uint_as_float(v & 0xFFFF0000u); }
+
+// 4 bf16 (two bf16x2 words) * inv -> 4 e4m3 bytes, element 0 in the low byte (satfinite: clamps to +-448)
+__device__ __forceinline__ u32 quant4_e4m3(u32 v01, u32 v23, float inv) {
+    unsigned short lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(bf_hi(v01) * inv), "f"(bf_lo(v01) * inv));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(bf_hi(v23) * inv), "f"(bf_lo(v23) * inv));
+    return (u32)lo | ((u32)hi << 16);
+}
+
+__device__ __forceinline__ float max_abs8(const u32x4& v) {
+    const u32 m = 0x7FFF7FFFu;  // |bf16| on both halves; max of the bit patterns = max of the values (non-negative)
+    u32 a = max(max(v.x & m, v.y & m), max(v.z & m, v.w & m));
+    return fmaxf(bf_lo(a), bf_hi(a));
+}
+
+template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
+__global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
+    const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y, float* __restrict__ ws,
+    int* __restrict__ cnt, int M, int N, int K, u32 sentinel) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, q = lane & 3;
+    const int KBT = K / 32;
+    const int kb0 = (blockIdx.y * WARPS + warp) * KB;
+    const int tile0 = blockIdx.x * NT;
+    const u32x4* wmat[2] = {wa, wb};
+    constexpr int NACC = NMAT * NT * MT * 4;
+    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
+    __shared__ int amax_bits[16];
+    __shared__ float xs[16];
+    if (threadIdx.x < 16) amax_bits[threadIdx.x] = 0;
+
+    // 1) weights, all up front (see int4_mma_gemm for why the branch)
+    u32x4 w[NMAT][NT][KB];
+    u32 all = 0;
 #pragma unroll
-        for (int i = 0; i < NACC; ++i)
-            if (out_m(i) < M) part[(i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i)] = acc[i];
-        __threadfence();  // partials visible device-wide before the arrival below
-        __syncwarp();
-        int arrived = 0;
-        if (lane == 0) arrived = atomicAdd(cnt + blockIdx.x, 1);
-        arrived = __shfl_sync(0xFFFFFFFFu, arrived, 0);
-        if (arrived != SPLIT - 1) return;
-        __threadfence();
+    for (int mat = 0; mat < NMAT; ++mat)
 #pragma unroll
-        for (int i = 0; i < NACC; ++i) {
-            float sum = 0.f;
-            if (out_m(i) < M)
-                for (int sp = 0; sp < SPLIT; ++sp)
-                    sum += __ldcg(ws + (sp * NMAT + i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i));
-            acc[i] = sum;
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int b = 0; b < KB; ++b) {
+                w[mat][t][b] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KBT + kb0 + b) * 32 + lane);
+                all ^= w[mat][t][b].x ^ w[mat][t][b].y ^ w[mat][t][b].z ^ w[mat][t][b].w;
+            }
+    if (all == sentinel) __nanosleep(32);
+
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    __syncthreads();  // amax_bits zeroed
+
+    // 2) per-token amax over the whole row (K % 256 == 0: a warp's 32 chunks of 8 lie in one row)
+    for (int c = threadIdx.x; c < M * K / 8; c += WARPS * 32) {
+        float mx = max_abs8(ld_l2(reinterpret_cast<const u32x4*>(x) + c));
+#pragma unroll
+        for (int o = 16; o >= 1; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+        if (lane == 0) atomicMax(&amax_bits[c * 8 / K], __float_as_int(mx));
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) xs[threadIdx.x] = fmaxf(__int_as_float(amax_bits[threadIdx.x]), 1e-12f) / 448.f;
+    __syncthreads();
+
+    // 3) x fragments of this warp's K slice, quantized: row m = 8 mh + r, real k 8q..8q+7 of each block
+    u32 xq[MT][KB][2];
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        const int m = 8 * mh + r;
+        const float inv = m < M ? 1.f / xs[m] : 0.f;
+#pragma unroll
+        for (int b = 0; b < KB; ++b) {
+            const u32x4 v = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
+            xq[mh][b][0] = quant4_e4m3(v.x, v.y, inv);
+            xq[mh][b][1] = quant4_e4m3(v.z, v.w, inv);
         }
-        if (lane == 0) cnt[blockIdx.x] = 0;  // ready for the next launch / graph replay
     }
+
+    // 4) multiply
+    float acc[NACC];
 #pragma unroll
-    for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
-        const float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
-        if (out_m(i) < M) y[(size_t)out_m(i) * N + out_n(i)] = f2bf(v);
-    }
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int b = 0; b < KB; ++b)
+#pragma unroll
+                for (int mh = 0; mh < MT; ++mh)
+                    mma_fp8(acc + ((mat * NT + t) * MT + mh) * 4, w[mat][t][b], xq[mh][b][0], xq[mh][b][1]);
+
+    // 5) + 6) as int4_mma_gemm, with the row and column scales
+    if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
+    store_out<NMAT, NT, MT, SPLIT>(acc, xs, wscale, N, q, r, tile0, M, N, ws, cnt, y);
 }

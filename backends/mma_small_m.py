@@ -1,4 +1,4 @@
-"""Our CUDA W4A16 kernel for M <= 16 (the denoise loop): `int4_mma.cu`, compiled at run time with NVRTC.
+"""Our CUDA W4A16 kernel for M <= 16 (the denoise loop): `mma_small_m.cu`, compiled at run time with NVRTC.
 
 Why our own: at M = 10 the expert's int4 GEMMs are bound by latency, not bytes. Library kernels (tinygemm)
 and our Triton kernel pipeline a K loop whose loads wait behind shared-memory layout conversions; this
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4_mma.cu")
+SOURCE = Path(__file__).with_name("mma_small_m.cu")
 MAX_M = 16
 MAX_KP = 8  # k-pairs (64 k each) per warp: 2 x 8 x 4 weight registers at most, no spills (ptxas -v)
 CONFIGS = ("t1w4s1", "t1w8s1", "t1w16s1", "t1w32s1", "t2w8s1", "t1w8s2", "t1w16s2", "t1w4s4", "t1w8s4", "t1w4s8")
@@ -69,7 +69,7 @@ def _fragment_index(n_tiles: int, k: int, device: torch.device) -> tuple[torch.T
 
 
 def pack_mma(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int4 backend storage -> (words int32 [N/16, K/64, 32, 4], sz int32 [N/16, K/g, 8, 4]) for int4_mma.cu."""
+    """int4 backend storage -> (words int32 [N/16, K/64, 32, 4], sz int32 [N/16, K/g, 8, 4]) for mma_small_m.cu."""
     from backends.quant import unpack_nibbles
 
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -97,7 +97,7 @@ def pack_mma(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> t
 
 
 def emulate_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """y [M, N] fp32 computed the way int4_mma.cu reads its operands: per lane, per fragment register, with
+    """y [M, N] fp32 computed the way mma_small_m.cu reads its operands: per lane, per fragment register, with
     the PTX ISA's m16n8k16 fragment positions (A: a0/a1 row r, a2/a3 row r+8, a4..a7 the same at k+8;
     B: k slots 2q, 2q+1 | 2q+8, 2q+9 at column r; C: rows r, r+8, columns 2q, 2q+1). A CPU check of
     pack_mma and of the kernel's index arithmetic."""
@@ -155,17 +155,18 @@ def _nvrtc() -> ctypes.CDLL:
                        "install nvidia-cuda-nvrtc or use backend.options.kernel=tinygemm")
 
 
-def _compile(mt: int, nmat: int, nt: int, warps: int, kp: int, split: int, group: int, device: torch.device):
-    """Compile (once per process and device) one instantiation of int4_mma_gemm to a cubin for this GPU."""
+def _compile(instance: str, device: torch.device):
+    """Compile (once per process and device) one kernel instantiation, e.g. 'int4_mma_gemm<2,2,1,16,1,1,128>',
+    to a cubin for this GPU."""
     cc = torch.cuda.get_device_capability(device)
-    key = (mt, nmat, nt, warps, kp, split, group, cc, device.index)
+    key = (instance, cc, device.index)
     kern = _KERNELS.get(key)
     if kern is not None:
         return kern
     from torch.cuda._utils import _cuda_load_module
 
     lib = _nvrtc()
-    name = f"int4_mma_gemm<{mt},{nmat},{nt},{warps},{kp},{split},{group}>".encode()
+    name = instance.encode()
     prog = ctypes.c_void_p()
 
     def check(res: int, what: str) -> None:
@@ -173,7 +174,7 @@ def _compile(mt: int, nmat: int, nt: int, warps: int, kp: int, split: int, group
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(res).decode()}")
 
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"int4_mma.cu", 0, None, None), "create")
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"mma_small_m.cu", 0, None, None), "create")
     try:
         check(lib.nvrtcAddNameExpression(prog, name), "add name")
         opts = [f"--gpu-architecture=sm_{cc[0]}{cc[1]}".encode(), b"-std=c++17"]
@@ -237,8 +238,6 @@ def _launch_pdl(kern, grid: tuple[int, int, int], block: tuple[int, int, int], a
 
 def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: torch.Tensor, szb: torch.Tensor | None,
             group: int, config: str, pdl: bool) -> torch.Tensor:
-    from backends.triton_kernels import _counters
-
     m, k = x.shape
     n = wa.shape[0] * 16
     if not 1 <= m <= MAX_M:
@@ -250,7 +249,17 @@ def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: tor
     nt, warps, split = parse_config(config)
     kp = k // (64 * warps * split)
     nmat = 1 if wb is None else 2
-    kern = _compile(1 if m <= 8 else 2, nmat, nt, warps, kp, split, group, x.device)
+    kern = _compile(f"int4_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{kp},{split},{group}>", x.device)
+    return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
+        wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL])
+
+
+def _run(kern, x: torch.Tensor, n: int, nmat: int, config: str, pdl: bool, make_args) -> torch.Tensor:
+    """Allocate y (and the split-K workspace and counters), launch kern on the current stream."""
+    from backends.triton_kernels import _counters
+
+    m = x.shape[0]
+    nt, warps, split = parse_config(config)
     y = torch.empty((m, n), device=x.device, dtype=torch.bfloat16)
     grid_x = n // (16 * nt)
     if split > 1:
@@ -258,7 +267,7 @@ def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: tor
         cnt = _counters(x.device, grid_x)
     else:
         ws, cnt = y, y  # unused by the kernel
-    args = [wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL]
+    args = make_args(y, ws, cnt)
     if pdl and torch.cuda.get_device_capability(x.device) >= (9, 0):
         _launch_pdl(kern, (grid_x, split, 1), (32 * warps, 1, 1), args)
     else:
@@ -287,3 +296,102 @@ def int4_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, szg: tor
                    group: int, config: str, pdl: bool = True) -> torch.Tensor:
     """gelu_tanh(x Wg^T) * (x Wu^T) in one launch (M <= 16)."""
     return _int4_mma_op(x, wg, wu, szg, szu, True, group, config, pdl)
+
+
+# ------------------------------------------------------------------------------------------------ fp8 (W8A8)
+FP8_CONFIGS = ("t1w4s1", "t1w8s1", "t1w16s1", "t2w8s1", "t1w8s2", "t1w16s2", "t1w4s4", "t1w8s4")
+FP8_MAX_KB = 8  # 32-k blocks per warp: at most 2 x 8 x 4 weight registers
+
+
+def fp8_config_fits(cfg: str, n: int, k: int) -> bool:
+    """Whether cfg tiles [N, K] for fp8_mma_gemm: whole 16-row tiles, K % 256 == 0 (the in-kernel amax reads
+    256-element row pieces per warp), 1..FP8_MAX_KB blocks of 32 k per warp."""
+    nt, warps, split = parse_config(cfg)
+    if n % (16 * nt) or k % 256 or k % (32 * warps * split):
+        return False
+    return 1 <= k // (32 * warps * split) <= FP8_MAX_KB
+
+
+def pack_fp8_mma(qweight: torch.Tensor) -> torch.Tensor:
+    """e4m3 weights [N, K] -> int32 words [N/16, K/32, 32, 4]: each lane's m16n8k32 A fragment per 32-k block."""
+    n, k = qweight.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"fp8 mma kernel needs N % 16 == 0 and K % 32 == 0; got N={n}, K={k}")
+    qb = qweight.contiguous().view(torch.uint8)
+    ar = functools.partial(torch.arange, device=qb.device)
+    i, b = ar(n // 16).view(-1, 1, 1, 1, 1), ar(k // 32).view(1, -1, 1, 1, 1)
+    lane, j, e = ar(32).view(1, 1, -1, 1, 1), ar(4).view(1, 1, 1, -1, 1), ar(4).view(1, 1, 1, 1, -1)
+    row = 16 * i + lane // 4 + 8 * (j % 2)
+    col = 32 * b + 8 * (lane % 4) + 4 * (j // 2) + e
+    w = (qb[row, col].to(torch.int64) << (8 * e)).sum(-1)
+    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32).contiguous()
+
+
+def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor) -> torch.Tensor:
+    """y [M, N] fp32 computed the way fp8_mma_gemm reads its operands (PTX ISA m16n8k32 fragments: A regs
+    j = 0..3 at (row r, k 4q..) (r + 8, 4q..) (r, 16 + 4q..) (r + 8, 16 + 4q..); B regs at k 4q.., 16 + 4q..,
+    column r), with x quantized per token to e4m3 as the kernel does. A CPU check of pack_fp8_mma."""
+    m_rows, k = x.shape
+    n_tiles = words.shape[0]
+    xs = x.float().abs().amax(dim=1).clamp(min=1e-12) / 448.0
+    xq = torch.zeros(16, k, dtype=torch.float64)
+    xq[:m_rows] = (x.float() / xs[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    wb = (words.to(torch.int64) & 0xFFFFFFFF)
+    e4 = lambda v: v.to(torch.uint8).view(torch.float8_e4m3fn).double()  # noqa: E731
+    lane = torch.arange(32)
+    r, q = lane // 4, lane % 4
+    acc = torch.zeros(16, n_tiles * 16, dtype=torch.float64)
+    for blk in range(k // 32):
+        for i in range(n_tiles):
+            a = torch.zeros(16, 32, dtype=torch.float64)
+            for j in range(4):
+                for byte in range(4):
+                    a[r + 8 * (j % 2), 4 * q + 16 * (j // 2) + byte] = e4((wb[i, blk, :, j] >> (8 * byte)) & 0xFF)
+            bm = torch.zeros(32, 16, dtype=torch.float64)
+            for mh in range(2):
+                for reg in range(2):
+                    for byte in range(4):
+                        bm[4 * q + 16 * reg + byte, 8 * mh + r] = xq[8 * mh + r, 32 * blk + 8 * q + 4 * reg + byte]
+            acc[:, 16 * i:16 * i + 16] += (a @ bm).t()
+    return (acc[:m_rows] * xs[:, None].double() * wscale.reshape(1, -1).double()).float()
+
+
+def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wscale: torch.Tensor, config: str,
+                pdl: bool) -> torch.Tensor:
+    m, k = x.shape
+    n = wa.shape[0] * 16
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"fp8 mma kernel is for 1 <= M <= {MAX_M}, got M={m}")
+    if not fp8_config_fits(config, n, k):
+        raise ValueError(f"fp8 mma config {config} does not tile N={n}, K={k}")
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.stride(0) != k or x.data_ptr() % 16:
+        x = x.to(torch.bfloat16).contiguous().clone()
+    nt, warps, split = parse_config(config)
+    nmat = 1 if wb is None else 2
+    kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{k // (32 * warps * split)},{split}>", x.device)
+    ws_ = wscale.reshape(-1).float().contiguous()
+    return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
+        wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL])
+
+
+@torch.library.custom_op("evalkit::fp8_mma_gemm", mutates_args=())
+def _fp8_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, wscale: torch.Tensor, geglu: bool, config: str,
+                pdl: bool) -> torch.Tensor:
+    return _launch_fp8(x, wa, wb if geglu else None, wscale, config, pdl)
+
+
+@_fp8_mma_op.register_fake
+def _(x, wa, wb, wscale, geglu, config, pdl):
+    return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
+
+
+def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, config: str, pdl: bool = True) -> torch.Tensor:
+    """y [M, N] bf16 = (x quantized per token to e4m3) @ W^T, W e4m3 packed by pack_fp8_mma with per-channel
+    scales wscale [N] (M <= 16)."""
+    return _fp8_mma_op(x, words, words, wscale, False, config, pdl)
+
+
+def fp8_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, config: str,
+                  pdl: bool = True) -> torch.Tensor:
+    """gelu_tanh(x Wg^T) * (x Wu^T), one launch; wscale_gu = [gate scales | up scales] (2N, contiguous)."""
+    return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl)
