@@ -322,10 +322,11 @@ __device__ __forceinline__ u32 quant4_e4m3(u32 v01, u32 v23, float inv) {
     return (u32)lo | ((u32)hi << 16);
 }
 
-__device__ __forceinline__ float max_abs8(const u32x4& v) {
-    const u32 m = 0x7FFF7FFFu;  // |bf16| on both halves; max of the bit patterns = max of the values (non-negative)
-    u32 a = max(max(v.x & m, v.y & m), max(v.z & m, v.w & m));
-    return fmaxf(bf_lo(a), bf_hi(a));
+__device__ __forceinline__ float max_abs8(const u32x4& v) {  // max |.| of 8 bf16 (each half on its own)
+    const u32 m = 0x7FFF7FFFu;
+    const u32 a = v.x & m, b = v.y & m, c = v.z & m, d = v.w & m;
+    return fmaxf(fmaxf(fmaxf(bf_lo(a), bf_hi(a)), fmaxf(bf_lo(b), bf_hi(b))),
+                 fmaxf(fmaxf(bf_lo(c), bf_hi(c)), fmaxf(bf_lo(d), bf_hi(d))));
 }
 
 template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
