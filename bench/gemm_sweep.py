@@ -220,7 +220,7 @@ def stacked(result: dict, save, labels: list[str], depth: int, sets: list[str]) 
                         "x_weight_read_floor": ms / read_floor, "x_floor": ms / floor,
                         "out_cosine_vs_bf16": float(torch.nn.functional.cosine_similarity(out.float().flatten(), base_out[m].float().flatten(), dim=0)) if m in base_out else None,
                     }
-                    if label.startswith(("int4", "int8_weight_only")):
+                    if label.startswith(("int4", "int8_weight_only", "fp8")):
                         row["kernel_choices"] = {str(k): v for k, v in KERNEL_CHOICE.items() if k[4] == m}
                         row["kernel_choice_log"] = {str(k): v for k, v in CHOICE_LOG.items() if k[4] == m}
                     result["stacked"].append(row)
