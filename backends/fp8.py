@@ -189,7 +189,10 @@ class Fp8GemmaMLP(nn.Module):
         for cfg in g.mma_configs:
             cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(mma_small_m.fp8_mma_geglu(
                 x2, g.mma_words, self.up_proj.mma_words, self._gu[1], cfg, g.pdl))
-        return choose_kernel(key, cands, reference="scaled_mm", tol=2e-2)
+        # 3e-2: the mma path rounds h = gelu(g)*u to bf16 before down_proj quantizes it, the reference quantizes
+        # it from fp32 and accumulates with cuBLAS's fast fp8 accumulation; the two differ by ~2 % (measured)
+        # while a dropped scale or wrong layout is off by ~100 %. The GPU tests check both against fp32 math.
+        return choose_kernel(key, cands, reference="scaled_mm", tol=3e-2)
 
     def _scaled_mm_mlp(self, x2: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         xq, xs = quant_act_fp8(x2)

@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 
 // ================================================================================================ fp8 (W8A8)
 // The same structure for the fp8 backend at M <= 16: e4m3 weights (per-channel fp32 scales), activations
-// quantized per token to e4m3 *inside* the kernel (each CTA reads its rows' full K once for the amax; the
-// rows are tiny), mma.sync.m16n8k32 e4m3 with fp32 accumulate, scales applied in the epilogue.
+// quantized per token to e4m3 *inside* the kernel (each CTA reads the rows' full K once for the amax, one
+// warp per row; the rows are tiny and sit in L2), mma.sync.m16n8k32 e4m3 with fp32 accumulate, scales applied in the epilogue.
 // Weight layout (backends/mma_small_m.py:pack_fp8_mma): words[n_tile][kb][lane][j], kb = K/32 blocks; register
 // j of lane (r = lane/4, q = lane%4) holds 4 e4m3 bytes: row 16 n_tile + r + 8 (j % 2), real k
 // 32 kb + 8 q + 4 (j / 2) + byte -- the A fragment of one m16n8k32 step, with k permuted inside each 32-k block
@@ -342,9 +342,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     const u32x4* wmat[2] = {wa, wb};
     constexpr int NACC = NMAT * NT * MT * 4;
     __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
-    __shared__ int amax_bits[16];
-    __shared__ float xs[16];
-    if (threadIdx.x < 16) amax_bits[threadIdx.x] = 0;
+    __shared__ float xs[16];  // per-token scales amax / 448
 
     // 1) weights, all up front (see int4_mma_gemm for why the branch)
     u32x4 w[NMAT][NT][KB];
@@ -364,20 +362,30 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-    __syncthreads();  // amax_bits zeroed
+    // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block), loaded before
+    //    the amax pass so both L2 round trips overlap
+    u32x4 xr[MT][KB];
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh)
+#pragma unroll
+        for (int b = 0; b < KB; ++b) {
+            const int m = 8 * mh + r;
+            xr[mh][b] = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
+        }
 
-    // 2) per-token amax over the whole row (K % 256 == 0: a warp's 32 chunks of 8 lie in one row)
-    for (int c = threadIdx.x; c < M * K / 8; c += WARPS * 32) {
-        float mx = max_abs8(ld_l2(reinterpret_cast<const u32x4*>(x) + c));
+    // 3) per-token amax over the whole row: warp w takes rows w, w + WARPS, ...; 8 loads in flight per lane
+    for (int row = warp; row < M; row += WARPS) {
+        const u32x4* xrow = reinterpret_cast<const u32x4*>(x + (size_t)row * K);
+        float mx = 0.f;
+#pragma unroll 8
+        for (int c = lane; c < K / 8; c += 32) mx = fmaxf(mx, max_abs8(ld_l2(xrow + c)));
 #pragma unroll
         for (int o = 16; o >= 1; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-        if (lane == 0) atomicMax(&amax_bits[c * 8 / K], __float_as_int(mx));
+        if (lane == 0) xs[row] = fmaxf(mx, 1e-12f) / 448.f;
     }
     __syncthreads();
-    if (threadIdx.x < 16) xs[threadIdx.x] = fmaxf(__int_as_float(amax_bits[threadIdx.x]), 1e-12f) / 448.f;
-    __syncthreads();
 
-    // 3) x fragments of this warp's K slice, quantized: row m = 8 mh + r, real k 8q..8q+7 of each block
+    // quantize the fragments: e4m3 of x / xs[m], 4 per register
     u32 xq[MT][KB][2];
 #pragma unroll
     for (int mh = 0; mh < MT; ++mh) {
@@ -385,9 +393,8 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
         const float inv = m < M ? 1.f / xs[m] : 0.f;
 #pragma unroll
         for (int b = 0; b < KB; ++b) {
-            const u32x4 v = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
-            xq[mh][b][0] = quant4_e4m3(v.x, v.y, inv);
-            xq[mh][b][1] = quant4_e4m3(v.z, v.w, inv);
+            xq[mh][b][0] = quant4_e4m3(xr[mh][b].x, xr[mh][b].y, inv);
+            xq[mh][b][1] = quant4_e4m3(xr[mh][b].z, xr[mh][b].w, inv);
         }
     }
 

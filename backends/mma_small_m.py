@@ -304,10 +304,9 @@ FP8_MAX_KB = 8  # 32-k blocks per warp: at most 2 x 8 x 4 weight registers
 
 
 def fp8_config_fits(cfg: str, n: int, k: int) -> bool:
-    """Whether cfg tiles [N, K] for fp8_mma_gemm: whole 16-row tiles, K % 256 == 0 (the in-kernel amax reads
-    256-element row pieces per warp), 1..FP8_MAX_KB blocks of 32 k per warp."""
+    """Whether cfg tiles [N, K] for fp8_mma_gemm: whole 16-row tiles, 1..FP8_MAX_KB blocks of 32 k per warp."""
     nt, warps, split = parse_config(cfg)
-    if n % (16 * nt) or k % 256 or k % (32 * warps * split):
+    if n % (16 * nt) or k % (32 * warps * split):
         return False
     return 1 <= k // (32 * warps * split) <= FP8_MAX_KB
 

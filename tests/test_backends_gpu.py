@@ -284,6 +284,7 @@ def test_fp8_mma_kernel_every_config_also_in_graph_replays(n, k, m):
 def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights():
     """fp8 on an expert-named stack: the fragment copy exists there only, the M = 10 forward (whatever the
     chooser picks) matches the stored e4m3 weights, and the chooser timed the mma candidates."""
+    from backends import mma_small_m
     from backends.fp8 import Fp8Linear
     from backends.quant import CHOICE_LOG
 
@@ -303,5 +304,9 @@ def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights()
     u = quant_linear_reference(mlp.up_proj, x.float())
     want = quant_linear_reference(mlp.down_proj, (F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float())
     assert float((got - want).norm() / want.norm()) < 0.03
+    for cfg in mlp.gate_proj.mma_configs:  # every fused mma candidate, whatever the chooser kept
+        h = mma_small_m.fp8_mma_geglu(x, mlp.gate_proj.mma_words, mlp.up_proj.mma_words, mlp._gu[1], cfg)
+        alt = mlp.down_proj(h).float()
+        assert float((alt - want).norm() / want.norm()) < 0.03, cfg
     logs = [v for k, v in CHOICE_LOG.items() if k[0] == "fp8mlp" and k[4] == 10]
     assert logs and any(name.startswith("fused_mma:") and isinstance(t, float) for name, t in logs[-1].items())
