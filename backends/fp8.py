@@ -16,8 +16,6 @@ action expert's layers (`options.mma_layers=expert`, default; `all` | `none`).
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
@@ -27,7 +25,7 @@ from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_k
                             quant_fp8_rows)
 from backends.targets import replace_module
 from backends.triton_kernels import geglu_quant_fp8, rowwise_quant, triton_available
-from evalkit.errors import BadInput, CapabilityError
+from evalkit.errors import CapabilityError
 
 
 def quant_act_fp8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,10 +240,7 @@ class FP8Backend(QuantBackend):
         self.capability_notes.append(capability_line(True, f"triton {ver} (fused per-token fp8 quantization)"))
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
-        mma_layers = self.options.get("mma_layers", "expert")
-        if mma_layers not in ("expert", "all", "none"):
-            raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
-        mma_pack = mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", name) is not None)
+        mma_pack = mma_small_m.wants_packing(name, self.options.get("mma_layers", "expert"))
         mod = Fp8Linear(linear.to(device), self.base_dtype, emulated=self.engine == "emulated",
                         fast_accum=bool(self.options.get("fast_accum", True)), mma_pack=mma_pack)
         mod.pdl = bool(self.options.get("pdl", True))

@@ -23,8 +23,6 @@ all of them; the weight-read floor counts one (`read_bytes`).
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -287,13 +285,9 @@ class Int4Backend(QuantBackend):
         mode = "emulated" if self.engine == "emulated" else ("cuda" if device.type == "cuda" else "cpu")
         if mode == "cuda" and linear.in_features % (INNER_K_TILES * 16):
             raise BadInput(f"{name}: tinygemm needs in_features % {INNER_K_TILES * 16} == 0, got {linear.in_features}")
-        mma_layers = self.options.get("mma_layers", "expert")
-        if mma_layers not in ("expert", "all", "none"):
-            raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
-        # The mma kernel's packing is one more copy of the weights: by default only where M <= 16 is expected
-        # (the action expert's layers run at M = horizon x batch), or where options.kernel forces that kernel.
-        forced_mma = str(self.options.get("kernel", "auto")).startswith("cuda_mma")
-        mma_pack = forced_mma or mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", name) is not None)
+        # the mma kernel's packing is one more copy of the weights: only where M <= 16 is expected
+        mma_pack = mma_small_m.wants_packing(name, self.options.get("mma_layers", "expert"),
+                                             forced=str(self.options.get("kernel", "auto")).startswith("cuda_mma"))
         mod = Int4Linear(linear.to(device), self.base_dtype, group, mode, device, mma_pack=mma_pack)
         mod.pdl = bool(self.options.get("pdl", True))
         kernel = self.options.get("kernel", "auto")

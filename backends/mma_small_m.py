@@ -33,6 +33,17 @@ _SENTINEL = 0x5EED1234  # the kernel's load-ordering branch compares against thi
 _KERNELS: dict[tuple, object] = {}
 
 
+def wants_packing(layer_name: str, mma_layers: str, forced: bool = False) -> bool:
+    """Whether a quantized layer keeps the M <= 16 kernels' fragment copy of its weights: `options.mma_layers`
+    = expert (default: the action expert's layers, which run at M = horizon x batch) | all | none, or a
+    forced small-M kernel."""
+    from evalkit.errors import BadInput
+
+    if mma_layers not in ("expert", "all", "none"):
+        raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
+    return forced or mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", layer_name) is not None)
+
+
 def parse_config(cfg: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"t(\d+)w(\d+)s(\d+)", cfg)
     if not m:

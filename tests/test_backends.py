@@ -443,3 +443,8 @@ def test_backend_docs_tables_are_printed_from_the_committed_results():
 def test_int4_mma_layers_option_is_checked():
     with pytest.raises(BadInput, match="mma_layers 'some' unknown; valid: expert, all, none"):
         get_backend("int4", targets="prefix_mlp", mma_layers="some", group_size=32).apply(tiny_policy().model)
+
+
+def test_fp8_mma_layers_option_is_checked():
+    with pytest.raises(BadInput, match="mma_layers 'x' unknown; valid: expert, all, none"):
+        get_backend("fp8", targets="prefix_mlp", engine="emulated", mma_layers="x").apply(tiny_policy().model)
