@@ -9,7 +9,7 @@
 // The product is computed transposed, y^T = W x^T, with mma.sync.m16n8k16 (bf16 in, fp32 accumulate):
 // A = a 16x16 tile of W (rows n, cols k), B = x^T (16 k x 8 m), one or two m-halves (MT) for M <= 8 / 16.
 //
-// Weight layout (backends/mma_small_m.py:pack_mma, checked on CPU by tests/test_int4_mma_layout.py):
+// Weight layout (backends/mma_small_m.py:pack_mma, checked on CPU by tests/test_mma_small_m_layout.py):
 //   words[n_tile][kp][lane][e], uint32, kp = K/64 "k-pairs" of two 32-k blocks, e = 2 * half + step.
 //   Word (n_tile, kp, lane, e) holds the 8 nibbles this lane's A fragment needs for one m16n8k16 step.
 //   Within each 32-k block the k order is permuted (the same permutation for x): lane q = lane % 4 owns real

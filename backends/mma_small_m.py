@@ -1,4 +1,5 @@
-"""Our CUDA W4A16 kernel for M <= 16 (the denoise loop): `mma_small_m.cu`, compiled at run time with NVRTC.
+"""Our CUDA kernels for M <= 16 (the denoise loop): `mma_small_m.cu`, compiled at run time with NVRTC --
+`int4_mma_gemm` (W4A16, below) and `fp8_mma_gemm` (W8A8: x quantized per token inside the kernel, end of file).
 
 Why our own: at M = 10 the expert's int4 GEMMs are bound by latency, not bytes. Library kernels (tinygemm)
 and our Triton kernel pipeline a K loop whose loads wait behind shared-memory layout conversions; this
@@ -8,7 +9,7 @@ needs no shared memory until the final cross-warp reduction (see the .cu header 
 Pieces:
 - `pack_mma`: re-lays the int4 backend's storage (nibble-packed [N, K/2] + scales/zeros [K/g, N, 2]) into
   per-lane fragment words and duplicated (s, z) pairs. Pure torch; the layout is checked on CPU by emulating
-  the kernel's fragment reads (`emulate_mma_gemm`, tests/test_int4_mma_layout.py).
+  the kernel's fragment reads (`emulate_mma_gemm`, tests/test_mma_small_m_layout.py).
 - `int4_mma_gemm`: the launch (a `torch.library` custom op, so `torch.compile` treats it as one opaque call;
   CUDA-graph capturable), by default with programmatic dependent launch on sm_90+ (`cuLaunchKernelEx`):
   the kernel's weight loads start while the previous kernel on the stream finishes. Configs `t{NT}w{WARPS}s{SPLIT}` (n-tiles per CTA, warps per CTA, CTAs along K);
