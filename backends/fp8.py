@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from backends import mma_small_m
-
 from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_kernel, fake_quant_fp8_rows, linear_fp32,
                             quant_fp8_rows)
 from backends.targets import replace_module

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends import mma_small_m
 from backends.quant import (
     QuantBackend,
     QuantLinear,
@@ -37,7 +38,6 @@ from backends.quant import (
     linear_fp32,
     unpack_nibbles,
 )
-from backends import mma_small_m
 from backends.quant import choose_kernel
 from backends.targets import replace_module
 from backends.triton_kernels import (

@@ -39,7 +39,7 @@ __device__ __forceinline__ u32x4 ld_stream(const u32x4* p) {  // weights: read o
     return v;
 }
 
-__device__ __forceinline__ u32x4 ld_shared_ro(const u32x4* p) {  // scales: constant, re-read by every CTA
+__device__ __forceinline__ u32x4 ld_const(const u32x4* p) {  // scales: constant, re-read by every CTA
     u32x4 v;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
@@ -71,6 +71,25 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 xor4(const u32x4& v) { return v.x ^ v.y ^ v.z ^ v.w; }
+
+// ptxas sinks loads next to their first use (it issued half of a warp's weight loads after its first MMAs),
+// which serializes DRAM latency. A branch on a value that needs every loaded word (`all`, an XOR of them)
+// makes all loads issue before this point; the branch itself is harmless either way.
+__device__ __forceinline__ void issue_loads_before_here(u32 all, u32 sentinel) {
+    if (all == sentinel) __nanosleep(32);
+}
+
+// Programmatic dependent launch (sm_90): let the next kernel on the stream start its own weight loads, then
+// wait until the previous kernel (which wrote x, and may still read memory this kernel writes) has completed.
+// Both are no-ops when the launch did not ask for it.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ float gelu_tanh(float g) {
@@ -185,22 +204,20 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
                 w[mat][t][p] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KPT + kp0 + p) * 32 + lane);
 #pragma unroll
             for (int g = 0; g < NG; ++g)
-                szf[mat][t][g] = ld_shared_ro(szmat[mat] + ((size_t)(tile0 + t) * (K / GROUP) + kp0 / KPG + g) * 8 + r);
+                szf[mat][t][g] = ld_const(szmat[mat] + ((size_t)(tile0 + t) * (K / GROUP) + kp0 / KPG + g) * 8 + r);
         }
 
-    // ptxas sinks loads next to their first use (it issued half of them after the first MMAs), which
-    // serializes DRAM latency. A branch on a value that needs every loaded word makes all loads issue first.
     u32 all = 0;
 #pragma unroll
     for (int mat = 0; mat < NMAT; ++mat)
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
 #pragma unroll
-            for (int p = 0; p < KP; ++p) all ^= w[mat][t][p].x ^ w[mat][t][p].y ^ w[mat][t][p].z ^ w[mat][t][p].w;
+            for (int p = 0; p < KP; ++p) all ^= xor4(w[mat][t][p]);
 #pragma unroll
             for (int g = 0; g < NG; ++g) all ^= szf[mat][t][g].x ^ szf[mat][t][g].w;
         }
-    if (all == sentinel) __nanosleep(32);  // harmless either way; only the dependency matters
+    issue_loads_before_here(all, sentinel);
 
     // Small per-warp work (the many-warp configs): dequantize every A fragment now, before waiting for the
     // previous kernel, so only x loads, MMAs and the reduction remain on the dependent path.
@@ -225,13 +242,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
                 }
     }
 
-#if __CUDA_ARCH__ >= 900
-    // 2) programmatic dependent launch: let the next kernel start its own weight loads, then wait until the
-    //    previous kernel (which wrote x, and may still read memory we are about to write) has completed.
-    //    Both are no-ops when the launch did not ask for it.
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    // 2) everything above overlaps the previous kernel's tail; x is its output
+    wait_for_previous_kernel();
 
     // 3) x fragments: row m = 8 * mh + r, real k 8q..8q+7 of each 32-k block (16 bytes); rows >= M are zero
     u32x4 xf[MT][KP][2];
@@ -253,7 +265,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
         for (int p = 0; p < KP; ++p)
 #pragma unroll
             for (int h = 0; h < 2; ++h) xall ^= xf[mh][p][h].x ^ xf[mh][p][h].w;
-    if (xall == sentinel) __nanosleep(32);
+    issue_loads_before_here(xall, sentinel);
 
     // 4) dequantize into A fragments and multiply. acc is flat: index ((mat * NT + t) * MT + mh) * 4 + c
     float acc[NACC];
@@ -354,14 +366,10 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
 #pragma unroll
             for (int b = 0; b < KB; ++b) {
                 w[mat][t][b] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KBT + kb0 + b) * 32 + lane);
-                all ^= w[mat][t][b].x ^ w[mat][t][b].y ^ w[mat][t][b].z ^ w[mat][t][b].w;
+                all ^= xor4(w[mat][t][b]);
             }
-    if (all == sentinel) __nanosleep(32);
-
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    issue_loads_before_here(all, sentinel);
+    wait_for_previous_kernel();
     // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block), loaded before
     //    the amax pass so both L2 round trips overlap
     u32x4 xr[MT][KB];

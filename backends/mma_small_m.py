@@ -48,7 +48,8 @@ def wants_packing(layer_name: str, mma_layers: str, forced: bool = False) -> boo
 def parse_config(cfg: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"t(\d+)w(\d+)s(\d+)", cfg)
     if not m:
-        raise ValueError(f"int4 mma config '{cfg}' is not t<n-tiles>w<warps>s<split>; known: {', '.join(CONFIGS)}")
+        raise ValueError(f"mma config '{cfg}' is not t<n-tiles>w<warps>s<split>; int4: {', '.join(CONFIGS)}; "
+                         f"fp8: {', '.join(FP8_CONFIGS)}")
     return int(m[1]), int(m[2]), int(m[3])
 
 
@@ -64,6 +65,11 @@ def config_fits(cfg: str, n: int, k: int, group: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ packing
+def _as_int32_words(w: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the same bits as int32 (the kernels read them as u32)."""
+    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+
+
 def _fragment_index(n_tiles: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, k) of every nibble of every word: shape [n_tiles, K/64, 32 lanes, 4 words, 8 nibbles]."""
     ar = functools.partial(torch.arange, device=device)
@@ -95,7 +101,7 @@ def pack_mma(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> t
         tiles = min(step, n // 16 - t0)
         row, col = _fragment_index(tiles, k, q.device)
         w = (q[row + 16 * t0, col].to(torch.int64) << shifts).sum(-1)
-        words[t0:t0 + tiles] = torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+        words[t0:t0 + tiles] = _as_int32_words(w)
     s, z = scales_zeros[..., 0], scales_zeros[..., 1]  # [G, N] bf16
     g = s.shape[0]
 
@@ -163,8 +169,8 @@ def _nvrtc() -> ctypes.CDLL:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise RuntimeError(f"NVRTC not found (tried {', '.join(tried[:4])}, ...): the int4 mma kernel compiles with it; "
-                       "install nvidia-cuda-nvrtc or use backend.options.kernel=tinygemm")
+    raise RuntimeError(f"NVRTC not found (tried {', '.join(tried[:4])}, ...): our M <= 16 kernels compile with it; "
+                       "install nvidia-cuda-nvrtc or set backend.options.mma_layers=none")
 
 
 def _compile(instance: str, device: torch.device):
@@ -248,16 +254,23 @@ def _launch_pdl(kern, grid: tuple[int, int, int], block: tuple[int, int, int], a
         raise RuntimeError(f"cuLaunchKernelEx (programmatic dependent launch) failed with CUresult {res}")
 
 
+def _rows(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [M, K] as the kernels read it: 1 <= M <= MAX_M, bf16, contiguous 16-byte aligned rows (16-byte loads)."""
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"{kind} mma kernel is for 1 <= M <= {MAX_M}, got M={m}")
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.stride(0) != k or x.data_ptr() % 16:
+        x = x.to(torch.bfloat16).contiguous().clone()
+    return x
+
+
 def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: torch.Tensor, szb: torch.Tensor | None,
             group: int, config: str, pdl: bool) -> torch.Tensor:
     m, k = x.shape
     n = wa.shape[0] * 16
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"int4 mma kernel is for 1 <= M <= {MAX_M}, got M={m}")
     if not config_fits(config, n, k, group):
         raise ValueError(f"int4 mma config {config} does not tile N={n}, K={k}, group={group}")
-    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.stride(0) != k or x.data_ptr() % 16:
-        x = x.to(torch.bfloat16).contiguous().clone()  # 16-byte aligned rows for the x fragment loads
+    x = _rows(x, "int4")
     nt, warps, split = parse_config(config)
     kp = k // (64 * warps * split)
     nmat = 1 if wb is None else 2
@@ -335,7 +348,7 @@ def pack_fp8_mma(qweight: torch.Tensor) -> torch.Tensor:
     row = 16 * i + lane // 4 + 8 * (j % 2)
     col = 32 * b + 8 * (lane % 4) + 4 * (j // 2) + e
     w = (qb[row, col].to(torch.int64) << (8 * e)).sum(-1)
-    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32).contiguous()
+    return _as_int32_words(w).contiguous()
 
 
 def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor) -> torch.Tensor:
@@ -371,12 +384,9 @@ def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wsca
                 pdl: bool) -> torch.Tensor:
     m, k = x.shape
     n = wa.shape[0] * 16
-    if not 1 <= m <= MAX_M:
-        raise ValueError(f"fp8 mma kernel is for 1 <= M <= {MAX_M}, got M={m}")
     if not fp8_config_fits(config, n, k):
         raise ValueError(f"fp8 mma config {config} does not tile N={n}, K={k}")
-    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.stride(0) != k or x.data_ptr() % 16:
-        x = x.to(torch.bfloat16).contiguous().clone()
+    x = _rows(x, "fp8")
     nt, warps, split = parse_config(config)
     nmat = 1 if wb is None else 2
     kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{k // (32 * warps * split)},{split}>", x.device)
