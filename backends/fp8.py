@@ -8,9 +8,9 @@ activation (the preceding norm or GeGLU) rather than calling our kernel as an op
 fake-quantizes activations per token in torch, multiplying in fp32: accuracy studies only.
 
 At M <= 16 (the action expert's denoise GEMMs) the native engine also times our CUDA kernel
-(`backends/mma_small_m.cu:fp8_mma_gemm`: the same W8A8 math -- x quantized per token to e4m3 inside the
-kernel, `mma.sync` e4m3 with fp32 accumulation, both scales in the epilogue) against `_scaled_mm`, once per
-shape, and keeps the faster; it reads a fragment-ordered copy of the weights (`mma_words`), made for the
+(`backends/mma_small_m.cu:fp8_mma_gemm`: W8A8 with x quantized to e4m3 inside the kernel, one scale per token
+and per warp K slice -- finer than per token, so no less accurate -- `mma.sync` e4m3 with fp32 accumulation)
+against `_scaled_mm`, once per shape (each candidate checked against its own exact math), and keeps the faster; it reads a fragment-ordered copy of the weights (`mma_words`), made for the
 action expert's layers (`options.mma_layers=expert`, default; `all` | `none`).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends import mma_small_m
+from backends import fused_qkv, mma_small_m
 from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_kernel, fake_quant_fp8_rows, linear_fp32,
                             quant_fp8_rows)
 from backends.targets import replace_module
@@ -60,6 +60,7 @@ class Fp8Linear(QuantLinear):
         self.mma_configs = [c for c in mma_small_m.FP8_CONFIGS if mma_small_m.fp8_config_fits(c, self.out_features, self.in_features)]
         if mma_pack and not emulated and q.is_cuda and self.mma_configs:
             self.register_buffer("mma_words", mma_small_m.pack_fp8_mma(q))  # the M <= 16 kernel's fragment order
+            self.activation_precision = "fp8_e4m3 (dynamic per-token; M<=16 mma kernel: per token and K slice)"
         else:
             self.mma_configs = []
         self.kernel = (
@@ -71,7 +72,7 @@ class Fp8Linear(QuantLinear):
 
     def mma_note(self) -> str:
         return (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and cuda:fp8_mma_gemm "
-                "(x quantized per token in the kernel, mma.sync e4m3)") if self.mma_configs else ""
+                "(x quantized in the kernel per token and warp K slice of K/(warps*split), mma.sync e4m3)") if self.mma_configs else ""
 
     def read_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for n, t in self.named_buffers() if n != "mma_words")
@@ -81,10 +82,16 @@ class Fp8Linear(QuantLinear):
         if not self.mma_configs or x2.shape[0] > mma_small_m.MAX_M:
             return "scaled_mm"
         key = ("fp8", x2.device.index, self.out_features, self.in_features, x2.shape[0])
-        cands = {"scaled_mm": scaled_mm}
+        cands, refs = {"scaled_mm": scaled_mm}, {}
         for cfg in self.mma_configs:
             cands[f"cuda_mma:{cfg}"] = lambda cfg=cfg: mma_small_m.fp8_mma_gemm(x2, self.mma_words, self.wscale, cfg, self.pdl)
-        return choose_kernel(key, cands, reference="scaled_mm")
+            refs[f"cuda_mma:{cfg}"] = lambda cfg=cfg: self.mma_reference(x2, cfg)
+        return choose_kernel(key, cands, reference="scaled_mm", own_refs=refs)
+
+    def mma_reference(self, x2: torch.Tensor, cfg: str) -> torch.Tensor:
+        """What fp8_mma_gemm under cfg computes, in fp32 torch: x scaled per token and per warp K slice."""
+        xq = mma_small_m.fake_quant_fp8_slices(x2, mma_small_m.fp8_kslice(cfg, self.in_features))
+        return torch.nn.functional.linear(xq, self.dequantized_weight())
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.wscale.reshape(-1, 1)
@@ -149,7 +156,7 @@ class Fp8GemmaMLP(nn.Module):
         gate_proj.kernel = up_proj.kernel = ("triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc
                                              + " over stacked gate|up weights"
                                              + (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and "
-                                                "cuda:fp8_mma_gemm GeGLU (gate+up+gelu in one launch, x quantized in the kernel)" if self.mma else ""))
+                                                "cuda:fp8_mma_gemm GeGLU (gate+up+gelu in one launch, x quantized in the kernel per token and K slice)" if self.mma else ""))
         down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc + down_proj.mma_note()
         self._stack_gate_up()
 
@@ -182,14 +189,16 @@ class Fp8GemmaMLP(nn.Module):
         if not self.mma or x2.shape[0] > mma_small_m.MAX_M or g.bias is not None or self.up_proj.bias is not None:
             return "scaled_mm"
         key = ("fp8mlp", x2.device.index, g.out_features, g.in_features, x2.shape[0])
-        cands = {"scaled_mm": lambda: self._scaled_mm_mlp(x2, x2.shape)}
+        cands, refs = {"scaled_mm": lambda: self._scaled_mm_mlp(x2, x2.shape)}, {}
         for cfg in g.mma_configs:
             cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(mma_small_m.fp8_mma_geglu(
                 x2, g.mma_words, self.up_proj.mma_words, self._gu[1], cfg, g.pdl))
-        # 3e-2: the mma path rounds h = gelu(g)*u to bf16 before down_proj quantizes it, the reference quantizes
-        # it from fp32 and accumulates with cuBLAS's fast fp8 accumulation; the two differ by ~2 % (measured)
-        # while a dropped scale or wrong layout is off by ~100 %. The GPU tests check both against fp32 math.
-        return choose_kernel(key, cands, reference="scaled_mm", tol=3e-2)
+            refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(torch.nn.functional.gelu(
+                g.mma_reference(x2, cfg), approximate="tanh").mul(self.up_proj.mma_reference(x2, cfg)).to(torch.bfloat16))
+        # Each fused candidate against its own math (x scaled per K slice, h rounded to bf16, then the same
+        # down_proj): 2e-2 leaves room for fp32 summation order and tanh, while a dropped scale or wrong
+        # layout is off by ~100 %. The GPU tests check both paths against fp32 math.
+        return choose_kernel(key, cands, reference="scaled_mm", tol=2e-2, own_refs=refs)
 
     def _scaled_mm_mlp(self, x2: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         xq, xs = quant_act_fp8(x2)
@@ -212,8 +221,11 @@ class FP8Backend(QuantBackend):
     engines = ("native", "emulated")
 
     def post_replace(self, model: nn.Module) -> None:
-        """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true)."""
-        self._fused = 0
+        """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true); stack
+        q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
+        self._fused = self._fused_qkv = 0
+        if self.engine == "native" and self.options.get("fuse_qkv", True):
+            self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
         if self.engine != "native" or not self.options.get("fuse_mlp", True):
             return
         for name, mod in list(model.named_modules()):
@@ -225,8 +237,9 @@ class FP8Backend(QuantBackend):
                 self._fused += 1
 
     def extra_notes(self) -> list[str]:
-        n = getattr(self, "_fused", 0)
-        return [f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []
+        n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
+        return ([f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []) + (
+            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends import mma_small_m
+from backends import fused_qkv, mma_small_m
 from backends.quant import (
     QuantBackend,
     QuantLinear,
@@ -251,8 +251,11 @@ class Int4Backend(QuantBackend):
     engines = ("native", "emulated")
 
     def post_replace(self, model: nn.Module) -> None:
-        """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true)."""
-        self._fused = 0
+        """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true); stack
+        q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
+        self._fused = self._fused_qkv = 0
+        if self.engine == "native" and self.options.get("fuse_qkv", True):
+            self._fused_qkv = fused_qkv.install(model, "int4", lambda p: isinstance(p, Int4Linear) and p.mode == "cuda")
         if self.engine != "native" or not self.options.get("fuse_mlp", True) or not triton_available():
             return
         for name, mod in list(model.named_modules()):
@@ -264,8 +267,9 @@ class Int4Backend(QuantBackend):
                 self._fused += 1
 
     def extra_notes(self) -> list[str]:
-        n = getattr(self, "_fused", 0)
-        return [f"{n} GeGLU MLPs may run gate+up+gelu as one Triton kernel where it is faster (M <= {TRITON_MAX_M})"] if n else []
+        n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
+        return ([f"{n} GeGLU MLPs may run gate+up+gelu as one Triton kernel where it is faster (M <= {TRITON_MAX_M})"] if n else []) + (
+            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -128,20 +128,20 @@ __device__ __forceinline__ bool reduce_warps(float* acc, float (*red)[NACC][32],
     return warp == 0;
 }
 
-// Warp 0: optional scales (row scale xs[m] x column scale wscale[mat * N + n] -- fp8), split-K partials (the
-// CTA that arrives last at the tile's counter adds them and resets the counter), GeGLU, bf16 store.
+// Warp 0: optional column scales (wscale[mat * N + n] -- fp8), split-K partials (the CTA that arrives last at
+// the tile's counter adds them and resets the counter), GeGLU, bf16 store.
 template <int NMAT, int NT, int MT, int SPLIT>
-__device__ __forceinline__ void store_out(float* acc, const float* xs, const float* __restrict__ wscale, int wscale_n,
+__device__ __forceinline__ void store_out(float* acc, const float* __restrict__ wscale, int wscale_n,
                                           int q, int r, int tile0, int M, int N, float* __restrict__ ws,
                                           int* __restrict__ cnt, unsigned short* __restrict__ y) {
     constexpr int PER_MAT = NT * MT * 4, NACC = NMAT * PER_MAT;
     const int lane = threadIdx.x & 31;
     auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
     auto out_n = [&](int i) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); };
-    if (xs != nullptr) {
+    if (wscale != nullptr) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i)
-            if (out_m(i) < M) acc[i] *= xs[out_m(i)] * wscale[(i / PER_MAT) * wscale_n + out_n(i)];
+            if (out_m(i) < M) acc[i] *= wscale[(i / PER_MAT) * wscale_n + out_n(i)];
     }
     if (SPLIT > 1) {
         const size_t plane = (size_t)M * N;
@@ -304,13 +304,18 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 
     // 5) + 6): reduce the warps' K sub-slices, then split-K partials, GeGLU and the bf16 store
     if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
-    store_out<NMAT, NT, MT, SPLIT>(acc, nullptr, nullptr, 0, q, r, tile0, M, N, ws, cnt, y);
+    store_out<NMAT, NT, MT, SPLIT>(acc, nullptr, 0, q, r, tile0, M, N, ws, cnt, y);
 }
 
 // ================================================================================================ fp8 (W8A8)
 // The same structure for the fp8 backend at M <= 16: e4m3 weights (per-channel fp32 scales), activations
-// quantized per token to e4m3 *inside* the kernel (each CTA reads the rows' full K once for the amax, one
-// warp per row; the rows are tiny and sit in L2), mma.sync.m16n8k32 e4m3 with fp32 accumulate, scales applied in the epilogue.
+// quantized to e4m3 *inside* the kernel, mma.sync.m16n8k32 e4m3 with fp32 accumulate.
+// Activation scales: one per token and per warp K slice (KSLICE = 32 KB values, the slice the warp multiplies),
+// amax / 448 of the x values the warp already holds (two shuffles among the 4 lanes of a row). A per-token scale
+// over all of K would need every CTA to read the whole rows and meet at a barrier before its first MMA; the
+// slice scale keeps the dependent path to one L2 read of x. It is finer than per token (error no larger), like
+// the 1 x 128 activation blocks of DeepSeek-V3's fp8 recipe. The slice's partial sums are multiplied by their
+// scale before the warps' reduction; weight scales are applied in the epilogue.
 // Weight layout (backends/mma_small_m.py:pack_fp8_mma): words[n_tile][kb][lane][j], kb = K/32 blocks; register
 // j of lane (r = lane/4, q = lane%4) holds 4 e4m3 bytes: row 16 n_tile + r + 8 (j % 2), real k
 // 32 kb + 8 q + 4 (j / 2) + byte -- the A fragment of one m16n8k32 step, with k permuted inside each 32-k block
@@ -354,7 +359,6 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     const u32x4* wmat[2] = {wa, wb};
     constexpr int NACC = NMAT * NT * MT * 4;
     __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
-    __shared__ float xs[16];  // per-token scales amax / 448
 
     // 1) weights, all up front (see int4_mma_gemm for why the branch)
     u32x4 w[NMAT][NT][KB];
@@ -370,8 +374,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
             }
     issue_loads_before_here(all, sentinel);
     wait_for_previous_kernel();
-    // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block), loaded before
-    //    the amax pass so both L2 round trips overlap
+    // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block)
     u32x4 xr[MT][KB];
 #pragma unroll
     for (int mh = 0; mh < MT; ++mh)
@@ -381,24 +384,18 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
             xr[mh][b] = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
         }
 
-    // 3) per-token amax over the whole row: warp w takes rows w, w + WARPS, ...; 8 loads in flight per lane
-    for (int row = warp; row < M; row += WARPS) {
-        const u32x4* xrow = reinterpret_cast<const u32x4*>(x + (size_t)row * K);
-        float mx = 0.f;
-#pragma unroll 8
-        for (int c = lane; c < K / 8; c += 32) mx = fmaxf(mx, max_abs8(ld_l2(xrow + c)));
-#pragma unroll
-        for (int o = 16; o >= 1; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-        if (lane == 0) xs[row] = fmaxf(mx, 1e-12f) / 448.f;
-    }
-    __syncthreads();
-
-    // quantize the fragments: e4m3 of x / xs[m], 4 per register
+    // 3) scale of row 8 mh + r over this warp's K slice (its 4 lanes hold it all), and the e4m3 fragments
+    float xs[MT];
     u32 xq[MT][KB][2];
 #pragma unroll
     for (int mh = 0; mh < MT; ++mh) {
-        const int m = 8 * mh + r;
-        const float inv = m < M ? 1.f / xs[m] : 0.f;
+        float mx = 0.f;
+#pragma unroll
+        for (int b = 0; b < KB; ++b) mx = fmaxf(mx, max_abs8(xr[mh][b]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+        xs[mh] = fmaxf(mx, 1e-12f) / 448.f;
+        const float inv = 1.f / xs[mh];
 #pragma unroll
         for (int b = 0; b < KB; ++b) {
             xq[mh][b][0] = quant4_e4m3(xr[mh][b].x, xr[mh][b].y, inv);
@@ -420,7 +417,17 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
                 for (int mh = 0; mh < MT; ++mh)
                     mma_fp8(acc + ((mat * NT + t) * MT + mh) * 4, w[mat][t][b], xq[mh][b][0], xq[mh][b][1]);
 
-    // 5) + 6) as int4_mma_gemm, with the row and column scales
+    // 5) the slice's x scales into the partial sums (C column m = 8 mh + 2q + c % 2: its scale is held by lane
+    //    4 (2q + c % 2)), then as int4_mma_gemm, with the column scales
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        const float s_even = __shfl_sync(0xFFFFFFFFu, xs[mh], 8 * q), s_odd = __shfl_sync(0xFFFFFFFFu, xs[mh], 8 * q + 4);
+#pragma unroll
+        for (int mt = 0; mt < NMAT * NT; ++mt) {
+            float* c = acc + (mt * MT + mh) * 4;
+            c[0] *= s_even, c[1] *= s_odd, c[2] *= s_even, c[3] *= s_odd;
+        }
+    }
     if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
-    store_out<NMAT, NT, MT, SPLIT>(acc, xs, wscale, N, q, r, tile0, M, N, ws, cnt, y);
+    store_out<NMAT, NT, MT, SPLIT>(acc, wscale, N, q, r, tile0, M, N, ws, cnt, y);
 }

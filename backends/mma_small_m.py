@@ -1,5 +1,5 @@
 """Our CUDA kernels for M <= 16 (the denoise loop): `mma_small_m.cu`, compiled at run time with NVRTC --
-`int4_mma_gemm` (W4A16, below) and `fp8_mma_gemm` (W8A8: x quantized per token inside the kernel, end of file).
+`int4_mma_gemm` (W4A16, below) and `fp8_mma_gemm` (W8A8: x quantized to e4m3 inside the kernel, one scale per token and warp K slice; end of file).
 
 Why our own: at M = 10 the expert's int4 GEMMs are bound by latency, not bytes. Library kernels (tinygemm)
 and our Triton kernel pipeline a K loop whose loads wait behind shared-memory layout conversions; this
@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from backends.quant import fake_quant_fp8_rows
 
 SOURCE = Path(__file__).with_name("mma_small_m.cu")
 MAX_M = 16
@@ -351,15 +353,26 @@ def pack_fp8_mma(qweight: torch.Tensor) -> torch.Tensor:
     return _as_int32_words(w).contiguous()
 
 
-def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor) -> torch.Tensor:
+def fp8_kslice(cfg: str, k: int) -> int:
+    """The K span that shares one activation scale in fp8_mma_gemm under cfg: the warp's slice, 32 KB values."""
+    _, warps, split = parse_config(cfg)
+    return k // (warps * split)
+
+
+def fake_quant_fp8_slices(x: torch.Tensor, kslice: int) -> torch.Tensor:
+    """x [M, K] -> fp32 values fp8_mma_gemm multiplies: e4m3 with one scale per token and per kslice of K."""
+    m, k = x.shape
+    return fake_quant_fp8_rows(x.float().reshape(m, k // kslice, kslice)).reshape(m, k)
+
+
+def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, kslice: int) -> torch.Tensor:
     """y [M, N] fp32 computed the way fp8_mma_gemm reads its operands (PTX ISA m16n8k32 fragments: A regs
     j = 0..3 at (row r, k 4q..) (r + 8, 4q..) (r, 16 + 4q..) (r + 8, 16 + 4q..); B regs at k 4q.., 16 + 4q..,
-    column r), with x quantized per token to e4m3 as the kernel does. A CPU check of pack_fp8_mma."""
+    column r), with x quantized to e4m3 per token and kslice as the kernel does. A CPU check of pack_fp8_mma."""
     m_rows, k = x.shape
     n_tiles = words.shape[0]
-    xs = x.float().abs().amax(dim=1).clamp(min=1e-12) / 448.0
-    xq = torch.zeros(16, k, dtype=torch.float64)
-    xq[:m_rows] = (x.float() / xs[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    xq = torch.zeros(16, k, dtype=torch.float64)  # e4m3 values times their slice scale (exact in fp64)
+    xq[:m_rows] = fake_quant_fp8_slices(x, kslice).double()
     wb = (words.to(torch.int64) & 0xFFFFFFFF)
     e4 = lambda v: v.to(torch.uint8).view(torch.float8_e4m3fn).double()  # noqa: E731
     lane = torch.arange(32)
@@ -377,7 +390,7 @@ def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Ten
                     for byte in range(4):
                         bm[4 * q + 16 * reg + byte, 8 * mh + r] = xq[8 * mh + r, 32 * blk + 8 * q + 4 * reg + byte]
             acc[:, 16 * i:16 * i + 16] += (a @ bm).t()
-    return (acc[:m_rows] * xs[:, None].double() * wscale.reshape(1, -1).double()).float()
+    return (acc[:m_rows] * wscale.reshape(1, -1).double()).float()
 
 
 def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wscale: torch.Tensor, config: str,
@@ -407,8 +420,8 @@ def _(x, wa, wb, wscale, geglu, config, pdl):
 
 
 def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, config: str, pdl: bool = True) -> torch.Tensor:
-    """y [M, N] bf16 = (x quantized per token to e4m3) @ W^T, W e4m3 packed by pack_fp8_mma with per-channel
-    scales wscale [N] (M <= 16)."""
+    """y [M, N] bf16 = (x quantized to e4m3 per token and fp8_kslice(config, K)) @ W^T, W e4m3 packed by
+    pack_fp8_mma with per-channel scales wscale [N] (M <= 16)."""
     return _fp8_mma_op(x, words, words, wscale, False, config, pdl)
 
 

@@ -270,13 +270,13 @@ def test_fp8_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     (qa, sa), (qb, sb) = quant_fp8_rows(torch.randn(n, k, device="cuda")), quant_fp8_rows(torch.randn(n, k, device="cuda"))
     pa, pb = mma_small_m.pack_fp8_mma(qa), mma_small_m.pack_fp8_mma(qb)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    xq, xs = quant_fp8_rows(x.float())
-    want = (xq.float() @ qa.float().t()) * xs[:, None] * sa[None, :]
-    want_g = F.gelu(want, approximate="tanh") * ((xq.float() @ qb.float().t()) * xs[:, None] * sb[None, :])
     s_gu = torch.cat([sa, sb]).contiguous()
     configs = [c for c in mma_small_m.FP8_CONFIGS if mma_small_m.fp8_config_fits(c, n, k)]
     assert configs
-    for c in configs:
+    for c in configs:  # x scales per token and per warp K slice (the config's)
+        xdq = mma_small_m.fake_quant_fp8_slices(x, mma_small_m.fp8_kslice(c, k))
+        want = (xdq @ qa.float().t()) * sa[None, :]
+        want_g = F.gelu(want, approximate="tanh") * ((xdq @ qb.float().t()) * sb[None, :])
         run = lambda c=c: (mma_small_m.fp8_mma_gemm(x, pa, sa, c), mma_small_m.fp8_mma_geglu(x, pa, pb, s_gu, c))
         check_repeated_and_replayed(run, (want, want_g), c)
 
@@ -286,7 +286,7 @@ def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights()
     chooser picks) matches the stored e4m3 weights, and the chooser timed the mma candidates."""
     from backends import mma_small_m
     from backends.fp8 import Fp8Linear
-    from backends.quant import CHOICE_LOG
+    from backends.quant import CHOICE_LOG, KERNEL_CHOICE
 
     torch.manual_seed(0)
     root = nn.Module()
@@ -300,13 +300,70 @@ def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights()
     mlp = root.expert.layers[0].mlp
     x = torch.randn(10, WIDTH, device="cuda", dtype=torch.bfloat16)
     got = mlp(x).float()
-    g = quant_linear_reference(mlp.gate_proj, x.float())
-    u = quant_linear_reference(mlp.up_proj, x.float())
-    want = quant_linear_reference(mlp.down_proj, (F.gelu(g, approximate="tanh") * u).to(torch.bfloat16).float())
-    assert float((got - want).norm() / want.norm()) < 0.03
+
+    def reference(lin, x2, choice):  # what lin computes under a kernel choice, from its stored tensors
+        if choice.startswith(("cuda_mma:", "fused_mma:")):  # x scaled per token and per the config's K slice
+            return lin.mma_reference(x2, choice.partition(":")[2])
+        return quant_linear_reference(lin, x2.float())
+
+    def want_for(choice):
+        g, u = reference(mlp.gate_proj, x, choice), reference(mlp.up_proj, x, choice)
+        h = (F.gelu(g, approximate="tanh") * u).to(torch.bfloat16)
+        down = mlp.down_proj
+        return reference(down, h, KERNEL_CHOICE.get(("fp8", 0, down.out_features, down.in_features, 10), "scaled_mm")).float()
+
+    mlp_choice = KERNEL_CHOICE[("fp8mlp", 0, mlp.gate_proj.out_features, WIDTH, 10)]
+    want = want_for(mlp_choice)
+    assert float((got - want).norm() / want.norm()) < 0.03, mlp_choice
     for cfg in mlp.gate_proj.mma_configs:  # every fused mma candidate, whatever the chooser kept
         h = mma_small_m.fp8_mma_geglu(x, mlp.gate_proj.mma_words, mlp.up_proj.mma_words, mlp._gu[1], cfg)
         alt = mlp.down_proj(h).float()
+        want = want_for(f"fused_mma:{cfg}")
         assert float((alt - want).norm() / want.norm()) < 0.03, cfg
     logs = [v for k, v in CHOICE_LOG.items() if k[0] == "fp8mlp" and k[4] == 10]
     assert logs and any(name.startswith("fused_mma:") and isinstance(t, float) for name, t in logs[-1].items())
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_fused_qkv_matches_each_projection_and_follows_replaced_scales(kind):
+    """q|k|v stacked into one mma launch (backends/fused_qkv.py) on an expert attention layer: every config
+    against the projections' exact math, the chooser's pick through GemmaAttention.qkv, no byte stored twice,
+    and a projection whose scales are replaced afterwards (fault_ignored_scale) is what runs."""
+    from backends.fused_qkv import FusedQKV
+    from evalkit.policies.pi05.config import GemmaSize
+    from evalkit.policies.pi05.layers import GemmaAttention
+
+    torch.manual_seed(0)
+    size = GemmaSize(width=WIDTH, depth=1, mlp_dim=MLP_DIM, num_heads=8, num_kv_heads=1, head_dim=64)
+    root = nn.Module()
+    root.expert = nn.Module()
+    root.expert.layers = nn.ModuleList([nn.Module()])
+    root.expert.layers[0].self_attn = GemmaAttention(size, 0)
+    root.cuda()
+    report = get_backend(kind, targets="expert_attn").apply(root)
+    assert verify_report(root, report) == []
+    attn = root.expert.layers[0].self_attn
+    qkv = attn.qkv
+    assert isinstance(qkv, FusedQKV) and qkv.configs and "q|k|v stacked" in report.modules[0].kernel
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    stack = qkv.stacked["mma_words"]
+    assert all(p.mma_words.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr() for p in parts)
+    x = torch.randn(1, 10, WIDTH, device="cuda", dtype=torch.bfloat16)
+    x2 = x.reshape(10, WIDTH)
+
+    def want(cfg: str) -> torch.Tensor:
+        if kind == "fp8":  # the mma kernel scales x per token and per K slice
+            return torch.cat([p.mma_reference(x2, cfg) for p in parts], dim=-1)
+        return torch.cat([quant_linear_reference(p, x2.float()) for p in parts], dim=-1)
+
+    for cfg in qkv.configs:
+        got, ref = qkv._fused(x2, cfg).float(), want(cfg)
+        assert float((got - ref).norm() / ref.norm()) < 1e-2, cfg
+    q, k, v = qkv(x)
+    assert q.shape == (1, 10, 512) and k.shape == v.shape == (1, 10, 64)
+    attn.k_proj.ignore_scales()
+    qkv(x)  # sees the replaced scale tensor and rebuilds the stack from the projections
+    for cfg in qkv.configs:
+        got, ref = qkv._fused(x2, cfg).float(), want(cfg)
+        assert float((got - ref).norm() / ref.norm()) < 1e-2, cfg
+        assert float((got[:, 512:576] - k.reshape(10, 64).float()).norm() / k.float().norm()) > 0.5, cfg

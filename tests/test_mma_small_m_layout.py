@@ -47,10 +47,10 @@ def test_configs_tile_the_expert_shapes_and_reject_bad_ones():
         mma_small_m.pack_mma(torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(1, 8, 2, dtype=torch.bfloat16), 64)
 
 
-@pytest.mark.parametrize("n,k,m", [(32, 256, 10), (16, 512, 3), (48, 256, 16), (16, 256, 1)])
-def test_fp8_fragment_layout_reproduces_the_w8a8_product(n, k, m):
+@pytest.mark.parametrize("n,k,m,kslice", [(32, 256, 10, 256), (16, 512, 3, 128), (48, 256, 16, 64), (16, 256, 1, 32)])
+def test_fp8_fragment_layout_reproduces_the_w8a8_product(n, k, m, kslice):
     """fp8_mma_gemm's operands read lane by lane (m16n8k32 e4m3 fragments) give the W8A8 product: x quantized
-    per token to e4m3, times the e4m3 weights, times both scales."""
+    to e4m3 per token and K slice, times the e4m3 weights, times both scales."""
     from backends.quant import quant_fp8_rows
 
     torch.manual_seed(0)
@@ -58,8 +58,14 @@ def test_fp8_fragment_layout_reproduces_the_w8a8_product(n, k, m):
     words = mma_small_m.pack_fp8_mma(q)
     assert words.shape == (n // 16, k // 32, 32, 4) and words.dtype == torch.int32
     x = torch.randn(m, k).to(torch.bfloat16).float()
-    xq, xs = quant_fp8_rows(x)
-    want = (xq.double() @ q.double().t()) * xs.double()[:, None] * s.double()[None, :]
-    got = mma_small_m.emulate_fp8_mma_gemm(x, words, s)
+    x[:, :kslice] *= 50.0  # one loud slice: a per-token scale would flatten the others
+    xq, xs = quant_fp8_rows(x.reshape(m, k // kslice, kslice))
+    xdq = (xq.double() * xs.double()[..., None]).reshape(m, k)
+    want = (xdq @ q.double().t()) * s.double()[None, :]
+    got = mma_small_m.emulate_fp8_mma_gemm(x, words, s, kslice)
     assert float((got.double() - want).abs().max()) < 1e-4 * float(want.abs().max())
+    per_token = mma_small_m.emulate_fp8_mma_gemm(x, words, s, k)
+    if kslice < k:  # the check above sees which scales were used
+        assert float((per_token.double() - want).abs().max()) > 1e-3 * float(want.abs().max())
+    assert mma_small_m.fp8_kslice("t1w8s2", 4096) == 256 and mma_small_m.fp8_kslice("t2w4s1", 1024) == 256
     assert not mma_small_m.fp8_config_fits("t1w4s1", n, 96) and mma_small_m.fp8_config_fits("t1w4s1", 4096, 1024)

@@ -131,12 +131,16 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(size.width, size.num_kv_heads * size.head_dim, bias=False)
         self.v_proj = nn.Linear(size.width, size.num_kv_heads * size.head_dim, bias=False)
         self.o_proj = nn.Linear(size.num_heads * size.head_dim, size.width, bias=False)
+        # A backend may set a callable x -> (q, k, v) that runs the three projections as one GEMM
+        # (backends/fused_qkv.py); a plain attribute, so modules and state_dict stay the same.
+        self.qkv = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else self.qkv(x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if ctx.write_cache:
