@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from backends.quant import KERNEL_CHOICE  # noqa: E402
 from backends.registry import get_backend  # noqa: E402
 from bench.backends import VARIANTS  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
@@ -65,10 +66,13 @@ for label in [b for b in args.backends.split(",") if b]:
     total = sum(us.values())
     rows = sorted(({"kernel": k, "us_per_call": v, "launches_per_call": n[k] / args.calls} for k, v in us.items()),
                   key=lambda r: -r["us_per_call"])
-    result["backends"][label] = {"gpu_us_per_call": total, "launches_per_call": sum(n.values()) / args.calls, "kernels": rows}
+    result["backends"][label] = {"gpu_us_per_call": total, "launches_per_call": sum(n.values()) / args.calls, "kernels": rows,
+                                 "kernel_choices": {str(k): v for k, v in KERNEL_CHOICE.items()}}  # (kind, dev, N, K, M, ..) -> kernel
     print(f"\n{label}: {total / 1000:.2f} ms GPU time per call, {sum(n.values()) / args.calls:.0f} kernels per call")
     for r in rows[:args.top]:
         print(f"  {r['us_per_call']:8.1f} us  {r['launches_per_call']:6.0f}x  {r['kernel']}")
+    for k, v in KERNEL_CHOICE.items():
+        print(f"  choice {k}: {v}")
     del policy
     torch.cuda.empty_cache()
 result["elapsed_s"] = time.time() - t0
