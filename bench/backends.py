@@ -41,6 +41,7 @@ VARIANTS = {
     "fp8[prefix+expert mlp]": ("fp8", {"targets": "prefix_mlp,expert_mlp"}),
     "fp8[prefix mlp+expert]": ("fp8", {"targets": "prefix_mlp,expert"}),  # + the expert's attention (M = 10)
     "fp8[prefix mlp+expert] no qkv fusion": ("fp8", {"targets": "prefix_mlp,expert", "fuse_qkv": False}),
+    "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
     "fp8[all]": ("fp8", {"targets": "all"}),
     "fp8_weight_only": ("fp8_weight_only", {"targets": "prefix_mlp"}),
     "int8": ("int8", {"targets": "prefix_mlp"}),
