@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends import fused_qkv, mma_small_m
+from backends import fused_qkv, l2_prefetch, mma_small_m
 from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_kernel, fake_quant_fp8_rows, linear_fp32,
                             quant_fp8_rows)
 from backends.targets import replace_module
@@ -59,6 +59,7 @@ def geglu_quant_act_fp8(g: torch.Tensor, u: torch.Tensor, compiled: str = "trito
 
 
 class Fp8Linear(QuantLinear):
+    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by the mma kernel (backends/l2_prefetch.py)
     weight_format = "e4m3, per-channel fp32 scales"
     scale_buffers = ("wscale",)
     activation_precision = "fp8_e4m3 (dynamic per-token)"
@@ -122,7 +123,7 @@ class Fp8Linear(QuantLinear):
         if choice == "scaled_mm":
             y = self._scaled_mm(x2)
         else:
-            y = mma_small_m.fp8_mma_gemm(x2, self.mma_words, self.wscale, choice.partition(":")[2], self.pdl)
+            y = mma_small_m.fp8_mma_gemm(x2, self.mma_words, self.wscale, choice.partition(":")[2], self.pdl, self.l2_next)
         return self._finish(y, shape)
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -163,6 +164,8 @@ class Fp8GemmaMLP(nn.Module):
     once; if a child's tensor is replaced (fault injection, `ignore_scales`), the stack is rebuilt from the
     children on the next call, so what runs is always what the children hold."""
 
+    l2_next: tuple = (None, None)  # what the fused mma launch prefetches into L2 (backends/l2_prefetch.py)
+
     def __init__(self, gate_proj: Fp8Linear, up_proj: Fp8Linear, down_proj: Fp8Linear) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
@@ -196,7 +199,7 @@ class Fp8GemmaMLP(nn.Module):
         choice = self._small_m_choice(x2)
         if choice != "scaled_mm":
             h = mma_small_m.fp8_mma_geglu(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1],
-                                          choice.partition(":")[2], self.gate_proj.pdl)
+                                          choice.partition(":")[2], self.gate_proj.pdl, self.l2_next)
             return self.down_proj(h).reshape(*shape[:-1], self.down_proj.out_features)
         return self._scaled_mm_mlp(x2, shape)
 
@@ -239,11 +242,17 @@ class FP8Backend(QuantBackend):
     def post_replace(self, model: nn.Module) -> None:
         """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true); stack
         q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
-        self._fused = self._fused_qkv = 0
-        if self.engine == "native" and self.options.get("fuse_qkv", True):
-            self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
-        if self.engine != "native" or not self.options.get("fuse_mlp", True):
+        self._fused = self._fused_qkv = self._chained = 0
+        if self.engine != "native":
             return
+        if self.options.get("fuse_qkv", True):
+            self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
+        if self.options.get("fuse_mlp", True):
+            self._fuse_mlps(model)
+        if self.options.get("l2_prefetch", True):
+            self._chained = l2_prefetch.chain(model)
+
+    def _fuse_mlps(self, model: nn.Module) -> None:
         for name, mod in list(model.named_modules()):
             if type(mod).__name__ != "GemmaMLP":
                 continue
@@ -259,7 +268,8 @@ class FP8Backend(QuantBackend):
     def extra_notes(self) -> list[str]:
         n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
         return ([f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []) + (
-            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else [])
+            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else []) + (
+            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

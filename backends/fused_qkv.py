@@ -28,16 +28,18 @@ from backends.quant import choose_kernel
 # per kind: the projection tensors to stack, the launch, the configs that tile [N, K]
 _KINDS: dict[str, tuple[tuple[str, ...], Callable, Callable]] = {
     "int4": (("mma_words", "mma_sz"),
-             lambda x2, t, p, cfg: mma_small_m.int4_mma_gemm(x2, t["mma_words"], t["mma_sz"], p.group, cfg, p.pdl),
+             lambda x2, t, p, cfg, pf: mma_small_m.int4_mma_gemm(x2, t["mma_words"], t["mma_sz"], p.group, cfg, p.pdl, pf),
              lambda p, n: [c for c in mma_small_m.CONFIGS if mma_small_m.config_fits(c, n, p.in_features, p.group)]),
     "fp8": (("mma_words", "wscale"),
-            lambda x2, t, p, cfg: mma_small_m.fp8_mma_gemm(x2, t["mma_words"], t["wscale"], cfg, p.pdl),
+            lambda x2, t, p, cfg, pf: mma_small_m.fp8_mma_gemm(x2, t["mma_words"], t["wscale"], cfg, p.pdl, pf),
             lambda p, n: [c for c in mma_small_m.FP8_CONFIGS if mma_small_m.fp8_config_fits(c, n, p.in_features)]),
 }
 
 
 class FusedQKV:
     """Callable x -> (q, k, v): one mma launch over the stacked q|k|v weights where that measures faster."""
+
+    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by the launch (backends/l2_prefetch.py)
 
     def __init__(self, kind: str, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> None:
         self.kind, self.parts = kind, (q_proj, k_proj, v_proj)
@@ -71,8 +73,8 @@ class FusedQKV:
                 setattr(p, n, view)
         self._from = self._tensors()
 
-    def _fused(self, x2: torch.Tensor, cfg: str) -> torch.Tensor:
-        return self.launch(x2, self.stacked, self.parts[0], cfg)
+    def _fused(self, x2: torch.Tensor, cfg: str, prefetch: tuple = (None, None)) -> torch.Tensor:
+        return self.launch(x2, self.stacked, self.parts[0], cfg, prefetch)
 
     def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x2) for p in self.parts], dim=-1)
@@ -102,7 +104,7 @@ class FusedQKV:
         choice = self.choice(x2)
         if choice == "per_linear":
             return tuple(p(x) for p in self.parts)
-        y = self._fused(x2, choice.partition(":")[2]).reshape(*x.shape[:-1], -1)
+        y = self._fused(x2, choice.partition(":")[2], self.l2_next).reshape(*x.shape[:-1], -1)
         return tuple(torch.split(y, self.splits, dim=-1))
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends import fused_qkv, mma_small_m
+from backends import fused_qkv, l2_prefetch, mma_small_m
 from backends.quant import (
     QuantBackend,
     QuantLinear,
@@ -69,6 +69,7 @@ INNER_K_TILES = 8
 class Int4Linear(QuantLinear):
     weight_store = "qweight"
     activation_precision = "bf16"
+    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by cuda_mma (backends/l2_prefetch.py)
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, group: int, mode: str, device: torch.device,
                  mma_pack: bool = True) -> None:
@@ -154,7 +155,8 @@ class Int4Linear(QuantLinear):
         if base == "dequant_cublas":
             return self._dequant_cublas(x2)
         if base == "cuda_mma":
-            return mma_small_m.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG, self.pdl)
+            return mma_small_m.int4_mma_gemm(x2, self.mma_words, self.mma_sz, self.group, cfg or DEFAULT_MMA_CONFIG, self.pdl,
+                                             self.l2_next)
         return w4a16_gemm(x2, self.qweight, self.scales_zeros, self.group, cfg or DEFAULT_TRITON_CONFIG)
 
     def candidates(self, x2: torch.Tensor) -> dict:
@@ -203,6 +205,8 @@ class Int4GemmaMLP(nn.Module):
     `fused_mma` (the same in one launch of our CUDA mma kernel, M <= 16) and `per_linear` (each projection's
     own chosen kernel, torch gelu/mul)."""
 
+    l2_next: tuple = (None, None)  # what the fused mma launch prefetches into L2 (backends/l2_prefetch.py)
+
     def __init__(self, gate_proj: Int4Linear, up_proj: Int4Linear, down_proj: Int4Linear) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
@@ -217,16 +221,17 @@ class Int4GemmaMLP(nn.Module):
         g, u = self.gate_proj, self.up_proj
         return self.down_proj(w4a16_geglu(x2, g.qweight, u.qweight, g.scales_zeros, u.scales_zeros, g.group, cfg))
 
-    def _fused_mma(self, x2: torch.Tensor, cfg: str = DEFAULT_MMA_CONFIG) -> torch.Tensor:
+    def _fused_mma(self, x2: torch.Tensor, cfg: str = DEFAULT_MMA_CONFIG, prefetch: tuple = (None, None)) -> torch.Tensor:
         g, u = self.gate_proj, self.up_proj
-        return self.down_proj(mma_small_m.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg, g.pdl))
+        return self.down_proj(mma_small_m.int4_mma_geglu(x2, g.mma_words, u.mma_words, g.mma_sz, u.mma_sz, g.group, cfg,
+                                                         g.pdl, prefetch))
 
     def _run(self, choice: str, x2: torch.Tensor) -> torch.Tensor:
         base, _, cfg = choice.partition(":")
         if base == "fused_triton":
             return self._fused_triton(x2, cfg)
         if base == "fused_mma":
-            return self._fused_mma(x2, cfg)
+            return self._fused_mma(x2, cfg, self.l2_next)
         return self._per_linear(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,23 +258,27 @@ class Int4Backend(QuantBackend):
     def post_replace(self, model: nn.Module) -> None:
         """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true); stack
         q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
-        self._fused = self._fused_qkv = 0
-        if self.engine == "native" and self.options.get("fuse_qkv", True):
-            self._fused_qkv = fused_qkv.install(model, "int4", lambda p: isinstance(p, Int4Linear) and p.mode == "cuda")
-        if self.engine != "native" or not self.options.get("fuse_mlp", True) or not triton_available():
+        self._fused = self._fused_qkv = self._chained = 0
+        if self.engine != "native":
             return
-        for name, mod in list(model.named_modules()):
-            if type(mod).__name__ != "GemmaMLP":
-                continue
-            parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-            if all(isinstance(p, Int4Linear) and p.mode == "cuda" for p in parts):
-                replace_module(model, name, Int4GemmaMLP(*parts))
-                self._fused += 1
+        if self.options.get("fuse_qkv", True):
+            self._fused_qkv = fused_qkv.install(model, "int4", lambda p: isinstance(p, Int4Linear) and p.mode == "cuda")
+        if self.options.get("fuse_mlp", True) and triton_available():
+            for name, mod in list(model.named_modules()):
+                if type(mod).__name__ != "GemmaMLP":
+                    continue
+                parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+                if all(isinstance(p, Int4Linear) and p.mode == "cuda" for p in parts):
+                    replace_module(model, name, Int4GemmaMLP(*parts))
+                    self._fused += 1
+        if self.options.get("l2_prefetch", True):
+            self._chained = l2_prefetch.chain(model)
 
     def extra_notes(self) -> list[str]:
         n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
         return ([f"{n} GeGLU MLPs may run gate+up+gelu as one Triton kernel where it is faster (M <= {TRITON_MAX_M})"] if n else []) + (
-            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else [])
+            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else []) + (
+            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -92,6 +92,23 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// L2 prefetch of the weights the *next* GEMM on the stream will read (pf, bytes; bytes == 0: none). At M <= 16
+// each GEMM waits for HBM on its critical path, because the kernels between two of ours (norms, RoPE,
+// attention) are not launched as dependents; issued here, that read overlaps them and the next GEMM finds its
+// weights in L2. Each CTA takes every ctas-th 16 KB chunk, one bulk prefetch instruction per chunk on sm_90.
+__device__ __forceinline__ void prefetch_l2(const char* pf, int bytes) {
+    constexpr int CHUNK = 16384;
+    const int ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
+    for (int c = cta + ctas * (int)threadIdx.x; c * CHUNK < bytes; c += ctas * (int)blockDim.x) {
+        const int len = min(CHUNK, bytes - c * CHUNK);  // a multiple of 16: the packed tensors are
+#if __CUDA_ARCH__ >= 900
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + (size_t)c * CHUNK), "r"(len) : "memory");
+#else
+        for (int o = 0; o < len; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(pf + (size_t)c * CHUNK + o));
+#endif
+    }
+}
+
 __device__ __forceinline__ float gelu_tanh(float g) {
     return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
@@ -177,7 +194,8 @@ template <int MT, int NMAT, int NT, int WARPS, int KP, int SPLIT, int GROUP>
 __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
     const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const u32x4* __restrict__ sza,
     const u32x4* __restrict__ szb, const unsigned short* __restrict__ x, unsigned short* __restrict__ y,
-    float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K, u32 sentinel) {
+    float* __restrict__ ws, int* __restrict__ cnt, int M, int N, int K, u32 sentinel,
+    const char* pf0, int pf0_bytes, const char* pf1, int pf1_bytes) {
     static_assert(GROUP % 64 == 0, "group must be a multiple of 64 (one k-pair never spans two groups)");
     constexpr int KPG = GROUP / 64;  // k-pairs per group
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -218,6 +236,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
             for (int g = 0; g < NG; ++g) all ^= szf[mat][t][g].x ^ szf[mat][t][g].w;
         }
     issue_loads_before_here(all, sentinel);
+    prefetch_l2(pf0, pf0_bytes);
+    prefetch_l2(pf1, pf1_bytes);
 
     // Small per-warp work (the many-warp configs): dequantize every A fragment now, before waiting for the
     // previous kernel, so only x loads, MMAs and the reduction remain on the dependent path.
@@ -350,7 +370,8 @@ template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
 __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,
     const unsigned short* __restrict__ x, unsigned short* __restrict__ y, float* __restrict__ ws,
-    int* __restrict__ cnt, int M, int N, int K, u32 sentinel) {
+    int* __restrict__ cnt, int M, int N, int K, u32 sentinel, const char* pf0, int pf0_bytes, const char* pf1,
+    int pf1_bytes) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, q = lane & 3;
     const int KBT = K / 32;
@@ -373,6 +394,8 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
                 all ^= xor4(w[mat][t][b]);
             }
     issue_loads_before_here(all, sentinel);
+    prefetch_l2(pf0, pf0_bytes);
+    prefetch_l2(pf1, pf1_bytes);
     wait_for_previous_kernel();
     // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block)
     u32x4 xr[MT][KB];

@@ -266,8 +266,21 @@ def _rows(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x
 
 
+def _prefetch_args(x: torch.Tensor, pf0: torch.Tensor | None, pf1: torch.Tensor | None) -> list:
+    """(pointer, bytes) twice for the kernels' L2 prefetch of the next GEMM's weights; x with 0 bytes: none."""
+    out = []
+    for t in (pf0, pf1):
+        if t is None:
+            out += [x, 0]
+        else:
+            if not t.is_contiguous() or t.device != x.device or t.data_ptr() % 16:
+                raise ValueError("L2 prefetch regions must be contiguous, 16-byte aligned tensors on the kernel's device")
+            out += [t, min(t.numel() * t.element_size(), 2**31 - 16) // 16 * 16]
+    return out
+
+
 def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: torch.Tensor, szb: torch.Tensor | None,
-            group: int, config: str, pdl: bool) -> torch.Tensor:
+            group: int, config: str, pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     n = wa.shape[0] * 16
     if not config_fits(config, n, k, group):
@@ -278,7 +291,8 @@ def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: tor
     nmat = 1 if wb is None else 2
     kern = _compile(f"int4_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{kp},{split},{group}>", x.device)
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
-        wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL])
+        wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL,
+        *_prefetch_args(x, pf0, pf1)])
 
 
 def _run(kern, x: torch.Tensor, n: int, nmat: int, config: str, pdl: bool, make_args) -> torch.Tensor:
@@ -304,25 +318,27 @@ def _run(kern, x: torch.Tensor, n: int, nmat: int, config: str, pdl: bool, make_
 
 @torch.library.custom_op("evalkit::int4_mma_gemm", mutates_args=())
 def _int4_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, sza: torch.Tensor, szb: torch.Tensor,
-                 geglu: bool, group: int, config: str, pdl: bool) -> torch.Tensor:
-    return _launch(x, wa, wb if geglu else None, sza, szb if geglu else None, group, config, pdl)
+                 geglu: bool, group: int, config: str, pdl: bool, pf0: torch.Tensor | None = None,
+                 pf1: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(x, wa, wb if geglu else None, sza, szb if geglu else None, group, config, pdl, pf0, pf1)
 
 
 @_int4_mma_op.register_fake
-def _(x, wa, wb, sza, szb, geglu, group, config, pdl):
+def _(x, wa, wb, sza, szb, geglu, group, config, pdl, pf0=None, pf1=None):
     return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
 
 
-def int4_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: str, pdl: bool = True) -> torch.Tensor:
+def int4_mma_gemm(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, config: str, pdl: bool = True,
+                  prefetch: tuple = (None, None)) -> torch.Tensor:
     """y [M, N] bf16 = x [M, K] @ W^T for W packed by pack_mma (M <= 16). pdl: programmatic dependent
-    launch on sm_90+ (ignored below)."""
-    return _int4_mma_op(x, words, words, sz, sz, False, group, config, pdl)
+    launch on sm_90+ (ignored below). prefetch: up to two tensors (the next GEMM's weights) to pull into L2."""
+    return _int4_mma_op(x, words, words, sz, sz, False, group, config, pdl, *prefetch)
 
 
 def int4_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, szg: torch.Tensor, szu: torch.Tensor,
-                   group: int, config: str, pdl: bool = True) -> torch.Tensor:
+                   group: int, config: str, pdl: bool = True, prefetch: tuple = (None, None)) -> torch.Tensor:
     """gelu_tanh(x Wg^T) * (x Wu^T) in one launch (M <= 16)."""
-    return _int4_mma_op(x, wg, wu, szg, szu, True, group, config, pdl)
+    return _int4_mma_op(x, wg, wu, szg, szu, True, group, config, pdl, *prefetch)
 
 
 # ------------------------------------------------------------------------------------------------ fp8 (W8A8)
@@ -394,7 +410,7 @@ def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Ten
 
 
 def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wscale: torch.Tensor, config: str,
-                pdl: bool) -> torch.Tensor:
+                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     n = wa.shape[0] * 16
     if not fp8_config_fits(config, n, k):
@@ -405,27 +421,28 @@ def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wsca
     kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{k // (32 * warps * split)},{split}>", x.device)
     ws_ = wscale.reshape(-1).float().contiguous()
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
-        wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL])
+        wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL, *_prefetch_args(x, pf0, pf1)])
 
 
 @torch.library.custom_op("evalkit::fp8_mma_gemm", mutates_args=())
 def _fp8_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, wscale: torch.Tensor, geglu: bool, config: str,
-                pdl: bool) -> torch.Tensor:
-    return _launch_fp8(x, wa, wb if geglu else None, wscale, config, pdl)
+                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch_fp8(x, wa, wb if geglu else None, wscale, config, pdl, pf0, pf1)
 
 
 @_fp8_mma_op.register_fake
-def _(x, wa, wb, wscale, geglu, config, pdl):
+def _(x, wa, wb, wscale, geglu, config, pdl, pf0=None, pf1=None):
     return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
 
 
-def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, config: str, pdl: bool = True) -> torch.Tensor:
+def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, config: str, pdl: bool = True,
+                 prefetch: tuple = (None, None)) -> torch.Tensor:
     """y [M, N] bf16 = (x quantized to e4m3 per token and fp8_kslice(config, K)) @ W^T, W e4m3 packed by
     pack_fp8_mma with per-channel scales wscale [N] (M <= 16)."""
-    return _fp8_mma_op(x, words, words, wscale, False, config, pdl)
+    return _fp8_mma_op(x, words, words, wscale, False, config, pdl, *prefetch)
 
 
 def fp8_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, config: str,
-                  pdl: bool = True) -> torch.Tensor:
+                  pdl: bool = True, prefetch: tuple = (None, None)) -> torch.Tensor:
     """gelu_tanh(x Wg^T) * (x Wu^T), one launch; wscale_gu = [gate scales | up scales] (2N, contiguous)."""
-    return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl)
+    return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl, *prefetch)

@@ -367,3 +367,58 @@ def test_fused_qkv_matches_each_projection_and_follows_replaced_scales(kind):
         got, ref = qkv._fused(x2, cfg).float(), want(cfg)
         assert float((got - ref).norm() / ref.norm()) < 1e-2, cfg
         assert float((got[:, 512:576] - k.reshape(10, 64).float()).norm() / k.float().norm()) > 0.5, cfg
+
+
+@pytest.mark.parametrize("how", ["triton", "inductor"])
+def test_fp8_mlp_under_compile_matches_eager(how):
+    """Under torch.compile the GeGLU + per-token quantization runs as our Triton kernel (a custom op) or as
+    torch ops for inductor (options.compiled_geglu_quant); either way the MLP computes what it does eagerly."""
+    torch.manual_seed(0)
+    model = mlp_stack(depth=1)
+    get_backend("fp8", targets="prefix_mlp", compiled_geglu_quant=how).apply(model)
+    mlp = model.prefix.layers[0].mlp
+    assert mlp.compiled_geglu_quant == how
+    x = torch.randn(96, WIDTH, device="cuda", dtype=torch.bfloat16)
+    eager = mlp(x).float()
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True)(x).float()
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-2
+    with pytest.raises(Exception, match="compiled_geglu_quant"):
+        get_backend("fp8", targets="prefix_mlp", compiled_geglu_quant="cuda").apply(mlp_stack(depth=1))
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_l2_prefetch_chain_follows_the_launch_order_and_changes_no_output(kind):
+    """backends/l2_prefetch.py: each expert mma launch prefetches the next one's weights (q|k|v -> o_proj ->
+    gate+up -> down -> next layer's q|k|v, the last layer's down -> layer 0's q|k|v); prefetching is a hint,
+    so outputs are bit-identical with options.l2_prefetch=false."""
+    from evalkit.policies.pi05.config import GemmaSize
+    from evalkit.policies.pi05.layers import GemmaDecoderLayer
+
+    size = GemmaSize(width=WIDTH, depth=2, mlp_dim=MLP_DIM, num_heads=8, num_kv_heads=1, head_dim=64)
+
+    def model(prefetch: bool) -> nn.Module:
+        torch.manual_seed(0)
+        root = nn.Module()
+        root.expert = nn.Module()
+        root.expert.layers = nn.ModuleList([GemmaDecoderLayer(size, i, 1e-6, adaptive=False) for i in range(2)])
+        root.cuda()
+        report = get_backend(kind, targets="expert", l2_prefetch=prefetch).apply(root)
+        assert any("prefetch" in n for n in report.notes) == prefetch
+        return root
+
+    on, off = model(True), model(False)
+    l0, l1 = on.expert.layers
+    assert l0.self_attn.qkv.l2_next[0] is l0.self_attn.o_proj.mma_words
+    assert l0.self_attn.o_proj.l2_next[0] is l0.mlp.gate_proj.mma_words and l0.self_attn.o_proj.l2_next[1] is l0.mlp.up_proj.mma_words
+    assert l0.mlp.l2_next[0] is l0.mlp.down_proj.mma_words
+    assert l0.mlp.down_proj.l2_next[0] is l1.self_attn.qkv.stacked["mma_words"]
+    assert l1.mlp.down_proj.l2_next[0] is l0.self_attn.qkv.stacked["mma_words"]
+    assert all(t is None for t in off.expert.layers[0].mlp.l2_next)
+    x = torch.randn(1, 10, WIDTH, device="cuda", dtype=torch.bfloat16)
+    heads = torch.randn(1, 10, 8 * 64, device="cuda", dtype=torch.bfloat16)
+    for a, b in zip(on.expert.layers, off.expert.layers):
+        for got, want in zip(a.self_attn.qkv(x), b.self_attn.qkv(x)):
+            assert torch.equal(got, want)
+        assert torch.equal(a.self_attn.o_proj(heads), b.self_attn.o_proj(heads))
+        assert torch.equal(a.mlp(x), b.mlp(x))
