@@ -98,8 +98,11 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 // weights in L2. Each CTA takes every ctas-th 16 KB chunk, one bulk prefetch instruction per chunk on sm_90.
 __device__ __forceinline__ void prefetch_l2(const char* pf, int bytes) {
     constexpr int CHUNK = 16384;
+    if (bytes <= 0) return;
+    const int chunks = (bytes + CHUNK - 1) / CHUNK;  // compare chunk indices: c * CHUNK overflows int
     const int ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
-    for (int c = cta + ctas * (int)threadIdx.x; c * CHUNK < bytes; c += ctas * (int)blockDim.x) {
+    if (cta >= chunks) return;
+    for (int c = cta + ctas * (int)threadIdx.x; c < chunks; c += ctas * (int)blockDim.x) {
         const int len = min(CHUNK, bytes - c * CHUNK);  // a multiple of 16: the packed tensors are
 #if __CUDA_ARCH__ >= 900
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(pf + (size_t)c * CHUNK), "r"(len) : "memory");
