@@ -249,7 +249,7 @@ class FP8Backend(QuantBackend):
             self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
         if self.options.get("fuse_mlp", True):
             self._fuse_mlps(model)
-        if self.options.get("l2_prefetch", True):
+        if self.options.get("l2_prefetch", False):  # measured slower end to end: off (backends/l2_prefetch.py)
             self._chained = l2_prefetch.chain(model)
 
     def _fuse_mlps(self, model: nn.Module) -> None:

@@ -271,7 +271,7 @@ class Int4Backend(QuantBackend):
                 if all(isinstance(p, Int4Linear) and p.mode == "cuda" for p in parts):
                     replace_module(model, name, Int4GemmaMLP(*parts))
                     self._fused += 1
-        if self.options.get("l2_prefetch", True):
+        if self.options.get("l2_prefetch", False):  # measured slower end to end: off (backends/l2_prefetch.py)
             self._chained = l2_prefetch.chain(model)
 
     def extra_notes(self) -> list[str]:

@@ -42,8 +42,8 @@ VARIANTS = {
     "fp8[prefix mlp+expert]": ("fp8", {"targets": "prefix_mlp,expert"}),  # + the expert's attention (M = 10)
     "fp8[prefix mlp+expert] no qkv fusion": ("fp8", {"targets": "prefix_mlp,expert", "fuse_qkv": False}),
     "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
-    "fp8[prefix mlp+expert] no L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": False}),
-    "int4[expert] no L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": False}),
+    "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
+    "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
     "fp8[all]": ("fp8", {"targets": "all"}),
     "fp8_weight_only": ("fp8_weight_only", {"targets": "prefix_mlp"}),
     "int8": ("int8", {"targets": "prefix_mlp"}),

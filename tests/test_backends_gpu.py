@@ -403,7 +403,7 @@ def test_l2_prefetch_chain_follows_the_launch_order_and_changes_no_output(kind):
         root.expert = nn.Module()
         root.expert.layers = nn.ModuleList([GemmaDecoderLayer(size, i, 1e-6, adaptive=False) for i in range(2)])
         root.cuda()
-        report = get_backend(kind, targets="expert", l2_prefetch=prefetch).apply(root)
+        report = get_backend(kind, targets="expert", l2_prefetch=prefetch).apply(root)  # off by default
         assert any("prefetch" in n for n in report.notes) == prefetch
         return root
 
