@@ -40,10 +40,6 @@ VARIANTS = {
     "fp8": ("fp8", {"targets": "prefix_mlp"}),
     "fp8[prefix+expert mlp]": ("fp8", {"targets": "prefix_mlp,expert_mlp"}),
     "fp8[prefix mlp+expert]": ("fp8", {"targets": "prefix_mlp,expert"}),  # + the expert's attention (M = 10)
-    "fp8[prefix mlp+expert] no qkv fusion": ("fp8", {"targets": "prefix_mlp,expert", "fuse_qkv": False}),
-    "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
-    "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
-    "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
     "fp8[all]": ("fp8", {"targets": "all"}),
     "fp8_weight_only": ("fp8_weight_only", {"targets": "prefix_mlp"}),
     "int8": ("int8", {"targets": "prefix_mlp"}),
@@ -58,6 +54,11 @@ VARIANTS = {
     "nvfp4": ("nvfp4", {"targets": "prefix_mlp"}),  # needs compute capability >= 10.0
     "w4a8": ("w4a8", {"targets": "prefix_mlp"}),  # needs compute capability >= 10.0
     "torch_trt_fp8": ("torch_trt_fp8", {"targets": "prefix_mlp"}),  # needs TensorRT + Torch-TensorRT
+    # A/B variants of this session's fp8/int4 options (run by name with --backends)
+    "fp8[prefix mlp+expert] no qkv fusion": ("fp8", {"targets": "prefix_mlp,expert", "fuse_qkv": False}),
+    "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
+    "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
+    "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
 }
 
 
