@@ -60,6 +60,7 @@ VARIANTS = {
     "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
     "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
 }
+AB_VARIANTS = {k for k in VARIANTS if k.startswith(("fp8[prefix mlp+expert] ", "int4[expert] "))}  # not in the default run
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,7 +98,7 @@ def velocities(policy, obs) -> torch.Tensor:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/backends.json")
-    ap.add_argument("--backends", default=",".join(VARIANTS))
+    ap.add_argument("--backends", default=",".join(v for v in VARIANTS if v not in AB_VARIANTS))
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variant", default="full")
