@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 # backends whose kernel is chosen per shape at run time -> the chooser kinds they record
-AUTO_KINDS = {"int4": ("int4", "int4mlp"), "int8_weight_only": ("int8wo",), "fp8": ("fp8", "fp8mlp")}
+AUTO_KINDS = {"int4": ("int4", "int4mlp", "int4qkv"), "int8_weight_only": ("int8wo",), "fp8": ("fp8", "fp8mlp", "fp8qkv")}
 
 
 def _choices(row: dict) -> str:
