@@ -66,6 +66,15 @@ __device__ __forceinline__ u32 dequant_pair(u32 w, int j, u32 s2, u32 z2) {
     return fma_bf16x2(d, s2, z2);
 }
 
+// The A fragment of one m16n8k16 step from its packed word e: registers (row r, k 2q..), (r + 8, 2q..),
+// (r, 2q + 8..), (r + 8, 2q + 8..); sz holds (s, z) of row r, then of row r + 8.
+__device__ __forceinline__ void dequant_fragment(u32 w, const u32x4& sz, u32* a) {
+    a[0] = dequant_pair(w, 0, sz.x, sz.y);
+    a[1] = dequant_pair(w, 1, sz.z, sz.w);
+    a[2] = dequant_pair(w, 2, sz.x, sz.y);
+    a[3] = dequant_pair(w, 3, sz.z, sz.w);
+}
+
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -256,12 +265,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
                     const u32x4 sz = szf[mat][t][p / KPG];
                     const u32 wv[4] = {w[mat][t][p].x, w[mat][t][p].y, w[mat][t][p].z, w[mat][t][p].w};
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        af[mat][t][p][e][0] = dequant_pair(wv[e], 0, sz.x, sz.y);
-                        af[mat][t][p][e][1] = dequant_pair(wv[e], 1, sz.z, sz.w);
-                        af[mat][t][p][e][2] = dequant_pair(wv[e], 2, sz.x, sz.y);
-                        af[mat][t][p][e][3] = dequant_pair(wv[e], 3, sz.z, sz.w);
-                    }
+                    for (int e = 0; e < 4; ++e) dequant_fragment(wv[e], sz, af[mat][t][p][e]);
                 }
     }
 
@@ -309,10 +313,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 #pragma unroll
                         for (int j = 0; j < 4; ++j) a[j] = af[mat][t][p][e][j];
                     } else {
-                        a[0] = dequant_pair(wv[e], 0, sz.x, sz.y);  // row r,     k slots 2q, 2q+1
-                        a[1] = dequant_pair(wv[e], 1, sz.z, sz.w);  // row r + 8
-                        a[2] = dequant_pair(wv[e], 2, sz.x, sz.y);  // row r,     k slots 2q+8, 2q+9
-                        a[3] = dequant_pair(wv[e], 3, sz.z, sz.w);  // row r + 8
+                        dequant_fragment(wv[e], sz, a);
                     }
                     const int h = e >> 1, st = e & 1;
 #pragma unroll
