@@ -79,12 +79,6 @@ class FusedQKV:
     def _per_linear(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x2) for p in self.parts], dim=-1)
 
-    def _reference(self, x2: torch.Tensor, cfg: str) -> torch.Tensor:
-        """The fused launch's exact math: int4 matches the per-projection kernels; fp8 scales x per K slice."""
-        if self.kind == "fp8":
-            return torch.cat([p.mma_reference(x2, cfg) for p in self.parts], dim=-1)
-        return self._per_linear(x2)
-
     def choice(self, x2: torch.Tensor) -> str:
         if x2.shape[0] > mma_small_m.MAX_M or not self.configs:
             return "per_linear"
@@ -93,8 +87,8 @@ class FusedQKV:
         cands, refs = {"per_linear": lambda: self._per_linear(x2)}, {}
         for cfg in self.configs:
             cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self._fused(x2, cfg)
-            if self.kind == "fp8":
-                refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: self._reference(x2, cfg)
+            if self.kind == "fp8":  # x scaled per K slice: its exact math, not the per-token projections (int4 matches them)
+                refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: torch.cat([p.mma_reference(x2, cfg) for p in self.parts], dim=-1)
         return choose_kernel(key, cands, reference="per_linear", own_refs=refs)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -346,12 +346,18 @@ FP8_CONFIGS = ("t1w4s1", "t1w8s1", "t1w16s1", "t2w8s1", "t1w8s2", "t1w16s2", "t1
 FP8_MAX_KB = 8  # 32-k blocks per warp: at most 2 x 8 x 4 weight registers
 
 
+def fp8_kslice(cfg: str, k: int) -> int:
+    """The K span that shares one activation scale in fp8_mma_gemm under cfg: the warp's slice, 32 KB values."""
+    _, warps, split = parse_config(cfg)
+    return k // (warps * split)
+
+
 def fp8_config_fits(cfg: str, n: int, k: int) -> bool:
     """Whether cfg tiles [N, K] for fp8_mma_gemm: whole 16-row tiles, 1..FP8_MAX_KB blocks of 32 k per warp."""
     nt, warps, split = parse_config(cfg)
     if n % (16 * nt) or k % (32 * warps * split):
         return False
-    return 1 <= k // (32 * warps * split) <= FP8_MAX_KB
+    return 1 <= fp8_kslice(cfg, k) // 32 <= FP8_MAX_KB
 
 
 def pack_fp8_mma(qweight: torch.Tensor) -> torch.Tensor:
@@ -367,12 +373,6 @@ def pack_fp8_mma(qweight: torch.Tensor) -> torch.Tensor:
     col = 32 * b + 8 * (lane % 4) + 4 * (j // 2) + e
     w = (qb[row, col].to(torch.int64) << (8 * e)).sum(-1)
     return _as_int32_words(w).contiguous()
-
-
-def fp8_kslice(cfg: str, k: int) -> int:
-    """The K span that shares one activation scale in fp8_mma_gemm under cfg: the warp's slice, 32 KB values."""
-    _, warps, split = parse_config(cfg)
-    return k // (warps * split)
 
 
 def fake_quant_fp8_slices(x: torch.Tensor, kslice: int) -> torch.Tensor:
@@ -418,7 +418,7 @@ def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wsca
     x = _rows(x, "fp8")
     nt, warps, split = parse_config(config)
     nmat = 1 if wb is None else 2
-    kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{k // (32 * warps * split)},{split}>", x.device)
+    kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{fp8_kslice(config, k) // 32},{split}>", x.device)
     ws_ = wscale.reshape(-1).float().contiguous()
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
         wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL, *_prefetch_args(x, pf0, pf1)])
