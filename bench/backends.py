@@ -59,8 +59,12 @@ VARIANTS = {
     "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
     "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
     "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
+    # the expert's attention through SDPA (FlashAttention's split-KV) instead of our one-launch kernel
+    "bf16 sdpa attention": ("bf16", {"targets": "all"}),
+    "fp8[prefix mlp+expert] sdpa attention": ("fp8", {"targets": "prefix_mlp,expert"}),
 }
-AB_VARIANTS = {k for k in VARIANTS if k.startswith(("fp8[prefix mlp+expert] ", "int4[expert] "))}  # not in the default run
+POLICY_OVERRIDES = {k: {"decode_attention": "sdpa"} for k in VARIANTS if k.endswith(" sdpa attention")}
+AB_VARIANTS = {k for k in VARIANTS if k.startswith(("fp8[prefix mlp+expert] ", "int4[expert] ", "bf16 "))}  # not in the default run
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -140,7 +144,8 @@ def main() -> int:
             t1 = time.time()
             torch.manual_seed(0)
             policy = build({"kind": "pi05", "variant": args.variant, "init": "random", "tokenizer": "bytes",
-                            "num_views": 2, "denoise_steps": 10, "seed": 0, "dtype": "bfloat16"}, dev)
+                            "num_views": 2, "denoise_steps": 10, "seed": 0, "dtype": "bfloat16",
+                            **POLICY_OVERRIDES.get(label, {})}, dev)
             if VARIANTS[label] is None:
                 r1 = get_backend("fp8", targets="prefix_mlp").apply(policy.model)
                 report = get_backend("int4", targets="expert").apply(policy.model)
@@ -176,6 +181,7 @@ def main() -> int:
             st = rep.stages
             row = {
                 "backend": label, "mode": mode, "report_backend": report.backend, "build_s": round(build_s, 1),
+                "decode_attention": policy.model.decode_impl,
                 "e2e_ms_p50": rep.end_to_end.p50, "e2e_ms_p90": rep.end_to_end.p90,
                 "stage_ms_p50": {k: v.p50 for k, v in st.items()},
                 "denoise_ms_p50": st["denoise"].p50 if "denoise" in st else None,

@@ -1,5 +1,7 @@
 """Development probe (GPU): the action expert's attention (10 queries x 8 heads over 555 cached keys, 1 KV head,
-head_dim 256) under each SDPA backend and layout, in chains of 18 (one CUDA graph): microseconds per call.
+head_dim 256) under each SDPA backend and layout, and our one-launch Triton kernel
+(evalkit/policies/pi05/decode_attention.py) in each tile config, in chains of 18 (one CUDA graph): microseconds
+per call. "masked:" rows pass a key mask (a padded prompt), which rules FlashAttention out.
 
     python bench/decode_attention_probe.py --out bench/results/decode_attention_probe.json
 
@@ -19,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends.quant import time_cuda_ms  # noqa: E402
+from evalkit.policies.pi05.decode_attention import launch_decode_attention  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -32,6 +35,10 @@ qs = [torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16) for _ in range(1
 ks = [torch.randn(1, 1, S, D, device=dev, dtype=torch.bfloat16) for _ in range(18)]
 vs = [torch.randn(1, 1, S, D, device=dev, dtype=torch.bfloat16) for _ in range(18)]
 ref = F.scaled_dot_product_attention(qs[0].float(), ks[0].float(), vs[0].float(), enable_gqa=True)
+key_mask = torch.ones(1, S, dtype=torch.bool, device=dev)
+key_mask[:, S - T - 40:S - T] = False  # 40 padding tokens at the end of the prompt
+ref_masked = F.scaled_dot_product_attention(qs[0].float(), ks[0].float(), vs[0].float(), attn_mask=key_mask[:, None, None],
+                                            enable_gqa=True)
 
 
 def gqa(backend):
@@ -58,11 +65,36 @@ variants = {f"gqa:{b.name}": gqa(b) for b in (SDPBackend.CUDNN_ATTENTION, SDPBac
 variants.update({f"folded:{b.name}": folded(b) for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)})
 variants["manual_matmul_softmax"] = manual
 variants["manual_compiled"] = torch.compile(manual)
+
+
+def ours(keys_per_split, block_n, warps, mask=None):
+    def f(q, k, v):
+        return launch_decode_attention(q, k, v, mask, keys_per_split, block_n, warps).view(1, T, H, D).transpose(1, 2)
+    return f
+
+
+for kps in (32, 64, 128, 192, 256, 576):
+    for bn in (32, 64):
+        for w in (4, 8):
+            if kps % bn == 0:
+                variants[f"evalkit:kps{kps}:bn{bn}:w{w}"] = ours(kps, bn, w)
+masked = {"masked:gqa:CUDNN_ATTENTION": lambda q, k, v: gqa_masked(q, k, v)}
+for kps in (64, 128):
+    masked[f"masked:evalkit:kps{kps}:bn64:w4"] = ours(kps, 64, 4, key_mask)
+
+
+def gqa_masked(q, k, v):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None], enable_gqa=True)
+
+
+variants.update(masked)
 rows = {}
 t0 = time.time()
 for name, f in variants.items():
     try:
-        err = float((f(qs[0], ks[0], vs[0]).float() - ref).norm() / ref.norm())
+        r = ref_masked if name.startswith("masked:") else ref
+        err = float((f(qs[0], ks[0], vs[0]).float() - r).norm() / r.norm())
         ms, mode = time_cuda_ms(lambda f=f: [f(q, k, v) for q, k, v in zip(qs, ks, vs)], 20)
         rows[name] = {"us_per_call": ms / 18 * 1000, "rel_err": err, "mode": mode}
         print(f"{name:28} {ms / 18 * 1000:7.2f} us  err {err:.1e}  ({mode})", flush=True)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from evalkit.policies.pi05.config import GemmaSize, VisionSize
+from evalkit.policies.pi05.decode_attention import decode_attention
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -31,6 +32,8 @@ class AttnContext:
     cond: adaRMSNorm condition [B, width] for the expert, None for the prefix.
     mods: precomputed adaRMSNorm modulations [B, 3*width], one per expert norm in order
           (layer 0 input, layer 0 post-attention, layer 1 input, ..., final norm); None = compute from cond.
+    decode_impl: the expert's attention over the cache: "sdpa" or "triton" (decode_attention.py; resolved
+          from the policy's `decode_attention` setting by the model).
     """
 
     cos: torch.Tensor
@@ -41,15 +44,17 @@ class AttnContext:
     read_cache: bool = False
     cond: torch.Tensor | None = None
     mods: tuple[torch.Tensor, ...] | None = None
+    decode_impl: str = "sdpa"
 
     def mod(self, k: int) -> torch.Tensor | None:
         return None if self.mods is None else self.mods[k]
 
 
-# The expert's attention (horizon x batch queries over the cached prefix): FlashAttention first. On the H200,
-# cuDNN's kernel (PyTorch's pick) took 20.9 us per call for 10 queries x 8 heads over 555 keys, FlashAttention
-# 11.4 us (bench/results/decode_attention_probe.json), ~1.7 ms of a compiled π0.5 call. Flash takes no mask:
-# with a key mask the next backend in this order runs.
+# The expert's attention (horizon x batch queries over the cached prefix) when it runs through SDPA
+# (decode_impl="sdpa"; on GPUs the default is our one-launch kernel, decode_attention.py): FlashAttention first.
+# On the H200, cuDNN's kernel (PyTorch's pick) took 20.9 us per call for 10 queries x 8 heads over 555 keys,
+# FlashAttention 11.4 us (bench/results/decode_attention_probe.json), ~1.7 ms of a compiled π0.5 call. Flash
+# takes no mask: with a key mask the next backend in this order runs.
 DECODE_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -153,6 +158,8 @@ class GemmaAttention(nn.Module):
             pk[:, :, p:] = k.to(pk.dtype)
             pv[:, :, p:] = v.to(pv.dtype)
             k, v = pk, pv
+        if ctx.read_cache and ctx.decode_impl == "triton":
+            return self.o_proj(decode_attention(q, k, v, ctx.key_mask))
         mask = None if ctx.key_mask is None else ctx.key_mask[:, None, None, :]
         gqa = self.num_kv_heads != self.num_heads
         if ctx.read_cache:

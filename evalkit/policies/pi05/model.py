@@ -55,6 +55,9 @@ class Pi05Model(nn.Module):
         self.time_mlp_in = nn.Linear(w, w)
         self.time_mlp_out = nn.Linear(w, w)
         self.expert_calls = 0  # incremented once per expert forward (denoise step)
+        # The expert's attention over the cache: "sdpa" or "triton" (decode_attention.py); the policy builder
+        # resolves its `decode_attention` setting (auto: triton on CUDA) into this.
+        self.decode_impl = "sdpa"
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -175,7 +178,8 @@ class Pi05Model(nn.Module):
         key_mask = None
         if prefix_mask is not None:
             key_mask = torch.cat([prefix_mask, torch.ones(b, h, dtype=torch.bool, device=x.device)], dim=1)
-        ctx = AttnContext(cos=cos, sin=sin, key_mask=key_mask, cache=dict(enumerate(kv)), read_cache=True, mods=mods)
+        ctx = AttnContext(cos=cos, sin=sin, key_mask=key_mask, cache=dict(enumerate(kv)), read_cache=True, mods=mods,
+                          decode_impl=self.decode_impl)
         out = self.expert(x, ctx)
         return self.action_out_proj(out).float()
 

@@ -19,6 +19,7 @@ from evalkit.policies.base import ObsBatch, TorchPolicy
 from evalkit.policies.pi05 import processing as proc
 from evalkit.policies.pi05.checkpoint import load_state_dict_into, read_checkpoint_config
 from evalkit.policies.pi05.config import Pi05Config, full_config, replace_fields, tiny_config
+from evalkit.policies.pi05.decode_attention import resolve_impl
 from evalkit.policies.pi05.model import Pi05Model
 
 VIEW_ORDER = ("agentview", "wrist")  # openpi LIBERO: base_0_rgb = agentview, left_wrist_0_rgb = wrist
@@ -171,7 +172,7 @@ class Pi05Policy(TorchPolicy):
 _POLICY_KEYS = {
     "kind", "name", "variant", "init", "checkpoint", "denoise_steps", "compile", "cuda_graph", "num_views",
     "tokenizer", "norm_stats", "seed", "dtype", "model", "prefix_inputs", "state_feature_dim", "state_prefix_tokens",
-    "state_in_prompt", "action_horizon",
+    "state_in_prompt", "action_horizon", "decode_attention",
 }
 
 
@@ -238,6 +239,8 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
     with torch.device(device):
         model = Pi05Model(mcfg).to(dtype)
     model.eval()
+    model.decode_impl = resolve_impl(cfg.get("decode_attention") or "auto", device, mcfg.expert.head_dim,
+                                     mcfg.action_horizon)
     init = cfg.get("init", "random")
     ckpt = None
     norm_stats = proc.NormStats.identity()

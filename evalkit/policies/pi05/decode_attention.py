@@ -1,0 +1,214 @@
+"""The action expert's attention: a few query tokens (horizon x batch) over the cached prefix, in one launch.
+
+Written here because no library kernel is fast at this shape (10 queries x 8 heads over ~555 keys, one KV head,
+head_dim 256). On the H200, cuDNN's SDPA took 20.9 us per call and FlashAttention's split-KV path 10.6 us, half
+of it in its separate combine kernel (bench/results/pi05_kernel_profile.json); with a key mask Flash does not run
+at all. This Triton kernel splits the keys across programs like Flash's split-KV and combines the splits in the
+same launch: the program that arrives last at its (batch, head) counter reads the others' partials from L2.
+
+    out[b, t, h*D:(h+1)*D] = softmax(q[b, h, t] . k[b, h // G]^T / sqrt(D), masked) @ v[b, h // G]
+
+Output is [B, T, H*D], the layout o_proj reads, so no transpose copy follows. Grid (splits, B*H); program
+(s, bh) takes keys [s*KEYS, (s+1)*KEYS) of head bh for all T <= BLOCK_M queries. Partials are unnormalised
+(acc, running max m, running sum l) in base 2, as FlashAttention-2 keeps them. fp32 inputs take IEEE fp32
+dots (never TF32), bf16/fp16 inputs the tensor cores with fp32 accumulation (P rounded to the input dtype, as
+FlashAttention does).
+
+`decode_attention` is a torch.library custom op (works under torch.compile and in CUDA graphs); on CPU it is
+SDPA itself. `reference_decode_attention` is the plain math the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch only
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - CPU machines
+    _HAVE_TRITON = False
+
+IMPLS = ("auto", "triton", "sdpa")
+MAX_QUERIES = 64  # more query rows per head than this: the prefix-style SDPA kernels are the right tool
+DEFAULT_KEYS_PER_SPLIT = 64
+DEFAULT_BLOCK_N = 64
+DEFAULT_WARPS = 4
+
+
+def triton_fits(head_dim: int, queries: int) -> str | None:
+    """None when the Triton kernel can run this shape, else why not (one line)."""
+    if not _HAVE_TRITON:
+        return "Triton is not installed (CPU build of torch)"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    if queries > MAX_QUERIES:
+        return f"{queries} query tokens > {MAX_QUERIES}"
+    return None
+
+
+def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int) -> str:
+    """'auto' -> 'triton' on CUDA where the kernel fits, else 'sdpa'. 'triton' that cannot run raises."""
+    from evalkit.errors import BadInput, CapabilityError
+
+    if impl not in IMPLS:
+        raise BadInput(f"pi05 decode_attention must be one of {list(IMPLS)}, got '{impl}'")
+    why = "device is not CUDA" if device.type != "cuda" else triton_fits(head_dim, queries)
+    if impl == "auto":
+        return "sdpa" if why else "triton"
+    if impl == "triton" and why:
+        raise CapabilityError(f"pi05 decode_attention=triton cannot run: {why}")
+    return impl
+
+
+def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               key_mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA on q [B, H, T, D], k/v [B, Hkv, S, D], key_mask bool [B, S] or None -> [B, T, H*D]."""
+    b, h, t, d = q.shape
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != h)
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one buffer per device; every launch leaves them zero. Allocated on the
+    first (eager) call: a CUDA-graph capture cannot allocate a buffer that must outlive it zeroed."""
+    buf = _COUNTERS.get(str(device))
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention counters not allocated; run one eager forward before CUDA-graph capture")
+        buf = _COUNTERS[str(device)] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return buf
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ws_o_ptr, ws_ml_ptr, cnt_ptr,
+                            T, S, H, G, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t,
+                            qk_scale, NSPLIT: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+        split = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // G
+        rows = tl.arange(0, BLOCK_M)
+        dd = tl.arange(0, D)
+        row_ok = rows < T
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + dd[None, :], mask=row_ok[:, None], other=0.0)
+        k_base = k_ptr + b * sk_b + kvh * sk_h
+        v_base = v_ptr + b * sv_b + kvh * sv_h
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        for n0 in tl.static_range(0, KEYS, BLOCK_N):
+            keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
+            ok = keys < S
+            # K, V and the mask are loaded before any math, so their latencies overlap
+            kt = tl.load(k_base + keys[:, None] * sk_s + dd[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * sv_s + dd[None, :], mask=ok[:, None], other=0.0)
+            if HAS_MASK:
+                ok = ok & (tl.load(mask_ptr + b * sm_b + keys, mask=ok, other=0) != 0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key adds nothing
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            m_i = m_new
+        o_ptrs = o_ptr + b * so_b + rows[:, None] * so_t + h * D + dd[None, :]
+        if NSPLIT == 1:
+            tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            part = bh * NSPLIT + split
+            tl.store(ws_o_ptr + (part * BLOCK_M + rows[:, None]) * D + dd[None, :], acc, mask=row_ok[:, None])
+            tl.store(ws_ml_ptr + (part * BLOCK_M + rows) * 2, m_i, mask=row_ok)
+            tl.store(ws_ml_ptr + (part * BLOCK_M + rows) * 2 + 1, l_i, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial is written before the one atomic below releases them
+            arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+            if arrived == NSPLIT - 1:  # last split of this head: combine (partials read at L2, never stale L1)
+                m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+                for s_ in tl.static_range(NSPLIT):
+                    m_s = tl.load(ws_ml_ptr + ((bh * NSPLIT + s_) * BLOCK_M + rows) * 2, mask=row_ok,
+                                  other=float("-inf"), cache_modifier=".cg")
+                    m_all = tl.maximum(m_all, m_s)
+                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                num = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+                den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for s_ in tl.static_range(NSPLIT):
+                    base = (bh * NSPLIT + s_) * BLOCK_M + rows
+                    m_s = tl.load(ws_ml_ptr + base * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(ws_ml_ptr + base * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    w = tl.exp2(m_s - m_all)
+                    a_s = tl.load(ws_o_ptr + base[:, None] * D + dd[None, :], mask=row_ok[:, None], other=0.0,
+                                  cache_modifier=".cg")
+                    num += a_s * w[:, None]
+                    den += l_s * w
+                den = tl.where(row_ok, den, 1.0)
+                tl.store(o_ptrs, (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+                tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (and the next CUDA-graph replay)
+
+
+def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                            keys_per_split: int = DEFAULT_KEYS_PER_SPLIT, block_n: int = DEFAULT_BLOCK_N,
+                            num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
+    """Run the Triton kernel: q [B, H, T, D] (any strides with unit last stride), k/v [B, Hkv, S, D],
+    key_mask bool [B, S] or None -> [B, T, H*D] in q's dtype."""
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    why = triton_fits(d, t)
+    if why:
+        raise ValueError(f"decode attention kernel cannot run: {why}")
+    if h % hkv or v.shape[:3] != k.shape[:3] or k.shape[3] != d or keys_per_split % block_n:
+        raise ValueError(f"decode attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}, "
+                         f"keys_per_split {keys_per_split} / block_n {block_n}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    block_m = max(16, triton.next_power_of_2(t))
+    nsplit = triton.cdiv(s, keys_per_split)
+    out = torch.empty((b, t, h * d), device=q.device, dtype=q.dtype)
+    if nsplit > 1:
+        ws_o = torch.empty((b * h * nsplit * block_m * d,), device=q.device, dtype=torch.float32)
+        ws_ml = torch.empty((b * h * nsplit * block_m * 2,), device=q.device, dtype=torch.float32)
+        cnt = _counters(q.device, b * h)
+    else:
+        ws_o = ws_ml = cnt = out  # unused
+    mask = out if key_mask is None else key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()
+    _decode_attn_kernel[(nsplit, b * h)](
+        q, k, v, mask, out, ws_o, ws_ml, cnt, t, s, h, h // hkv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), mask.stride(0) if key_mask is not None else 0,
+        out.stride(0), out.stride(1), (1.0 / math.sqrt(d)) * 1.4426950408889634,
+        NSPLIT=nsplit, KEYS=keys_per_split, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
+        HAS_MASK=key_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    return out
+
+
+@torch.library.custom_op("evalkit::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                         keys_per_split: int, block_n: int, num_warps: int) -> torch.Tensor:
+    if q.is_cuda:
+        return launch_decode_attention(q, k, v, key_mask, keys_per_split, block_n, num_warps)
+    return reference_decode_attention(q, k, v, key_mask)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, key_mask, keys_per_split, block_n, num_warps):
+    b, h, t, d = q.shape
+    return q.new_empty((b, t, h * d))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                     keys_per_split: int = DEFAULT_KEYS_PER_SPLIT, block_n: int = DEFAULT_BLOCK_N,
+                     num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k/v [B, Hkv, S, D] (key_mask bool [B, S], True = attend) -> [B, T, H*D]."""
+    return _decode_attention_op(q, k, v, key_mask, keys_per_split, block_n, num_warps)

@@ -1,0 +1,51 @@
+"""The expert's decode attention setting (CPU): how `decode_attention` resolves, its errors, and that the
+custom op computes SDPA's result. The Triton kernel itself is checked on the GPU (tests/test_decode_attention_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evalkit.errors import BadInput, CapabilityError
+from evalkit.policies.pi05.decode_attention import decode_attention, reference_decode_attention, resolve_impl
+from evalkit.policies.pi05.testing import batch, tiny_policy
+
+
+def test_auto_is_sdpa_off_gpu_and_forced_triton_fails_clearly():
+    cpu = torch.device("cpu")
+    assert resolve_impl("auto", cpu, 256, 10) == "sdpa"
+    assert resolve_impl("sdpa", cpu, 256, 10) == "sdpa"
+    with pytest.raises(CapabilityError, match="decode_attention=triton cannot run: device is not CUDA"):
+        resolve_impl("triton", cpu, 256, 10)
+
+
+def test_unknown_value_lists_choices():
+    with pytest.raises(BadInput, match=r"\['auto', 'triton', 'sdpa'\].*'flash'"):
+        resolve_impl("flash", torch.device("cpu"), 256, 10)
+    with pytest.raises(BadInput, match="decode_attention"):
+        tiny_policy(decode_attention="flash")
+
+
+def test_policy_records_resolved_impl():
+    assert tiny_policy().model.decode_impl == "sdpa"
+
+
+def test_op_on_cpu_is_sdpa_in_output_layout():
+    torch.manual_seed(0)
+    b, h, t, s, d = 2, 4, 3, 11, 16
+    q = torch.randn(b, t, h, d).transpose(1, 2)  # the strides the model hands over (after the head split)
+    k, v = torch.randn(b, 1, s, d), torch.randn(b, 1, s, d)
+    mask = torch.rand(b, s) > 0.3
+    mask[:, -t:] = True
+    out = decode_attention(q, k, v, mask)
+    assert out.shape == (b, t, h * d)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.expand(b, h, s, d), v.expand(b, h, s, d),
+                                                           attn_mask=mask[:, None, None])
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, t, h * d))
+    torch.testing.assert_close(reference_decode_attention(q, k, v, mask), out)
+
+
+def test_sdpa_setting_gives_same_actions_as_default_on_cpu():
+    a = tiny_policy().predict(batch(0, 1), noise_seed=3)
+    b = tiny_policy(decode_attention="sdpa").predict(batch(0, 1), noise_seed=3)
+    assert (a == b).all()
