@@ -172,10 +172,12 @@ class Fp8GemmaMLP(nn.Module):
         acc = ", fast_accum)" if gate_proj.fast_accum else ")"
         self.mma = bool(gate_proj.mma_configs and up_proj.mma_configs)
         self.compiled_geglu_quant = "triton"  # or "inductor" (backend.options.compiled_geglu_quant)
+        self.whole_mlp = False  # also time fp8_mma_mlp (backend.options.whole_mlp; bench/fp8_mlp_probe.py: slower)
         gate_proj.kernel = up_proj.kernel = ("triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc
                                              + " over stacked gate|up weights"
                                              + (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and "
-                                                "cuda:fp8_mma_gemm GeGLU (gate+up+gelu in one launch, x quantized in the kernel per token and K slice)" if self.mma else ""))
+                                                "cuda:fp8_mma_gemm GeGLU (gate+up+gelu in one launch, x quantized in the kernel per token and K slice)"
+                                                if self.mma else ""))
         down_proj.kernel = "triton:geglu_quant_fp8 (gelu_tanh(gate)*up fused with per-token quant) + torch._scaled_mm(rowwise" + acc + down_proj.mma_note()
         self._stack_gate_up()
 
@@ -197,6 +199,11 @@ class Fp8GemmaMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         choice = self._small_m_choice(x2)
+        if choice.startswith("mlp_mma:"):
+            d = self.down_proj
+            y = mma_small_m.fp8_mma_mlp(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1], d.mma_words,
+                                        d.wscale, choice.partition(":")[2], self.gate_proj.pdl)
+            return d._finish(y, shape)
         if choice != "scaled_mm":
             h = mma_small_m.fp8_mma_geglu(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1],
                                           choice.partition(":")[2], self.gate_proj.pdl, self.l2_next)
@@ -212,12 +219,25 @@ class Fp8GemmaMLP(nn.Module):
         for cfg in g.mma_configs:
             cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(mma_small_m.fp8_mma_geglu(
                 x2, g.mma_words, self.up_proj.mma_words, self._gu[1], cfg, g.pdl))
-            refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(torch.nn.functional.gelu(
-                g.mma_reference(x2, cfg), approximate="tanh").mul(self.up_proj.mma_reference(x2, cfg)).to(torch.bfloat16))
+            refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(self._geglu_reference(x2, cfg))
+        d = self.down_proj
+        if self.whole_mlp and d.mma_configs and d.bias is None:
+            for cfg in mma_small_m.FP8_MLP_CONFIGS:
+                if mma_small_m.fp8_mlp_plan(g.in_features, g.out_features, cfg) is None:
+                    continue
+                cfg1, cfg2 = mma_small_m.fp8_mlp_configs(g.in_features, g.out_features, cfg)
+                cands[f"mlp_mma:{cfg}"] = lambda cfg=cfg: mma_small_m.fp8_mma_mlp(
+                    x2, g.mma_words, self.up_proj.mma_words, self._gu[1], d.mma_words, d.wscale, cfg, g.pdl)
+                refs[f"mlp_mma:{cfg}"] = lambda c1=cfg1, c2=cfg2: d.mma_reference(self._geglu_reference(x2, c1), c2)
         # Each fused candidate against its own math (x scaled per K slice, h rounded to bf16, then the same
         # down_proj): 2e-2 leaves room for fp32 summation order and tanh, while a dropped scale or wrong
         # layout is off by ~100 %. The GPU tests check both paths against fp32 math.
         return choose_kernel(key, cands, reference="scaled_mm", tol=2e-2, own_refs=refs)
+
+    def _geglu_reference(self, x2: torch.Tensor, cfg: str) -> torch.Tensor:
+        """h as fp8_mma_geglu under cfg computes it (x scaled per token and K slice), rounded to bf16."""
+        g, u = self.gate_proj, self.up_proj
+        return torch.nn.functional.gelu(g.mma_reference(x2, cfg), approximate="tanh").mul(u.mma_reference(x2, cfg)).to(torch.bfloat16)
 
     def _scaled_mm_mlp(self, x2: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         xq, xs = quant_act_fp8(x2)
@@ -259,6 +279,12 @@ class FP8Backend(QuantBackend):
             parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
             if all(isinstance(p, Fp8Linear) and not p.emulated for p in parts):
                 fused = Fp8GemmaMLP(*parts)
+                # one-launch MLP kernel (grid barrier): measured slower than two PDL launches, so only on request
+                fused.whole_mlp = bool(self.options.get("whole_mlp", False))
+                if fused.whole_mlp and fused.mma:
+                    note = "; M<=16 also timed: cuda:fp8_mma_mlp (the whole MLP in one launch: GeGLU, grid barrier, down)"
+                    for p in parts:
+                        p.kernel += note
                 fused.compiled_geglu_quant = self.options.get("compiled_geglu_quant", "triton")
                 if fused.compiled_geglu_quant not in ("triton", "inductor"):
                     raise BadInput(f"fp8 options.compiled_geglu_quant={fused.compiled_geglu_quant!r}; valid: triton, inductor")

@@ -158,11 +158,12 @@ __device__ __forceinline__ bool reduce_warps(float* acc, float (*red)[NACC][32],
 }
 
 // Warp 0: optional column scales (wscale[mat * N + n] -- fp8), split-K partials (the CTA that arrives last at
-// the tile's counter adds them and resets the counter), GeGLU, bf16 store.
+// the tile's counter adds them and resets the counter), GeGLU, bf16 store. `split` is this CTA's K split and
+// `ctr` its tile's counter (blockIdx.y and blockIdx.x in the one-GEMM kernels).
 template <int NMAT, int NT, int MT, int SPLIT>
 __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ wscale, int wscale_n,
                                           int q, int r, int tile0, int M, int N, float* __restrict__ ws,
-                                          int* __restrict__ cnt, unsigned short* __restrict__ y) {
+                                          int* __restrict__ cnt, unsigned short* __restrict__ y, int split, int ctr) {
     constexpr int PER_MAT = NT * MT * 4, NACC = NMAT * PER_MAT;
     const int lane = threadIdx.x & 31;
     auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
@@ -174,14 +175,14 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
     }
     if (SPLIT > 1) {
         const size_t plane = (size_t)M * N;
-        float* part = ws + (size_t)blockIdx.y * NMAT * plane;
+        float* part = ws + (size_t)split * NMAT * plane;
 #pragma unroll
         for (int i = 0; i < NACC; ++i)
             if (out_m(i) < M) part[(i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i)] = acc[i];
         __threadfence();  // partials visible device-wide before the arrival below
         __syncwarp();
         int arrived = 0;
-        if (lane == 0) arrived = atomicAdd(cnt + blockIdx.x, 1);
+        if (lane == 0) arrived = atomicAdd(cnt + ctr, 1);
         arrived = __shfl_sync(0xFFFFFFFFu, arrived, 0);
         if (arrived != SPLIT - 1) return;
         __threadfence();
@@ -193,7 +194,7 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
                     sum += __ldcg(ws + (sp * NMAT + i / PER_MAT) * plane + (size_t)out_m(i) * N + out_n(i));
             acc[i] = sum;
         }
-        if (lane == 0) cnt[blockIdx.x] = 0;  // ready for the next launch / graph replay
+        if (lane == 0) cnt[ctr] = 0;  // ready for the next launch / graph replay
     }
 #pragma unroll
     for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 
     // 5) + 6): reduce the warps' K sub-slices, then split-K partials, GeGLU and the bf16 store
     if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
-    store_out<NMAT, NT, MT, SPLIT>(acc, nullptr, 0, q, r, tile0, M, N, ws, cnt, y);
+    store_out<NMAT, NT, MT, SPLIT>(acc, nullptr, 0, q, r, tile0, M, N, ws, cnt, y, blockIdx.y, blockIdx.x);
 }
 
 // ================================================================================================ fp8 (W8A8)
@@ -370,24 +371,11 @@ __device__ __forceinline__ float max_abs8(const u32x4& v) {  // max |.| of 8 bf1
                  fmaxf(fmaxf(bf_lo(c), bf_hi(c)), fmaxf(bf_lo(d), bf_hi(d))));
 }
 
-template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
-__global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
-    const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,
-    const unsigned short* __restrict__ x, unsigned short* __restrict__ y, float* __restrict__ ws,
-    int* __restrict__ cnt, int M, int N, int K, u32 sentinel, const char* pf0, int pf0_bytes, const char* pf1,
-    int pf1_bytes) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r = lane >> 2, q = lane & 3;
-    const int KBT = K / 32;
-    const int kb0 = (blockIdx.y * WARPS + warp) * KB;
-    const int tile0 = blockIdx.x * NT;
-    const u32x4* wmat[2] = {wa, wb};
-    constexpr int NACC = NMAT * NT * MT * 4;
-    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
-
-    // 1) weights, all up front (see int4_mma_gemm for why the branch)
-    u32x4 w[NMAT][NT][KB];
-    u32 all = 0;
+// Step 1 of the fp8 kernels: this warp's weights (KB 32-k blocks from kb0, n-tiles tile0..), all loads issued up
+// front; `all` collects them for issue_loads_before_here.
+template <int NMAT, int NT, int KB>
+__device__ __forceinline__ void fp8_load_weights(u32x4 (&w)[NMAT][NT][KB], const u32x4* const* wmat, int tile0,
+                                                 int KBT, int kb0, int lane, u32& all) {
 #pragma unroll
     for (int mat = 0; mat < NMAT; ++mat)
 #pragma unroll
@@ -397,10 +385,13 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
                 w[mat][t][b] = ld_stream(wmat[mat] + ((size_t)(tile0 + t) * KBT + kb0 + b) * 32 + lane);
                 all ^= xor4(w[mat][t][b]);
             }
-    issue_loads_before_here(all, sentinel);
-    prefetch_l2(pf0, pf0_bytes);
-    prefetch_l2(pf1, pf1_bytes);
-    wait_for_previous_kernel();
+}
+
+// Steps 2-5 of the fp8 kernels, after the wait: this warp's x slice (K values kb0*32.. of rows < M), its scale
+// per row, the e4m3 fragments, the MMAs and the scales into the partial sums acc[NMAT * NT * MT * 4].
+template <int MT, int NMAT, int NT, int KB>
+__device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], const unsigned short* __restrict__ x,
+                                              int M, int K, int kb0, int r, int q, float* acc) {
     // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block)
     u32x4 xr[MT][KB];
 #pragma unroll
@@ -431,7 +422,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     }
 
     // 4) multiply
-    float acc[NACC];
+    constexpr int NACC = NMAT * NT * MT * 4;
 #pragma unroll
     for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
 #pragma unroll
@@ -445,7 +436,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
                     mma_fp8(acc + ((mat * NT + t) * MT + mh) * 4, w[mat][t][b], xq[mh][b][0], xq[mh][b][1]);
 
     // 5) the slice's x scales into the partial sums (C column m = 8 mh + 2q + c % 2: its scale is held by lane
-    //    4 (2q + c % 2)), then as int4_mma_gemm, with the column scales
+    //    4 (2q + c % 2)); the column scales come in store_out
 #pragma unroll
     for (int mh = 0; mh < MT; ++mh) {
         const float s_even = __shfl_sync(0xFFFFFFFFu, xs[mh], 8 * q), s_odd = __shfl_sync(0xFFFFFFFFu, xs[mh], 8 * q + 4);
@@ -455,6 +446,102 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
             c[0] *= s_even, c[1] *= s_odd, c[2] *= s_even, c[3] *= s_odd;
         }
     }
+}
+
+template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
+__global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
+    const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,
+    const unsigned short* __restrict__ x, unsigned short* __restrict__ y, float* __restrict__ ws,
+    int* __restrict__ cnt, int M, int N, int K, u32 sentinel, const char* pf0, int pf0_bytes, const char* pf1,
+    int pf1_bytes) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, q = lane & 3;
+    const int kb0 = (blockIdx.y * WARPS + warp) * KB;
+    const int tile0 = blockIdx.x * NT;
+    const u32x4* wmat[2] = {wa, wb};
+    constexpr int NACC = NMAT * NT * MT * 4;
+    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC][32];
+
+    // 1) weights, all up front (see int4_mma_gemm for why the branch)
+    u32x4 w[NMAT][NT][KB];
+    u32 all = 0;
+    fp8_load_weights<NMAT, NT, KB>(w, wmat, tile0, K / 32, kb0, lane, all);
+    issue_loads_before_here(all, sentinel);
+    prefetch_l2(pf0, pf0_bytes);
+    prefetch_l2(pf1, pf1_bytes);
+    wait_for_previous_kernel();
+    // 2) - 5)
+    float acc[NACC];
+    fp8_slice_mma<MT, NMAT, NT, KB>(w, x, M, K, kb0, r, q, acc);
     if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
-    store_out<NMAT, NT, MT, SPLIT>(acc, wscale, N, q, r, tile0, M, N, ws, cnt, y);
+    store_out<NMAT, NT, MT, SPLIT>(acc, wscale, N, q, r, tile0, M, N, ws, cnt, y, blockIdx.y, blockIdx.x);
+}
+
+// ================================================================================================ fused fp8 MLP
+// A whole GeGLU MLP, y = down(gelu_tanh(x Wg^T) * (x Wu^T)), in one launch: two kernel boundaries per MLP cost
+// more than the bytes at M = 10 (docs/backends.md). Phase 1 is fp8_mma_gemm's GeGLU with one 16-row tile of F
+// per CTA (grid F / 16); it writes h (bf16, as the two-launch path does). A grid barrier follows; phase 2 is
+// the down projection with CTA = (tile of D, K split) on the first D / 16 tiles x SPLIT2 splits CTAs. Phase 2's
+// weights are loaded with phase 1's, before the wait, so the barrier finds them in registers. The barrier needs
+// every CTA resident at once: the launcher checks the occupancy first (MINB CTAs per SM asked of ptxas).
+__device__ __forceinline__ unsigned long long ld_acquire(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// A 64-bit arrival count that only grows (it never wraps in practice): each launch adds one per CTA, so a CTA
+// that arrives as number `old` waits until the count reaches the next multiple of the grid size. No reset, so
+// launches and CUDA-graph replays follow one another without re-zeroing. Thread 0 fences and arrives for the
+// CTA after a CTA barrier (the pattern of cooperative groups' grid sync).
+// A CTA that only arrives (`wait` false) leaves at once; returns `wait`. The count must only ever see launches
+// of one grid size (the launcher keeps one counter per grid size).
+__device__ __forceinline__ bool grid_barrier(unsigned long long* bar, bool wait) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned long long n = gridDim.x * gridDim.y;
+        __threadfence();  // the CTA's writes (h) visible device-wide before the arrival
+        const unsigned long long old = atomicAdd(bar, 1ull);
+        const unsigned long long target = old - old % n + n;
+        while (wait && ld_acquire(bar) < target) {
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    return wait;
+}
+
+template <int MT, int WARPS, int KB1, int KB2, int SPLIT2, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) fp8_mma_mlp(
+    const u32x4* __restrict__ wg, const u32x4* __restrict__ wu, const float* __restrict__ wscale_gu,
+    const u32x4* __restrict__ wd, const float* __restrict__ wscale_d, const unsigned short* __restrict__ x,
+    unsigned short* __restrict__ h, unsigned short* __restrict__ y, float* __restrict__ ws, int* __restrict__ cnt,
+    unsigned long long* __restrict__ bar, int M, int D, int F, u32 sentinel) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, q = lane & 3;
+    const int tile1 = blockIdx.x, tile2 = blockIdx.x % (D / 16), split2 = blockIdx.x / (D / 16);
+    const bool down_cta = split2 < SPLIT2;  // phase 2 takes the first (D / 16) x SPLIT2 CTAs; the rest only arrive
+    const int kb1 = warp * KB1, kb2 = (split2 * WARPS + warp) * KB2;
+    constexpr int NACC1 = 2 * MT * 4, NACC2 = MT * 4;
+    __shared__ float red[WARPS > 1 ? WARPS / 2 : 1][NACC1][32];
+
+    const u32x4* m1[2] = {wg, wu};
+    const u32x4* m2[1] = {wd};
+    u32x4 w1[2][1][KB1], w2[1][1][KB2];
+    u32 all = 0;
+    fp8_load_weights<2, 1, KB1>(w1, m1, tile1, D / 32, kb1, lane, all);
+    if (down_cta) fp8_load_weights<1, 1, KB2>(w2, m2, tile2, F / 32, kb2, lane, all);
+    issue_loads_before_here(all, sentinel);
+    wait_for_previous_kernel();
+
+    float acc1[NACC1];
+    fp8_slice_mma<MT, 2, 1, KB1>(w1, x, M, D, kb1, r, q, acc1);
+    if (reduce_warps<NACC1, WARPS>(acc1, red, warp, lane))
+        store_out<2, 1, MT, 1>(acc1, wscale_gu, F, q, r, tile1, M, F, nullptr, nullptr, h, 0, 0);
+    if (!grid_barrier(bar, down_cta)) return;
+
+    float acc2[NACC2];
+    fp8_slice_mma<MT, 1, 1, KB2>(w2, h, M, F, kb2, r, q, acc2);
+    if (!reduce_warps<NACC2, WARPS>(acc2, reinterpret_cast<float(*)[NACC2][32]>(red), warp, lane)) return;
+    store_out<1, 1, MT, SPLIT2>(acc2, wscale_d, D, q, r, tile2, M, D, ws, cnt, y, split2, tile2);
 }

@@ -1,5 +1,6 @@
 """Our CUDA kernels for M <= 16 (the denoise loop): `mma_small_m.cu`, compiled at run time with NVRTC --
-`int4_mma_gemm` (W4A16, below) and `fp8_mma_gemm` (W8A8: x quantized to e4m3 inside the kernel, one scale per token and warp K slice; end of file).
+`int4_mma_gemm` (W4A16, below), `fp8_mma_gemm` (W8A8: x quantized to e4m3 inside the kernel, one scale per token and
+warp K slice) and `fp8_mma_mlp` (a whole fp8 GeGLU MLP in one launch, with a grid barrier; end of file).
 
 Why our own: at M = 10 the expert's int4 GEMMs are bound by latency, not bytes. Library kernels (tinygemm)
 and our Triton kernel pipeline a K loop whose loads wait behind shared-memory layout conversions; this
@@ -446,3 +447,100 @@ def fp8_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu
                   pdl: bool = True, prefetch: tuple = (None, None)) -> torch.Tensor:
     """gelu_tanh(x Wg^T) * (x Wu^T), one launch; wscale_gu = [gate scales | up scales] (2N, contiguous)."""
     return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl, *prefetch)
+
+
+# ------------------------------------------------------------------------------------------------ fused fp8 MLP
+FP8_MLP_CONFIGS = ("w4s4", "w8s2", "w8s4", "w16s1", "w16s2")  # warps per CTA, K splits of the down phase
+_BARRIERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def fp8_mlp_plan(d: int, f: int, cfg: str) -> tuple[int, int, int, int] | None:
+    """(warps, KB1, KB2, SPLIT2) of fp8_mma_mlp under cfg 'w{warps}s{split}' for width d and MLP width f, or
+    None when it does not tile: grid F/16 CTAs (one 16-row tile of F each in phase 1), of which the first
+    D/16 x SPLIT2 run the down phase; 1..FP8_MAX_KB blocks of 32 k per warp in both phases."""
+    m = re.fullmatch(r"w(\d+)s(\d+)", cfg)
+    if not m:
+        raise ValueError(f"fp8 fused MLP config '{cfg}' is not w<warps>s<split>; e.g. {', '.join(FP8_MLP_CONFIGS)}")
+    warps, split2 = int(m[1]), int(m[2])
+    if d % 16 or f % 16 or (d // 16) * split2 > f // 16 or d % (32 * warps) or f % (32 * warps * split2):
+        return None
+    kb1, kb2 = d // (32 * warps), f // (32 * warps * split2)
+    return (warps, kb1, kb2, split2) if 1 <= kb1 <= FP8_MAX_KB and 1 <= kb2 <= FP8_MAX_KB else None
+
+
+def fp8_mlp_configs(d: int, f: int, cfg: str) -> tuple[str, str]:
+    """The one-GEMM configs whose math the fused MLP reproduces (same K slices, same split-K sum order):
+    (GeGLU config, down config), for the references and the choice log."""
+    warps, _, _, split2 = fp8_mlp_plan(d, f, cfg)
+    return f"t1w{warps}s1", f"t1w{warps}s{split2}"
+
+
+def _barrier(device: torch.device, grid: int) -> torch.Tensor:
+    """The grid barrier's 64-bit arrival count, one per device and grid size (the count waits for the next
+    multiple of the grid size, so launches of two sizes must not share one); allocated on the first (eager) call."""
+    key = (str(device), grid)
+    buf = _BARRIERS.get(key)
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fp8 fused MLP barrier not allocated; run one eager forward before CUDA-graph capture")
+        buf = _BARRIERS[key] = torch.zeros(1, device=device, dtype=torch.int64)
+    return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_ctas(kern, threads: int, device_index: int) -> int:
+    """How many CTAs of kern can be resident at once on the GPU (occupancy API x SMs); cached per kernel."""
+    n = ctypes.c_int()
+    res = _libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), kern.func, threads, ctypes.c_size_t(0))
+    if res != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {res}")
+    return n.value * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_fp8_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, wd: torch.Tensor,
+                    wscale_d: torch.Tensor, config: str, pdl: bool) -> torch.Tensor:
+    from backends.triton_kernels import _counters
+
+    m, d = x.shape
+    f = wg.shape[0] * 16
+    plan = fp8_mlp_plan(d, f, config)
+    if plan is None or wd.shape[0] * 16 != d:
+        raise ValueError(f"fp8 fused MLP config {config} does not tile D={d}, F={f}")
+    warps, kb1, kb2, split2 = plan
+    x = _rows(x, "fp8")
+    grid = f // 16
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    minb = -(-grid // sms)
+    kern = _compile(f"fp8_mma_mlp<{1 if m <= 8 else 2},{warps},{kb1},{kb2},{split2},{minb}>", x.device)
+    with torch.cuda.device(x.device):
+        resident = _resident_ctas(kern, 32 * warps, x.device.index)
+    if resident < grid:  # a grid barrier over CTAs that cannot all be resident would never open
+        raise RuntimeError(f"fp8 fused MLP needs {grid} resident CTAs of {32 * warps} threads; this GPU holds {resident}")
+    h = torch.empty((m, f), device=x.device, dtype=torch.bfloat16)
+    y = torch.empty((m, d), device=x.device, dtype=torch.bfloat16)
+    ws = torch.empty((split2, 1, m, d), device=x.device, dtype=torch.float32)
+    args = [wg, wu, wscale_gu.reshape(-1).float().contiguous(), wd, wscale_d.reshape(-1).float().contiguous(), x, h, y,
+            ws, _counters(x.device, d // 16), _barrier(x.device, grid), m, d, f, _SENTINEL]
+    if pdl and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        _launch_pdl(kern, (grid, 1, 1), (32 * warps, 1, 1), args)
+    else:
+        kern(grid=(grid, 1, 1), block=(32 * warps, 1, 1), args=args)
+    return y
+
+
+@torch.library.custom_op("evalkit::fp8_mma_mlp", mutates_args=())
+def _fp8_mma_mlp_op(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, wd: torch.Tensor,
+                    wscale_d: torch.Tensor, config: str, pdl: bool) -> torch.Tensor:
+    return _launch_fp8_mlp(x, wg, wu, wscale_gu, wd, wscale_d, config, pdl)
+
+
+@_fp8_mma_mlp_op.register_fake
+def _(x, wg, wu, wscale_gu, wd, wscale_d, config, pdl):
+    return x.new_empty((x.shape[0], wd.shape[0] * 16), dtype=torch.bfloat16)
+
+
+def fp8_mma_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, wd: torch.Tensor,
+                wscale_d: torch.Tensor, config: str = "w8s2", pdl: bool = True) -> torch.Tensor:
+    """down(gelu_tanh(x Wg^T) * (x Wu^T)) at M <= 16 in one launch (fp8_mma_mlp in mma_small_m.cu): the same math
+    as fp8_mma_geglu under fp8_mlp_configs(...)[0] followed by fp8_mma_gemm under [1]."""
+    return _fp8_mma_mlp_op(x, wg, wu, wscale_gu, wd, wscale_d, config, pdl)
