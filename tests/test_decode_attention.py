@@ -45,6 +45,32 @@ def test_op_on_cpu_is_sdpa_in_output_layout():
     torch.testing.assert_close(reference_decode_attention(q, k, v, mask), out)
 
 
+def test_new_key_form_is_what_the_sdpa_layer_computes():
+    """The kernel's second form (raw q/k/v of the step, RoPE inside, the cache's step slots not read) against
+    GemmaAttention's sdpa path on the same layer; on CPU the op runs its reference, so this pins the reference
+    that the GPU tests hold the kernel to."""
+    from evalkit.policies.pi05.config import GemmaSize
+    from evalkit.policies.pi05.layers import AttnContext, GemmaAttention, rope_tables
+
+    torch.manual_seed(0)
+    size = GemmaSize(width=32, depth=1, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16)
+    attn = GemmaAttention(size, 0)
+    b, t, p = 2, 3, 9
+    x = torch.randn(b, t, 32)
+    cos, sin = rope_tables(torch.arange(t)[None].expand(b, t) + p, 16, 10000.0, torch.float32)
+    mask = torch.ones(b, p + t, dtype=torch.bool)
+    mask[0, 5:p] = False
+
+    def run(impl):
+        cache = {0: (torch.randn(b, 1, p + t, 16, generator=torch.Generator().manual_seed(1)),
+                     torch.randn(b, 1, p + t, 16, generator=torch.Generator().manual_seed(2)))}
+        cache[0][0][:, :, p:] = 1e4  # stale step slots: the sdpa path overwrites them, the kernel never reads them
+        ctx = AttnContext(cos=cos, sin=sin, key_mask=mask, cache=cache, read_cache=True, decode_impl=impl)
+        return attn(x, ctx)
+
+    torch.testing.assert_close(run("triton"), run("sdpa"))
+
+
 def test_sdpa_setting_gives_same_actions_as_default_on_cpu():
     a = tiny_policy().predict(batch(0, 1), noise_seed=3)
     b = tiny_policy(decode_attention="sdpa").predict(batch(0, 1), noise_seed=3)

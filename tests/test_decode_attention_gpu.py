@@ -49,6 +49,26 @@ def test_matches_sdpa(shape, dtype):
     assert torch.equal(out, again)  # counters were reset; the combine is deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_new_key_form_matches_sdpa(shape, dtype):
+    """The model's form: raw q/k/v projections of the step (views into one q|k|v output, as FusedQKV gives),
+    RoPE in the kernel, the cache's step slots holding garbage that must not be read."""
+    from evalkit.policies.pi05.layers import rope_tables
+
+    b, h, hkv, t, s, d, kps, bn, masked = shape
+    _, k, v, mask = _inputs(b, h, hkv, t, s, d, masked, dtype)
+    k[:, :, s - t:], v[:, :, s - t:] = 1e4, -1e4
+    g = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(b, t, (h + 2 * hkv) * d, device="cuda", dtype=dtype, generator=g)
+    q, kn, vn = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+    cos, sin = rope_tables(torch.arange(t, device="cuda")[None].expand(b, t) + s - t, d, 10000.0, dtype)
+    out = launch_decode_attention(q, k, v, mask, kps, bn, new=(kn, vn, cos, sin))
+    ref = reference_decode_attention(q.float(), k.float(), v.float(), mask, new=(kn.float(), vn.float(), cos.float(), sin.float()))
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+
+
 def test_changed_value_changes_output():
     q, k, v, _ = _inputs(1, 8, 1, 10, 555, 256, False, torch.bfloat16)
     a = launch_decode_attention(q, k, v, None)

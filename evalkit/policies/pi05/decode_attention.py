@@ -8,7 +8,10 @@ same launch: the program that arrives last at its (batch, head) counter reads th
 
     out[b, t, h*D:(h+1)*D] = softmax(q[b, h, t] . k[b, h // G]^T / sqrt(D), masked) @ v[b, h // G]
 
-Output is [B, T, H*D], the layout o_proj reads, so no transpose copy follows. Grid (splits, B*H); program
+It also takes this step's raw q/k/v projections and applies RoPE itself, reading the step's own keys from the
+projections rather than from the cache: the RoPE kernel and the cache write before attention are gone (two
+launches per layer and step). Output is [B, T, H*D], the layout o_proj reads, so no transpose copy follows.
+Grid (splits, B*H); program
 (s, bh) takes keys [s*KEYS, (s+1)*KEYS) of head bh for all T <= BLOCK_M queries. Partials are unnormalised
 (acc, running max m, running sum l) in base 2, as FlashAttention-2 keeps them. fp32 inputs take IEEE fp32
 dots (never TF32), bf16/fp16 inputs the tensor cores with fp32 accumulation (P rounded to the input dtype, as
@@ -66,8 +69,19 @@ def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int) -
 
 
 def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               key_mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA on q [B, H, T, D], k/v [B, Hkv, S, D], key_mask bool [B, S] or None -> [B, T, H*D]."""
+                               key_mask: torch.Tensor | None, new: tuple | None = None) -> torch.Tensor:
+    """SDPA (what the model's sdpa path computes) -> [B, T, H*D]; arguments as launch_decode_attention's."""
+    if new is not None:  # RoPE and the step's own keys, as GemmaAttention's sdpa path does
+        from evalkit.policies.pi05.layers import apply_rope
+
+        k_new, v_new, cos, sin = new
+        b, t = q.shape[:2]
+        hkv, d = k.shape[1], k.shape[3]
+        q = apply_rope(q.reshape(b, t, -1, d).transpose(1, 2), cos, sin)
+        k_new = apply_rope(k_new.reshape(b, t, hkv, d).transpose(1, 2), cos, sin)
+        p = k.shape[2] - t
+        k = torch.cat([k[:, :, :p], k_new.to(k.dtype)], dim=2)
+        v = torch.cat([v[:, :, :p], v_new.reshape(b, t, hkv, d).transpose(1, 2).to(v.dtype)], dim=2)
     b, h, t, d = q.shape
     mask = None if key_mask is None else key_mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != h)
@@ -92,9 +106,12 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ws_o_ptr, ws_ml_ptr, cnt_ptr,
-                            T, S, H, G, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t,
+                            kn_ptr, vn_ptr, cos_ptr, sin_ptr,
+                            T, S, P, H, G, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t,
+                            skn_b, skn_t, svn_b, svn_t, sc_b, sc_t,
                             qk_scale, NSPLIT: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+                            BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                            NEW: tl.constexpr):
         split = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -102,8 +119,17 @@ if _HAVE_TRITON:
         kvh = h // G
         rows = tl.arange(0, BLOCK_M)
         dd = tl.arange(0, D)
+        half = tl.where(dd < D // 2, dd + D // 2, dd - D // 2)  # rotate_half's source column ...
+        sign = tl.where(dd < D // 2, -1.0, 1.0)  # ... and its sign
         row_ok = rows < T
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + dd[None, :], mask=row_ok[:, None], other=0.0)
+        q_rows = q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t
+        q = tl.load(q_rows + dd[None, :], mask=row_ok[:, None], other=0.0)
+        if NEW:  # RoPE of the raw projection, as apply_rope does (fp32 math, one rounding)
+            cs = b * sc_b + rows[:, None] * sc_t + dd[None, :]
+            qr = tl.load(q_rows + half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            c = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * c + qr * sign[None, :] * sn).to(q_ptr.dtype.element_ty)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -112,9 +138,23 @@ if _HAVE_TRITON:
         for n0 in tl.static_range(0, KEYS, BLOCK_N):
             keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
             ok = keys < S
+            old_k = keys < P  # keys >= P are this step's own (NEW: from the projections, not the cache)
             # K, V and the mask are loaded before any math, so their latencies overlap
-            kt = tl.load(k_base + keys[:, None] * sk_s + dd[None, :], mask=ok[:, None], other=0.0)
-            vt = tl.load(v_base + keys[:, None] * sv_s + dd[None, :], mask=ok[:, None], other=0.0)
+            kt = tl.load(k_base + keys[:, None] * sk_s + dd[None, :], mask=old_k[:, None], other=0.0)
+            vt = tl.load(v_base + keys[:, None] * sv_s + dd[None, :], mask=old_k[:, None], other=0.0)
+            if NEW:
+                new_k = ok & (keys >= P)
+                t_k = keys - P
+                kn_rows = kn_ptr + b * skn_b + kvh * D + t_k[:, None] * skn_t
+                kn = tl.load(kn_rows + dd[None, :], mask=new_k[:, None], other=0.0).to(tl.float32)
+                knr = tl.load(kn_rows + half[None, :], mask=new_k[:, None], other=0.0).to(tl.float32)
+                vn = tl.load(vn_ptr + b * svn_b + kvh * D + t_k[:, None] * svn_t + dd[None, :], mask=new_k[:, None], other=0.0)
+                cs = b * sc_b + t_k[:, None] * sc_t + dd[None, :]
+                c = tl.load(cos_ptr + cs, mask=new_k[:, None], other=0.0).to(tl.float32)
+                sn = tl.load(sin_ptr + cs, mask=new_k[:, None], other=0.0).to(tl.float32)
+                kn = (kn * c + knr * sign[None, :] * sn).to(kt.dtype)
+                kt = tl.where(new_k[:, None], kn, kt)
+                vt = tl.where(new_k[:, None], vn, vt)
             if HAS_MASK:
                 ok = ok & (tl.load(mask_ptr + b * sm_b + keys, mask=ok, other=0) != 0)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
@@ -161,18 +201,37 @@ if _HAVE_TRITON:
 
 def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                             keys_per_split: int = DEFAULT_KEYS_PER_SPLIT, block_n: int = DEFAULT_BLOCK_N,
-                            num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
-    """Run the Triton kernel: q [B, H, T, D] (any strides with unit last stride), k/v [B, Hkv, S, D],
-    key_mask bool [B, S] or None -> [B, T, H*D] in q's dtype."""
-    b, h, t, d = q.shape
+                            num_warps: int = DEFAULT_WARPS, new: tuple | None = None) -> torch.Tensor:
+    """Run the Triton kernel -> [B, T, H*D] in q's dtype; key_mask bool [B, S] or None. Two forms:
+    - new=None: q [B, H, T, D] after RoPE (any strides, unit last), k/v [B, Hkv, S, D] hold every key;
+    - new=(k_new, v_new, cos, sin): q [B, T, H*D], k_new/v_new [B, T, Hkv*D] are this step's raw projections
+      (RoPE with cos/sin [B, T, D] is applied in the kernel, as apply_rope does), k/v [B, Hkv, P + T, D] the
+      cache whose first P keys are the prefix: its last T slots are neither read nor written."""
+    d = k.shape[3]
     hkv, s = k.shape[1], k.shape[2]
+    if new is None:
+        b, h, t, _ = q.shape
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        sq = (q.stride(0), q.stride(1), q.stride(2))
+        k_new = v_new = cos = sin = q  # unused
+        skn = svn = sc = (0, 0)
+    else:
+        k_new, v_new, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in new)
+        b, t = q.shape[:2]
+        h = q.shape[2] // d
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        sq = (q.stride(0), d, q.stride(1))
+        if k_new.shape != (b, t, hkv * d) or v_new.shape != k_new.shape or cos.shape != (b, t, d) or sin.shape != cos.shape:
+            raise ValueError(f"decode attention new keys: k_new {tuple(k_new.shape)} v_new {tuple(v_new.shape)} "
+                             f"cos {tuple(cos.shape)}, want [{b}, {t}, {hkv * d}] and [{b}, {t}, {d}]")
+        skn, svn, sc = (k_new.stride(0), k_new.stride(1)), (v_new.stride(0), v_new.stride(1)), (cos.stride(0), cos.stride(1))
     why = triton_fits(d, t)
     if why:
         raise ValueError(f"decode attention kernel cannot run: {why}")
-    if h % hkv or v.shape[:3] != k.shape[:3] or k.shape[3] != d or keys_per_split % block_n:
+    if h % hkv or v.shape[:3] != k.shape[:3] or keys_per_split % block_n or s < t:
         raise ValueError(f"decode attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}, "
                          f"keys_per_split {keys_per_split} / block_n {block_n}")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     block_m = max(16, triton.next_power_of_2(t))
     nsplit = triton.cdiv(s, keys_per_split)
     out = torch.empty((b, t, h * d), device=q.device, dtype=q.dtype)
@@ -184,31 +243,38 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         ws_o = ws_ml = cnt = out  # unused
     mask = out if key_mask is None else key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()
     _decode_attn_kernel[(nsplit, b * h)](
-        q, k, v, mask, out, ws_o, ws_ml, cnt, t, s, h, h // hkv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, mask, out, ws_o, ws_ml, cnt, k_new, v_new, cos, sin,
+        t, s, s if new is None else s - t, h, h // hkv, *sq, k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask.stride(0) if key_mask is not None else 0,
-        out.stride(0), out.stride(1), (1.0 / math.sqrt(d)) * 1.4426950408889634,
+        out.stride(0), out.stride(1), *skn, *svn, *sc, (1.0 / math.sqrt(d)) * 1.4426950408889634,
         NSPLIT=nsplit, KEYS=keys_per_split, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
-        HAS_MASK=key_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        HAS_MASK=key_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", NEW=new is not None,
+        num_warps=num_warps)
     return out
 
 
 @torch.library.custom_op("evalkit::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                         keys_per_split: int, block_n: int, num_warps: int) -> torch.Tensor:
+                         k_new: torch.Tensor | None, v_new: torch.Tensor | None, cos: torch.Tensor | None,
+                         sin: torch.Tensor | None, keys_per_split: int, block_n: int, num_warps: int) -> torch.Tensor:
+    new = None if k_new is None else (k_new, v_new, cos, sin)
     if q.is_cuda:
-        return launch_decode_attention(q, k, v, key_mask, keys_per_split, block_n, num_warps)
-    return reference_decode_attention(q, k, v, key_mask)
+        return launch_decode_attention(q, k, v, key_mask, keys_per_split, block_n, num_warps, new)
+    return reference_decode_attention(q, k, v, key_mask, new)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, key_mask, keys_per_split, block_n, num_warps):
+def _(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps):
+    if k_new is not None:
+        return q.new_empty(q.shape)
     b, h, t, d = q.shape
     return q.new_empty((b, t, h * d))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                     keys_per_split: int = DEFAULT_KEYS_PER_SPLIT, block_n: int = DEFAULT_BLOCK_N,
-                     num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
-    """Attention of q [B, H, T, D] over k/v [B, Hkv, S, D] (key_mask bool [B, S], True = attend) -> [B, T, H*D]."""
-    return _decode_attention_op(q, k, v, key_mask, keys_per_split, block_n, num_warps)
+                     new: tuple | None = None, keys_per_split: int = DEFAULT_KEYS_PER_SPLIT,
+                     block_n: int = DEFAULT_BLOCK_N, num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
+    """The expert's attention over the cache -> [B, T, H*D] (key_mask bool [B, S], True = attend); the two
+    forms of q/k/v/new as in launch_decode_attention."""
+    k_new, v_new, cos, sin = new if new is not None else (None, None, None, None)
+    return _decode_attention_op(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps)

@@ -143,6 +143,9 @@ class GemmaAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else self.qkv(x)
+        if ctx.read_cache and ctx.decode_impl == "triton":  # RoPE, the step's own keys and attention in one kernel
+            pk, pv = ctx.cache[self.layer_idx]
+            return self.o_proj(decode_attention(q, pk, pv, ctx.key_mask, new=(k, v, ctx.cos, ctx.sin)))
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -158,8 +161,6 @@ class GemmaAttention(nn.Module):
             pk[:, :, p:] = k.to(pk.dtype)
             pv[:, :, p:] = v.to(pv.dtype)
             k, v = pk, pv
-        if ctx.read_cache and ctx.decode_impl == "triton":
-            return self.o_proj(decode_attention(q, k, v, ctx.key_mask))
         mask = None if ctx.key_mask is None else ctx.key_mask[:, None, None, :]
         gqa = self.num_kv_heads != self.num_heads
         if ctx.read_cache:
