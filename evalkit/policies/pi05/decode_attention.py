@@ -12,7 +12,9 @@ It also takes this step's raw q/k/v projections and applies RoPE itself, reading
 projections rather than from the cache: the RoPE kernel and the cache write before attention are gone (two
 launches per layer and step). Output is [B, T, H*D], the layout o_proj reads, so no transpose copy follows.
 Grid (splits, B*H); program
-(s, bh) takes keys [s*KEYS, (s+1)*KEYS) of head bh for all T <= BLOCK_M queries. Partials are unnormalised
+(s, bh) takes keys [s*KEYS, (s+1)*KEYS) of head bh for all T <= BLOCK_M queries (given the step's raw
+projections: the cached keys below P = S - T, and one more program per head the step's own T keys, so the
+RoPE of keys runs on T rows, not on every block). Partials are unnormalised
 (acc, running max m, running sum l) in base 2, as FlashAttention-2 keeps them. fp32 inputs take IEEE fp32
 dots (never TF32), bf16/fp16 inputs the tensor cores with fp32 accumulation (P rounded to the input dtype, as
 FlashAttention does).
@@ -105,6 +107,19 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _attend(q, kt, vt, ok, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+        """One block of keys into the running (max, sum, acc) of FlashAttention-2, base 2."""
+        s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # [BLOCK_M, keys], log2 units
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key adds nothing
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ws_o_ptr, ws_ml_ptr, cnt_ptr,
                             kn_ptr, vn_ptr, cos_ptr, sin_ptr,
                             T, S, P, H, G, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t,
@@ -135,37 +150,30 @@ if _HAVE_TRITON:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        for n0 in tl.static_range(0, KEYS, BLOCK_N):
-            keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
-            ok = keys < S
-            old_k = keys < P  # keys >= P are this step's own (NEW: from the projections, not the cache)
-            # K, V and the mask are loaded before any math, so their latencies overlap
-            kt = tl.load(k_base + keys[:, None] * sk_s + dd[None, :], mask=old_k[:, None], other=0.0)
-            vt = tl.load(v_base + keys[:, None] * sv_s + dd[None, :], mask=old_k[:, None], other=0.0)
-            if NEW:
-                new_k = ok & (keys >= P)
-                t_k = keys - P
-                kn_rows = kn_ptr + b * skn_b + kvh * D + t_k[:, None] * skn_t
-                kn = tl.load(kn_rows + dd[None, :], mask=new_k[:, None], other=0.0).to(tl.float32)
-                knr = tl.load(kn_rows + half[None, :], mask=new_k[:, None], other=0.0).to(tl.float32)
-                vn = tl.load(vn_ptr + b * svn_b + kvh * D + t_k[:, None] * svn_t + dd[None, :], mask=new_k[:, None], other=0.0)
-                cs = b * sc_b + t_k[:, None] * sc_t + dd[None, :]
-                c = tl.load(cos_ptr + cs, mask=new_k[:, None], other=0.0).to(tl.float32)
-                sn = tl.load(sin_ptr + cs, mask=new_k[:, None], other=0.0).to(tl.float32)
-                kn = (kn * c + knr * sign[None, :] * sn).to(kt.dtype)
-                kt = tl.where(new_k[:, None], kn, kt)
-                vt = tl.where(new_k[:, None], vn, vt)
+        if NEW and split == NSPLIT - 1:  # the last program takes the step's own T keys, RoPE'd here
+            tk = tl.arange(0, BLOCK_M)
+            ok = tk < T
+            kn_rows = kn_ptr + b * skn_b + kvh * D + tk[:, None] * skn_t
+            kn = tl.load(kn_rows + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            knr = tl.load(kn_rows + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            vt = tl.load(vn_ptr + b * svn_b + kvh * D + tk[:, None] * svn_t + dd[None, :], mask=ok[:, None], other=0.0)
+            cs = b * sc_b + tk[:, None] * sc_t + dd[None, :]
+            c = tl.load(cos_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
             if HAS_MASK:
-                ok = ok & (tl.load(mask_ptr + b * sm_b + keys, mask=ok, other=0) != 0)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid key adds nothing
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-            m_i = m_new
+                ok = ok & (tl.load(mask_ptr + b * sm_b + P + tk, mask=ok, other=0) != 0)
+            kt = (kn * c + knr * sign[None, :] * sn).to(vt.dtype)
+            m_i, l_i, acc = _attend(q, kt, vt, ok, m_i, l_i, acc, qk_scale, PREC)
+        else:  # cached keys [split * KEYS, (split + 1) * KEYS) below P
+            for n0 in tl.static_range(0, KEYS, BLOCK_N):
+                keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
+                ok = keys < P
+                # K, V and the mask are loaded before any math, so their latencies overlap
+                kt = tl.load(k_base + keys[:, None] * sk_s + dd[None, :], mask=ok[:, None], other=0.0)
+                vt = tl.load(v_base + keys[:, None] * sv_s + dd[None, :], mask=ok[:, None], other=0.0)
+                if HAS_MASK:
+                    ok = ok & (tl.load(mask_ptr + b * sm_b + keys, mask=ok, other=0) != 0)
+                m_i, l_i, acc = _attend(q, kt, vt, ok, m_i, l_i, acc, qk_scale, PREC)
         o_ptrs = o_ptr + b * so_b + rows[:, None] * so_t + h * D + dd[None, :]
         if NSPLIT == 1:
             tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -233,7 +241,7 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                          f"keys_per_split {keys_per_split} / block_n {block_n}")
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     block_m = max(16, triton.next_power_of_2(t))
-    nsplit = triton.cdiv(s, keys_per_split)
+    nsplit = triton.cdiv(s, keys_per_split) if new is None else triton.cdiv(s - t, keys_per_split) + 1
     out = torch.empty((b, t, h * d), device=q.device, dtype=q.dtype)
     if nsplit > 1:
         ws_o = torch.empty((b * h * nsplit * block_m * d,), device=q.device, dtype=torch.float32)
