@@ -42,7 +42,7 @@ IMPLS = ("auto", "triton", "sdpa")
 MAX_QUERIES = 64  # more query rows per head than this: the prefix-style SDPA kernels are the right tool
 DEFAULT_KEYS_PER_SPLIT = 64
 DEFAULT_BLOCK_N = 64
-DEFAULT_WARPS = 4
+DEFAULT_WARPS = 8  # 4 warps spill the [16, 256] fp32 tiles (ptxas), 8 do not
 
 
 def triton_fits(head_dim: int, queries: int) -> str | None:
@@ -150,20 +150,21 @@ if _HAVE_TRITON:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        # (the branches name their tiles apart: Triton merges a name assigned in both, and the shapes differ)
         if NEW and split == NSPLIT - 1:  # the last program takes the step's own T keys, RoPE'd here
             tk = tl.arange(0, BLOCK_M)
-            ok = tk < T
+            ok_n = tk < T
             kn_rows = kn_ptr + b * skn_b + kvh * D + tk[:, None] * skn_t
-            kn = tl.load(kn_rows + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            knr = tl.load(kn_rows + half[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            vt = tl.load(vn_ptr + b * svn_b + kvh * D + tk[:, None] * svn_t + dd[None, :], mask=ok[:, None], other=0.0)
+            kn = tl.load(kn_rows + dd[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
+            knr = tl.load(kn_rows + half[None, :], mask=ok_n[:, None], other=0.0).to(tl.float32)
+            vn = tl.load(vn_ptr + b * svn_b + kvh * D + tk[:, None] * svn_t + dd[None, :], mask=ok_n[:, None], other=0.0)
             cs = b * sc_b + tk[:, None] * sc_t + dd[None, :]
-            c = tl.load(cos_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
-            sn = tl.load(sin_ptr + cs, mask=ok[:, None], other=0.0).to(tl.float32)
+            c = tl.load(cos_ptr + cs, mask=ok_n[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + cs, mask=ok_n[:, None], other=0.0).to(tl.float32)
             if HAS_MASK:
-                ok = ok & (tl.load(mask_ptr + b * sm_b + P + tk, mask=ok, other=0) != 0)
-            kt = (kn * c + knr * sign[None, :] * sn).to(vt.dtype)
-            m_i, l_i, acc = _attend(q, kt, vt, ok, m_i, l_i, acc, qk_scale, PREC)
+                ok_n = ok_n & (tl.load(mask_ptr + b * sm_b + P + tk, mask=ok_n, other=0) != 0)
+            kn = (kn * c + knr * sign[None, :] * sn).to(vn.dtype)
+            m_i, l_i, acc = _attend(q, kn, vn, ok_n, m_i, l_i, acc, qk_scale, PREC)
         else:  # cached keys [split * KEYS, (split + 1) * KEYS) below P
             for n0 in tl.static_range(0, KEYS, BLOCK_N):
                 keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
@@ -186,14 +187,14 @@ if _HAVE_TRITON:
             arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
             if arrived == NSPLIT - 1:  # last split of this head: combine (partials read at L2, never stale L1)
                 m_all = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-                for s_ in tl.static_range(NSPLIT):
+                for s_ in range(NSPLIT):
                     m_s = tl.load(ws_ml_ptr + ((bh * NSPLIT + s_) * BLOCK_M + rows) * 2, mask=row_ok,
                                   other=float("-inf"), cache_modifier=".cg")
                     m_all = tl.maximum(m_all, m_s)
                 m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
                 num = tl.zeros((BLOCK_M, D), dtype=tl.float32)
                 den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for s_ in tl.static_range(NSPLIT):
+                for s_ in range(NSPLIT):  # a loop, not unrolled: unrolled, the hoisted partial loads spilled
                     base = (bh * NSPLIT + s_) * BLOCK_M + rows
                     m_s = tl.load(ws_ml_ptr + base * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
                     l_s = tl.load(ws_ml_ptr + base * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
