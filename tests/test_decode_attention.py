@@ -13,15 +13,30 @@ from evalkit.policies.pi05.testing import batch, tiny_policy
 
 def test_auto_is_sdpa_off_gpu_and_forced_triton_fails_clearly():
     cpu = torch.device("cpu")
-    assert resolve_impl("auto", cpu, 256, 10) == "sdpa"
-    assert resolve_impl("sdpa", cpu, 256, 10) == "sdpa"
+    assert resolve_impl("auto", cpu, 256, 10, graphs=True) == "sdpa"
+    assert resolve_impl("sdpa", cpu, 256, 10, graphs=True) == "sdpa"
     with pytest.raises(CapabilityError, match="decode_attention=triton cannot run: device is not CUDA"):
-        resolve_impl("triton", cpu, 256, 10)
+        resolve_impl("triton", cpu, 256, 10, graphs=True)
+
+
+def test_auto_takes_the_kernel_only_under_cuda_graphs(monkeypatch):
+    """Launched one by one, Triton's launcher costs more than the kernel saves: auto picks it only for graphs."""
+    from evalkit.policies.pi05 import decode_attention as da
+
+    monkeypatch.setattr(da, "triton_fits", lambda head_dim, queries: None)  # as on a GPU machine
+    cuda = torch.device("cuda")
+    assert resolve_impl("auto", cuda, 256, 10, graphs=True) == "triton"
+    assert resolve_impl("auto", cuda, 256, 10, graphs=False) == "sdpa"
+    assert resolve_impl("triton", cuda, 256, 10, graphs=False) == "triton"
+    monkeypatch.setattr(da, "triton_fits", lambda head_dim, queries: "head_dim 96 is not a power of two >= 16")
+    assert resolve_impl("auto", cuda, 96, 10, graphs=True) == "sdpa"
+    with pytest.raises(CapabilityError, match="head_dim 96"):
+        resolve_impl("triton", cuda, 96, 10, graphs=True)
 
 
 def test_unknown_value_lists_choices():
     with pytest.raises(BadInput, match=r"\['auto', 'triton', 'sdpa'\].*'flash'"):
-        resolve_impl("flash", torch.device("cpu"), 256, 10)
+        resolve_impl("flash", torch.device("cpu"), 256, 10, graphs=False)
     with pytest.raises(BadInput, match="decode_attention"):
         tiny_policy(decode_attention="flash")
 

@@ -38,7 +38,7 @@ try:  # Triton ships with CUDA builds of torch only
 except ImportError:  # pragma: no cover - CPU machines
     _HAVE_TRITON = False
 
-IMPLS = ("auto", "triton", "sdpa")
+IMPLS = ("auto", "triton", "sdpa")  # auto: triton under CUDA graphs (resolve_impl)
 MAX_QUERIES = 64  # more query rows per head than this: the prefix-style SDPA kernels are the right tool
 DEFAULT_KEYS_PER_SPLIT = 64
 DEFAULT_BLOCK_N = 64
@@ -56,15 +56,18 @@ def triton_fits(head_dim: int, queries: int) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int) -> str:
-    """'auto' -> 'triton' on CUDA where the kernel fits, else 'sdpa'. 'triton' that cannot run raises."""
+def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int, graphs: bool) -> str:
+    """'auto' -> 'triton' when the policy replays CUDA graphs on a GPU where the kernel fits, else 'sdpa'.
+    Launched one by one (eager or compile without graphs), Triton's Python launcher costs more than the kernel
+    saves: eager bf16 went from 13.8 to 18.6 ms per denoise step with it
+    (history_2026-11-22b/latency_pi05_h200_5e573c0.json). 'triton' that cannot run raises."""
     from evalkit.errors import BadInput, CapabilityError
 
     if impl not in IMPLS:
         raise BadInput(f"pi05 decode_attention must be one of {list(IMPLS)}, got '{impl}'")
     why = "device is not CUDA" if device.type != "cuda" else triton_fits(head_dim, queries)
     if impl == "auto":
-        return "sdpa" if why else "triton"
+        return "triton" if graphs and not why else "sdpa"
     if impl == "triton" and why:
         raise CapabilityError(f"pi05 decode_attention=triton cannot run: {why}")
     return impl

@@ -51,7 +51,7 @@ class AttnContext:
 
 
 # The expert's attention (horizon x batch queries over the cached prefix) when it runs through SDPA
-# (decode_impl="sdpa"; on GPUs the default is our one-launch kernel, decode_attention.py): FlashAttention first.
+# (decode_impl="sdpa"; under CUDA graphs the default is our one-launch kernel, decode_attention.py): Flash first.
 # On the H200, cuDNN's kernel (PyTorch's pick) took 20.9 us per call for 10 queries x 8 heads over 555 keys,
 # FlashAttention 11.4 us (bench/results/decode_attention_probe.json), ~1.7 ms of a compiled π0.5 call. Flash
 # takes no mask: with a key mask the next backend in this order runs.

@@ -56,7 +56,7 @@ class Pi05Model(nn.Module):
         self.time_mlp_out = nn.Linear(w, w)
         self.expert_calls = 0  # incremented once per expert forward (denoise step)
         # The expert's attention over the cache: "sdpa" or "triton" (decode_attention.py); the policy builder
-        # resolves its `decode_attention` setting (auto: triton on CUDA) into this.
+        # resolves its `decode_attention` setting (auto: triton under CUDA graphs) into this.
         self.decode_impl = "sdpa"
 
     # ------------------------------------------------------------------ helpers

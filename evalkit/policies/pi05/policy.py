@@ -51,6 +51,7 @@ class Pi05Policy(TorchPolicy):
         cuda_graph: bool = False,
         feature_fn: Callable[[ObsBatch], np.ndarray] | None = None,
         seed: int = 0,
+        decode_attention: str = "auto",
     ) -> None:
         self.model = model
         self.device = device
@@ -70,6 +71,8 @@ class Pi05Policy(TorchPolicy):
         self._rng = torch.Generator().manual_seed(seed)
         self._graphs = None
         self._compiled = False
+        self.decode_attention = decode_attention  # the setting; model.decode_impl is what runs
+        self._resolve_decode_attention(graphs=cuda_graph)
         if cuda_graph:
             from evalkit.policies.pi05.graphs import GraphedSampler
 
@@ -93,7 +96,12 @@ class Pi05Policy(TorchPolicy):
     def enable_cuda_graph(self) -> None:
         from evalkit.policies.pi05.graphs import GraphedSampler
 
+        self._resolve_decode_attention(graphs=True)  # before the capture's warm-up runs (they recompile if needed)
         self._graphs = GraphedSampler(self.model, self.device)
+
+    def _resolve_decode_attention(self, graphs: bool) -> None:
+        self.model.decode_impl = resolve_impl(self.decode_attention, self.device, self.cfg.expert.head_dim,
+                                              self.cfg.action_horizon, graphs)
 
     def transformer_stacks(self) -> dict[str, torch.nn.ModuleList]:
         stacks = {"prefix": self.model.prefix.layers, "expert": self.model.expert.layers}
@@ -239,8 +247,6 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
     with torch.device(device):
         model = Pi05Model(mcfg).to(dtype)
     model.eval()
-    model.decode_impl = resolve_impl(cfg.get("decode_attention") or "auto", device, mcfg.expert.head_dim,
-                                     mcfg.action_horizon)
     init = cfg.get("init", "random")
     ckpt = None
     norm_stats = proc.NormStats.identity()
@@ -267,5 +273,5 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
         denoise_steps=int(cfg.get("denoise_steps") or 10),
         num_views=int(cfg.get("num_views") or mcfg.num_views),
         compile=bool(cfg.get("compile")), cuda_graph=bool(cfg.get("cuda_graph")),
-        seed=int(cfg.get("seed") or 0),
+        seed=int(cfg.get("seed") or 0), decode_attention=cfg.get("decode_attention") or "auto",
     )
