@@ -1,0 +1,60 @@
+"""Our Triton kernels compiled for Hopper (sm_90) on the CPU machine, with Triton's own frontend and ptxas: a
+kernel that does not compile for the GPU (the interpreter that runs kernels on CPU checks neither types across
+branches nor registers) or that spills to local memory fails here, before any GPU run. The decode attention
+kernel once did both (docs/field_notes.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")  # the dev extra installs it; CUDA builds of torch bring their own
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from evalkit.policies.pi05 import decode_attention as da  # noqa: E402
+
+POINTERS = {"mask_ptr": "*i1", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+
+def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict[str, str], floats: set[str]) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of fn compiled for sm_90; other pointers bf16, other scalars i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*bf16")
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": num_warps})
+    cubin = Path(tempfile.mkdtemp()) / "k.cubin"
+    cubin.write_bytes(out.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage)[1]), int(re.search(r"STACK:(\d+)", usage)[1])
+
+
+@pytest.mark.parametrize("new", [True, False])  # the model's form (raw projections, RoPE inside) and the plain one
+@pytest.mark.parametrize("has_mask", [True, False])
+def test_decode_attention_compiles_for_hopper_without_spills(new, has_mask):
+    """π0.5's shape: head_dim 256, 10 queries in a 16-row tile, 64-key blocks, 10 splits, the default warps."""
+    consts = dict(NSPLIT=10, KEYS=da.DEFAULT_KEYS_PER_SPLIT, BLOCK_M=16, BLOCK_N=da.DEFAULT_BLOCK_N, D=256,
+                  HAS_MASK=has_mask, PREC="tf32", NEW=new)
+    regs, stack = compile_sm90(da._decode_attn_kernel, consts, da.DEFAULT_WARPS, POINTERS, {"qk_scale"})
+    assert stack == 0, f"{regs} registers and {stack} bytes of stack per thread: the tiles spill"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])  # fp32 models take IEEE fp32 dots
+def test_decode_attention_at_tiny_head_dim_compiles(dtype):
+    """pi05_tiny's head_dim 16 (the smallest tl.dot takes)."""
+    consts = dict(NSPLIT=3, KEYS=64, BLOCK_M=16, BLOCK_N=64, D=16, HAS_MASK=True,
+                  PREC="ieee" if dtype == "fp32" else "tf32", NEW=True)
+    data = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "kn_ptr", "vn_ptr", "cos_ptr", "sin_ptr")}
+    compile_sm90(da._decode_attn_kernel, consts, da.DEFAULT_WARPS, {**POINTERS, **data}, {"qk_scale"})
