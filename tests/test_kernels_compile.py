@@ -1,7 +1,8 @@
-"""Our Triton kernels compiled for Hopper (sm_90) on the CPU machine, with Triton's own frontend and ptxas: a
-kernel that does not compile for the GPU (the interpreter that runs kernels on CPU checks neither types across
-branches nor registers) or that spills to local memory fails here, before any GPU run. The decode attention
-kernel once did both (docs/field_notes.md)."""
+"""Our Triton kernels (decode attention, the fp8/int8 activation quantization, the int4 GEMMs and unpack)
+compiled for Hopper (sm_90) on the CPU machine, with Triton's own frontend and ptxas: a kernel that does not
+compile for the GPU (the interpreter that runs kernels on CPU checks neither types across branches nor
+registers) or that spills to local memory where it must not fails here, before any GPU run. The decode
+attention kernel once did both (docs/field_notes.md)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,42 @@ def test_decode_attention_at_tiny_head_dim_compiles(dtype):
                   PREC="ieee" if dtype == "fp32" else "tf32", NEW=True)
     data = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "kn_ptr", "vn_ptr", "cos_ptr", "sin_ptr")}
     compile_sm90(da._decode_attn_kernel, consts, da.DEFAULT_WARPS, {**POINTERS, **data}, {"qk_scale"})
+
+
+FP8_OUT = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+
+
+@pytest.mark.parametrize("block,warps,one_pass", [(16384, 16, True), (4096, 4, True), (4096, 8, False)])
+def test_geglu_quant_fp8_compiles_without_spills(block, warps, one_pass):
+    """The fp8 prefix MLP's gelu*up + per-token quantization, as geglu_quant_fp8 launches it (I = 16384, 4096)."""
+    from backends import triton_kernels as tk
+
+    _, stack = compile_sm90(tk._geglu_quant_kernel, dict(BLOCK=block, ONE_PASS=one_pass), warps, FP8_OUT, set())
+    assert stack == 0
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_rowwise_quant_compiles_without_spills(int8):
+    from backends import triton_kernels as tk
+
+    consts = dict(QMAX=127.0 if int8 else 448.0, IS_INT8=int8, BLOCK=4096)
+    _, stack = compile_sm90(tk._rowwise_quant_kernel, consts, 8, {"q_ptr": "*i8" if int8 else "*fp8e4nv", "s_ptr": "*fp32"}, set())
+    assert stack == 0
+
+
+def test_every_int4_triton_config_compiles():
+    """Every config the int4 chooser may time compiles for sm_90 (a config that does not would only be excluded
+    at run time, with its error in the choice log). Some spill (the GeGLU n32k256 ones 280-288 bytes, large-M
+    m128n256k64 552 bytes, offline ptxas): they stay candidates, the timing decides; the unpack kernel does not."""
+    from backends import triton_kernels as tk
+
+    ptrs = {"wa_ptr": "*u8", "wb_ptr": "*u8", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for name, (bn, bk, split, warps, _) in tk.W4A16_CONFIGS.items():
+        for geglu in (False, True):
+            consts = dict(GROUP=128, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, NG=max(1, bk // 128), SPLIT=split, GEGLU=geglu)
+            compile_sm90(tk._w4a16_splitk_kernel, consts, warps, ptrs, set())
+    for name, (bm, bn, bk, warps, _) in tk.W4A16_LARGE_M_CONFIGS.items():
+        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, NG=max(1, bk // 128), SPLIT=1, GEGLU=False)
+        compile_sm90(tk._w4a16_splitk_kernel, consts, warps, ptrs, set())
+    _, stack = compile_sm90(tk._int4_dequant_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, NG=1), 4, {"w_ptr": "*u8"}, set())
+    assert stack == 0
