@@ -169,23 +169,25 @@ def _nvrtc() -> ctypes.CDLL:
         tried += sorted(glob.glob(f"{d}/nvidia/*/lib/libnvrtc.so*")) + sorted(glob.glob(f"{d}/nvidia/cuda_nvrtc/lib/libnvrtc.so*"))
     for name in tried:
         try:
-            return ctypes.CDLL(name)
+            lib = ctypes.CDLL(name)
         except OSError:
             continue
+        # NVRTC dlopens its builtins library by name at compile time: from a wheel's directory (not on the
+        # loader's path) preload it, or every compile fails with "failed to open libnvrtc-builtins"
+        for builtins in sorted(glob.glob(str(Path(name).parent / "libnvrtc-builtins.so*"))) if "/" in name else []:
+            try:
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+                break
+            except OSError:
+                continue
+        return lib
     raise RuntimeError(f"NVRTC not found (tried {', '.join(tried[:4])}, ...): our M <= 16 kernels compile with it; "
                        "install nvidia-cuda-nvrtc or set backend.options.mma_layers=none")
 
 
-def _compile(instance: str, device: torch.device):
-    """Compile (once per process and device) one kernel instantiation, e.g. 'int4_mma_gemm<2,2,1,16,1,1,128>',
-    to a cubin for this GPU."""
-    cc = torch.cuda.get_device_capability(device)
-    key = (instance, cc, device.index)
-    kern = _KERNELS.get(key)
-    if kern is not None:
-        return kern
-    from torch.cuda._utils import _cuda_load_module
-
+def compile_cubin(instance: str, arch: str) -> tuple[bytes, str]:
+    """NVRTC-compile one kernel instantiation, e.g. 'int4_mma_gemm<2,2,1,16,1,1,128>', for arch (e.g. 'sm_90'):
+    (cubin, lowered name). Needs no GPU: the CPU tests compile every config this way (tests/test_kernels_compile.py)."""
     lib = _nvrtc()
     name = instance.encode()
     prog = ctypes.c_void_p()
@@ -198,7 +200,7 @@ def _compile(instance: str, device: torch.device):
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"mma_small_m.cu", 0, None, None), "create")
     try:
         check(lib.nvrtcAddNameExpression(prog, name), "add name")
-        opts = [f"--gpu-architecture=sm_{cc[0]}{cc[1]}".encode(), b"-std=c++17"]
+        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
         arr = (ctypes.c_char_p * len(opts))(*opts)
         if lib.nvrtcCompileProgram(prog, len(opts), arr) != 0:
             size = ctypes.c_size_t()
@@ -212,11 +214,23 @@ def _compile(instance: str, device: torch.device):
         check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
         lowered = ctypes.c_char_p()
         check(lib.nvrtcGetLoweredName(prog, name, ctypes.byref(lowered)), "lowered name")
-        mangled = lowered.value.decode()
+        return cubin.raw, lowered.value.decode()
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _compile(instance: str, device: torch.device):
+    """Compile (once per process and device) one kernel instantiation to a cubin for this GPU and load it."""
+    cc = torch.cuda.get_device_capability(device)
+    key = (instance, cc, device.index)
+    kern = _KERNELS.get(key)
+    if kern is not None:
+        return kern
+    from torch.cuda._utils import _cuda_load_module
+
+    cubin, mangled = compile_cubin(instance, f"sm_{cc[0]}{cc[1]}")
     with torch.cuda.device(device):
-        kern = _cuda_load_module(cubin.raw, [mangled])[mangled]
+        kern = _cuda_load_module(cubin, [mangled])[mangled]
     _KERNELS[key] = kern
     return kern
 
@@ -287,13 +301,17 @@ def _launch(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, sza: tor
     if not config_fits(config, n, k, group):
         raise ValueError(f"int4 mma config {config} does not tile N={n}, K={k}, group={group}")
     x = _rows(x, "int4")
-    nt, warps, split = parse_config(config)
-    kp = k // (64 * warps * split)
     nmat = 1 if wb is None else 2
-    kern = _compile(f"int4_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{kp},{split},{group}>", x.device)
+    kern = _compile(int4_instance(m, nmat, config, k, group), x.device)
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
         wa, wb if wb is not None else wa, sza, szb if szb is not None else sza, x, y, ws, cnt, m, n, k, _SENTINEL,
         *_prefetch_args(x, pf0, pf1)])
+
+
+def int4_instance(m: int, nmat: int, config: str, k: int, group: int) -> str:
+    """The int4_mma_gemm template instance a launch at M = m under config compiles (nmat 2: GeGLU)."""
+    nt, warps, split = parse_config(config)
+    return f"int4_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{k // (64 * warps * split)},{split},{group}>"
 
 
 def _run(kern, x: torch.Tensor, n: int, nmat: int, config: str, pdl: bool, make_args) -> torch.Tensor:
@@ -410,6 +428,12 @@ def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Ten
     return (acc[:m_rows] * wscale.reshape(1, -1).double()).float()
 
 
+def fp8_instance(m: int, nmat: int, config: str, k: int) -> str:
+    """The fp8_mma_gemm template instance a launch at M = m under config compiles (nmat 2: GeGLU)."""
+    nt, warps, split = parse_config(config)
+    return f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{fp8_kslice(config, k) // 32},{split}>"
+
+
 def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wscale: torch.Tensor, config: str,
                 pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
@@ -417,9 +441,8 @@ def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wsca
     if not fp8_config_fits(config, n, k):
         raise ValueError(f"fp8 mma config {config} does not tile N={n}, K={k}")
     x = _rows(x, "fp8")
-    nt, warps, split = parse_config(config)
     nmat = 1 if wb is None else 2
-    kern = _compile(f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{fp8_kslice(config, k) // 32},{split}>", x.device)
+    kern = _compile(fp8_instance(m, nmat, config, k), x.device)
     ws_ = wscale.reshape(-1).float().contiguous()
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
         wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL, *_prefetch_args(x, pf0, pf1)])
@@ -475,6 +498,13 @@ def fp8_mlp_configs(d: int, f: int, cfg: str) -> tuple[str, str]:
     return f"t1w{warps}s1", f"t1w{warps}s{split2}"
 
 
+def fp8_mlp_instance(m: int, d: int, f: int, config: str, sms: int) -> str:
+    """The fp8_mma_mlp template instance for M = m on a GPU with `sms` SMs (it asks ptxas for enough CTAs per
+    SM to hold the whole grid at once)."""
+    warps, kb1, kb2, split2 = fp8_mlp_plan(d, f, config)
+    return f"fp8_mma_mlp<{1 if m <= 8 else 2},{warps},{kb1},{kb2},{split2},{-(-(f // 16) // sms)}>"
+
+
 def _barrier(device: torch.device, grid: int) -> torch.Tensor:
     """The grid barrier's 64-bit arrival count, one per device and grid size (the count waits for the next
     multiple of the grid size, so launches of two sizes must not share one); allocated on the first (eager) call."""
@@ -506,12 +536,10 @@ def _launch_fp8_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_
     plan = fp8_mlp_plan(d, f, config)
     if plan is None or wd.shape[0] * 16 != d:
         raise ValueError(f"fp8 fused MLP config {config} does not tile D={d}, F={f}")
-    warps, kb1, kb2, split2 = plan
+    warps, _, _, split2 = plan
     x = _rows(x, "fp8")
     grid = f // 16
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    minb = -(-grid // sms)
-    kern = _compile(f"fp8_mma_mlp<{1 if m <= 8 else 2},{warps},{kb1},{kb2},{split2},{minb}>", x.device)
+    kern = _compile(fp8_mlp_instance(m, d, f, config, torch.cuda.get_device_properties(x.device).multi_processor_count), x.device)
     with torch.cuda.device(x.device):
         resident = _resident_ctas(kern, 32 * warps, x.device.index)
     if resident < grid:  # a grid barrier over CTAs that cannot all be resident would never open

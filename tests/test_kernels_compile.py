@@ -35,10 +35,15 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict[str, str],
             sig[name] = "fp32" if name in floats else "i32"
     out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": num_warps})
-    cubin = Path(tempfile.mkdtemp()) / "k.cubin"
-    cubin.write_bytes(out.asm["cubin"])
+    return resource_usage(out.asm["cubin"])
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of the one kernel in a cubin (cuobjdump, shipped with Triton)."""
+    path = Path(tempfile.mkdtemp()) / "k.cubin"
+    path.write_bytes(cubin)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
     return int(re.search(r"REG:(\d+)", usage)[1]), int(re.search(r"STACK:(\d+)", usage)[1])
 
 
@@ -98,3 +103,51 @@ def test_every_int4_triton_config_compiles():
         compile_sm90(tk._w4a16_splitk_kernel, consts, warps, ptrs, set())
     _, stack = compile_sm90(tk._int4_dequant_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128, NG=1), 4, {"w_ptr": "*u8"}, set())
     assert stack == 0
+
+
+# ------------------------------------------------------------------------------------------------ CUDA (NVRTC)
+EXPERT_SHAPES = [(4096, 1024), (1024, 4096), (2048, 1024), (256, 1024), (1024, 2048), (2560, 1024)]  # N, K at M = 10
+
+
+def _nvrtc_or_skip():
+    from backends import mma_small_m
+
+    try:
+        mma_small_m._nvrtc()
+    except RuntimeError as e:  # the dev extra installs nvidia-cuda-nvrtc; without it this module cannot check
+        pytest.skip(str(e))
+    return mma_small_m
+
+
+def test_every_mma_kernel_instance_compiles_for_hopper():
+    """Every instance of our M <= 16 CUDA kernels that a launch at π0.5's expert shapes can ask for (each config
+    that tiles the shape; M <= 8 and <= 16; plain and GeGLU; the one-launch MLP), compiled by NVRTC for sm_90
+    as the GPU run does it: a template or syntax error in mma_small_m.cu fails here, not on the device."""
+    mm = _nvrtc_or_skip()
+    instances = set()
+    for n, k in EXPERT_SHAPES:
+        for m in (1, 16):
+            for nmat in (1, 2):
+                instances |= {mm.int4_instance(m, nmat, c, k, 128) for c in mm.CONFIGS if mm.config_fits(c, n, k, 128)}
+                instances |= {mm.fp8_instance(m, nmat, c, k) for c in mm.FP8_CONFIGS if mm.fp8_config_fits(c, n, k)}
+    instances |= {mm.fp8_mlp_instance(m, 1024, 4096, c, 132) for c in mm.FP8_MLP_CONFIGS for m in (1, 16)}
+    assert len(instances) > 50
+    for inst in sorted(instances):
+        cubin, name = mm.compile_cubin(inst, "sm_90")
+        assert cubin and name.startswith("_Z"), inst
+
+
+def test_the_mma_kernels_the_profile_ran_do_not_spill():
+    """The fp8 instances the committed π0.5 kernel profile ran (bench/results/pi05_kernel_profile.json) use no
+    local memory. (Other configs do spill -- the 16- and 32-warp ones with 8 blocks per warp, up to 400 bytes
+    -- and stay candidates: the chooser's timing decides.)"""
+    import json
+
+    mm = _nvrtc_or_skip()
+    prof = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "pi05_kernel_profile.json").read_text())
+    ran = {re.sub(r"\s", "", m[1]) for b in prof["backends"].values() for kern in b["kernels"]
+           for m in [re.search(r"((?:fp8|int4)_mma_\w+<[\d, ]+>)", kern["kernel"])] if m}
+    assert ran, "the profile names no mma kernel"
+    for inst in sorted(ran):
+        regs, stack = resource_usage(mm.compile_cubin(inst, "sm_90")[0])
+        assert stack == 0, f"{inst}: {regs} registers, {stack} bytes of stack"
