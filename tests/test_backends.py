@@ -421,6 +421,10 @@ def test_backends_bench_logic_on_cpu(tmp_path):
     rows = {r["backend"]: r for r in res["rows"]}
     assert set(rows) == {"bf16", "fp16"} and rows["fp16"]["e2e_speedup_vs_bf16"] > 0
     assert rows["fp16"]["action_cosine_vs_bf16"] > 0.99 and rows["fp16"]["report_problems"] == []
+    # "GPU stages": every stage but the host's pre/post, so e2e noise on the host does not move the ratio
+    gpu = rows["fp16"]["gpu_stages_ms_p50"]
+    assert 0 < gpu < rows["fp16"]["e2e_ms_p50"] and rows["fp16"]["gpu_stages_speedup_vs_bf16"] > 0
+    assert abs(gpu - sum(v for k, v in rows["fp16"]["stage_ms_p50"].items() if k not in ("pre", "post"))) < 1e-9
     why = {s["backend"]: s["why"] for s in res["skipped"]}
     assert "compute capability >= 8.0" in why["sparse24"] and "compute capability >= 10.0" in why["nvfp4"]
 
