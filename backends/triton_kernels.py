@@ -228,14 +228,15 @@ def w4a16_config_fits(config: str, n: int, k: int, group: int) -> bool:
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the split-K reduction; each launch leaves them zero again. One
-    buffer per device (allocated on the first, eager call; CUDA-graph capture runs on its own stream, so a
-    per-stream buffer could not be allocated there): the policy runs its kernels on one stream, one at a time."""
+    """Zeroed int32 arrival counters for the split-K / split-KV reductions (the int4 and fp8 GEMMs, π0.5's decode
+    attention); each launch leaves them zero again. One buffer per device (allocated on the first, eager call;
+    CUDA-graph capture runs on its own stream, so a per-stream buffer could not be allocated there): the policy
+    runs its kernels on one stream, one at a time."""
     key = str(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("int4 split-K counters not allocated; run one eager forward before CUDA-graph capture")
+            raise RuntimeError("split-K arrival counters not allocated; run one eager forward before CUDA-graph capture")
         buf = _COUNTERS[key] = torch.zeros(max(tiles, 4096), device=device, dtype=torch.int32)
     return buf
 

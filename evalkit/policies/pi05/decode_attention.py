@@ -96,20 +96,6 @@ def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
-_COUNTERS: dict[str, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one buffer per device; every launch leaves them zero. Allocated on the
-    first (eager) call: a CUDA-graph capture cannot allocate a buffer that must outlive it zeroed."""
-    buf = _COUNTERS.get(str(device))
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode attention counters not allocated; run one eager forward before CUDA-graph capture")
-        buf = _COUNTERS[str(device)] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
-    return buf
-
-
 if _HAVE_TRITON:
 
     @triton.jit
@@ -253,6 +239,8 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     if nsplit > 1:
         ws_o = torch.empty((b * h * nsplit * block_m * d,), device=q.device, dtype=torch.float32)
         ws_ml = torch.empty((b * h * nsplit * block_m * 2,), device=q.device, dtype=torch.float32)
+        from backends.triton_kernels import _counters  # the split-K kernels' arrival counters (each launch re-zeroes its own)
+
         cnt = _counters(q.device, b * h)
     else:
         ws_o = ws_ml = cnt = out  # unused

@@ -72,11 +72,9 @@ class Pi05Policy(TorchPolicy):
         self._graphs = None
         self._compiled = False
         self.decode_attention = decode_attention  # the setting; model.decode_impl is what runs
-        self._resolve_decode_attention(graphs=cuda_graph)
+        self._resolve_decode_attention(graphs=False)
         if cuda_graph:
-            from evalkit.policies.pi05.graphs import GraphedSampler
-
-            self._graphs = GraphedSampler(model, device)  # raises CapabilityError off-GPU
+            self.enable_cuda_graph()  # raises CapabilityError off-GPU
         if compile:
             self.enable_compile()
 
