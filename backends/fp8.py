@@ -193,9 +193,14 @@ class Fp8GemmaMLP(nn.Module):
         self._gu = (w, s)  # not buffers: the children's views are what the report and state_dict see
         self._gu_from = self._children()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def current_gu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked gate|up (weights, scales), rebuilt first if a child's tensor was replaced."""
         if any(a is not b for a, b in zip(self._children(), self._gu_from)):
             self._stack_gate_up()
+        return self._gu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.current_gu()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         choice = self._small_m_choice(x2)
@@ -262,13 +267,18 @@ class FP8Backend(QuantBackend):
     def post_replace(self, model: nn.Module) -> None:
         """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true); stack
         q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
-        self._fused = self._fused_qkv = self._chained = 0
+        self._fused = self._fused_qkv = self._chained = self._fused_norms = 0
         if self.engine != "native":
             return
         if self.options.get("fuse_qkv", True):
             self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
         if self.options.get("fuse_mlp", True):
             self._fuse_mlps(model)
+        # after both fusions above (it needs the stacked q|k|v and gate|up); measured slower end to end: off by default
+        if self.options.get("fuse_norms", False):
+            from backends import fused_expert_layer
+
+            self._fused_norms = fused_expert_layer.install(model)
         if self.options.get("l2_prefetch", False):  # measured slower end to end: off (backends/l2_prefetch.py)
             self._chained = l2_prefetch.chain(model)
 
@@ -295,7 +305,9 @@ class FP8Backend(QuantBackend):
         n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
         return ([f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []) + (
             [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else []) + (
-            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else [])
+            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else []) + (
+            [f"{self._fused_norms} expert layers may run with their adaRMS norms and gated residual adds folded into the mma launches "
+             f"(M <= {mma_small_m.MAX_M}, batch 1, where checked and faster: backends/fused_expert_layer.py)"] if getattr(self, "_fused_norms", 0) else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -91,9 +91,14 @@ class FusedQKV:
                 refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: torch.cat([p.mma_reference(x2, cfg) for p in self.parts], dim=-1)
         return choose_kernel(key, cands, reference="per_linear", own_refs=refs)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def current(self) -> dict[str, torch.Tensor]:
+        """The stacked tensors, rebuilt first if a projection's tensor was replaced."""
         if any(a is not b for a, b in zip(self._tensors(), self._from)):
             self._stack()
+        return self.stacked
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.current()
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         choice = self.choice(x2)
         if choice == "per_linear":

@@ -125,6 +125,8 @@ __device__ __forceinline__ float gelu_tanh(float g) {
     return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
+__device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float((u32)b << 16); }
+
 __device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest even
     u32 u = __float_as_uint(f);
     if ((u & 0x7F800000u) == 0x7F800000u) return (unsigned short)((u >> 16) | ((u & 0xFFFF) ? 0x40 : 0));
@@ -160,10 +162,14 @@ __device__ __forceinline__ bool reduce_warps(float* acc, float (*red)[NACC][32],
 // Warp 0: optional column scales (wscale[mat * N + n] -- fp8), split-K partials (the CTA that arrives last at
 // the tile's counter adds them and resets the counter), GeGLU, bf16 store. `split` is this CTA's K split and
 // `ctr` its tile's counter (blockIdx.y and blockIdx.x in the one-GEMM kernels).
-template <int NMAT, int NT, int MT, int SPLIT>
+// With RESID (one matrix, no GeGLU), y = resid + gate * y with the roundings of the unfused layer: the projection
+// rounded to bf16, times the adaRMS gate rounded to bf16, plus the residual (res[i] = resid, gat[i] = gate of
+// output i, loaded by the caller right after its wait so their latency hides behind the MMAs).
+template <int NMAT, int NT, int MT, int SPLIT, bool RESID = false>
 __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ wscale, int wscale_n,
                                           int q, int r, int tile0, int M, int N, float* __restrict__ ws,
-                                          int* __restrict__ cnt, unsigned short* __restrict__ y, int split, int ctr) {
+                                          int* __restrict__ cnt, unsigned short* __restrict__ y, int split, int ctr,
+                                          const float* res = nullptr, const float* gat = nullptr) {
     constexpr int PER_MAT = NT * MT * 4, NACC = NMAT * PER_MAT;
     const int lane = threadIdx.x & 31;
     auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
@@ -198,7 +204,8 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
     }
 #pragma unroll
     for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
-        const float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
+        float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
+        if (RESID) v = __fadd_rn(bf2f(f2bf(__fmul_rn(bf2f(f2bf(v)), gat[i]))), res[i]);
         if (out_m(i) < M) y[(size_t)out_m(i) * N + out_n(i)] = f2bf(v);
     }
 }
@@ -389,9 +396,60 @@ __device__ __forceinline__ void fp8_load_weights(u32x4 (&w)[NMAT][NT][KB], const
 
 // Steps 2-5 of the fp8 kernels, after the wait: this warp's x slice (K values kb0*32.. of rows < M), its scale
 // per row, the e4m3 fragments, the MMAs and the scales into the partial sums acc[NMAT * NT * MT * 4].
-template <int MT, int NMAT, int NT, int KB>
+// The adaRMS norm of the unfused layer, on this warp's x fragments (NORM in fp8_slice_mma): y = x * rstd(row) *
+// (1 + scale) + shift, rounded to bf16 as the norm's output was, before the slice's e4m3 scale is taken. rstd needs
+// the whole row, so the CTA's warps must cover all of K (SPLIT 1): each warp sums its slice's squares, the CTA adds
+// them through shared memory (nss[WARPS][16]). One modulation row for the whole tile (batch 1: the launcher
+// checks M <= T), mod = [scale | shift | gate] of K each (AdaRMSNorm.modulation): its scale and shift are staged
+// in shared memory (smod, K / 8 16-byte words each) by the whole CTA -- held in registers, 2 x 16 words per lane
+// took the GeGLU kernel from 112 to 191 registers, one CTA per SM instead of two.
+template <int MT, int KB, int WARPS>
+__device__ __forceinline__ void adarms_norm(u32x4 (&xr)[MT][KB], const u32x4* smod, float (*nss)[16], int K, int kb0,
+                                            float eps, int warp, int r, int q) {
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        float s = 0.f;
+#pragma unroll
+        for (int b = 0; b < KB; ++b) {
+            const u32 v[4] = {xr[mh][b].x, xr[mh][b].y, xr[mh][b].z, xr[mh][b].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s += bf_lo(v[j]) * bf_lo(v[j]) + bf_hi(v[j]) * bf_hi(v[j]);
+        }
+        s += __shfl_xor_sync(0xFFFFFFFFu, s, 1);
+        s += __shfl_xor_sync(0xFFFFFFFFu, s, 2);
+        if (q == 0) nss[warp][8 * mh + r] = s;
+    }
+    __syncthreads();  // the squares and smod
+    float rstd[MT];
+#pragma unroll
+    for (int mh = 0; mh < MT; ++mh) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) s += nss[w][8 * mh + r];
+        rstd[mh] = rsqrtf(s / (float)K + eps);
+    }
+#pragma unroll
+    for (int b = 0; b < KB; ++b) {
+        const u32x4 sc4 = smod[(kb0 + b) * 4 + q], sh4 = smod[K / 8 + (kb0 + b) * 4 + q];
+        const u32 a[4] = {sc4.x, sc4.y, sc4.z, sc4.w}, c[4] = {sh4.x, sh4.y, sh4.z, sh4.w};
+#pragma unroll
+        for (int mh = 0; mh < MT; ++mh) {
+            u32* v = reinterpret_cast<u32*>(&xr[mh][b]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float lo = __fadd_rn(__fmul_rn(__fmul_rn(bf_lo(v[j]), rstd[mh]), __fadd_rn(1.f, bf_lo(a[j]))), bf_lo(c[j]));
+                const float hi = __fadd_rn(__fmul_rn(__fmul_rn(bf_hi(v[j]), rstd[mh]), __fadd_rn(1.f, bf_hi(a[j]))), bf_hi(c[j]));
+                v[j] = (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+            }
+        }
+    }
+}
+
+template <int MT, int NMAT, int NT, int KB, bool NORM = false, int WARPS = 1>
 __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], const unsigned short* __restrict__ x,
-                                              int M, int K, int kb0, int r, int q, float* acc) {
+                                              int M, int K, int kb0, int r, int q, float* acc,
+                                              const unsigned short* __restrict__ mod = nullptr, float eps = 0.f,
+                                              u32x4* smod = nullptr, float (*nss)[16] = nullptr, int warp = 0) {
     // 2) this warp's x fragments (raw bf16; row m = 8 mh + r, real k 8q..8q+7 of each block)
     u32x4 xr[MT][KB];
 #pragma unroll
@@ -401,6 +459,10 @@ __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], co
             const int m = 8 * mh + r;
             xr[mh][b] = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
         }
+    if constexpr (NORM) {  // 2b) the modulation's scale | shift into shared memory, then the norm
+        for (int i = threadIdx.x; i < K / 4; i += WARPS * 32) smod[i] = ld_l2(reinterpret_cast<const u32x4*>(mod) + i);
+        adarms_norm<MT, KB, WARPS>(xr, smod, nss, K, kb0, eps, warp, r, q);
+    }
 
     // 3) scale of row 8 mh + r over this warp's K slice (its 4 lanes hold it all), and the e4m3 fragments
     float xs[MT];
@@ -448,12 +510,20 @@ __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], co
     }
 }
 
-template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT>
+// EPI 0: y = x W^T. EPI 1 (NORM): y = adaRMSNorm(x) W^T, the norm with the modulation row mod (scale | shift;
+// one row: batch 1) folded in (needs SPLIT 1 and the CTA's warps covering all of K). EPI 2 (RESID): y = resid +
+// gate * (x W^T), gate = mod[m / T][2N + n]: the gated residual add after the projection folded in. Together
+// they take the expert layer's two norm kernels out of the denoise loop (backends/fused_expert_layer.py).
+template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT, int EPI = 0>
 __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,
     const unsigned short* __restrict__ x, unsigned short* __restrict__ y, float* __restrict__ ws,
     int* __restrict__ cnt, int M, int N, int K, u32 sentinel, const char* pf0, int pf0_bytes, const char* pf1,
-    int pf1_bytes) {
+    int pf1_bytes, const unsigned short* __restrict__ mod, int mod_stride, int T, double eps,
+    const unsigned short* __restrict__ resid) {
+    constexpr bool NORM = EPI == 1, RESID = EPI == 2;
+    static_assert(!NORM || SPLIT == 1, "the fused norm needs each CTA to cover all of K");
+    static_assert(!RESID || NMAT == 1, "the residual epilogue is for one projection, not GeGLU");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, q = lane & 3;
     const int kb0 = (blockIdx.y * WARPS + warp) * KB;
@@ -470,11 +540,24 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     prefetch_l2(pf0, pf0_bytes);
     prefetch_l2(pf1, pf1_bytes);
     wait_for_previous_kernel();
+    // the residual and gate of warp 0's outputs (RESID), loaded now so the MMAs hide their latency
+    constexpr int PER_MAT = NT * MT * 4;
+    float res[RESID ? PER_MAT : 1], gat[RESID ? PER_MAT : 1];
+    if (RESID && warp == 0) {
+#pragma unroll
+        for (int i = 0; i < PER_MAT; ++i) {
+            const int m = 8 * ((i >> 2) % MT) + 2 * q + (i & 1), n = 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1);
+            res[i] = m < M ? bf2f(__ldcg(resid + (size_t)m * N + n)) : 0.f;
+            gat[i] = m < M ? bf2f(__ldcg(mod + (size_t)(m / T) * mod_stride + 2 * N + n)) : 0.f;
+        }
+    }
+    __shared__ float nss[NORM ? WARPS : 1][16];
+    __shared__ u32x4 smod[NORM ? WARPS * KB * 8 : 1];  // scale | shift, K / 8 words each (K = WARPS * KB * 32)
     // 2) - 5)
     float acc[NACC];
-    fp8_slice_mma<MT, NMAT, NT, KB>(w, x, M, K, kb0, r, q, acc);
+    fp8_slice_mma<MT, NMAT, NT, KB, NORM, WARPS>(w, x, M, K, kb0, r, q, acc, mod, (float)eps, smod, nss, warp);
     if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;
-    store_out<NMAT, NT, MT, SPLIT>(acc, wscale, N, q, r, tile0, M, N, ws, cnt, y, blockIdx.y, blockIdx.x);
+    store_out<NMAT, NT, MT, SPLIT, RESID>(acc, wscale, N, q, r, tile0, M, N, ws, cnt, y, blockIdx.y, blockIdx.x, res, gat);
 }
 
 // ================================================================================================ fused fp8 MLP

@@ -260,7 +260,9 @@ def _launch_pdl(kern, grid: tuple[int, int, int], block: tuple[int, int, int], a
     on the stream finishes; it waits for it with griddepcontrol.wait before touching its output)."""
     keep, ptrs = [], []
     for a in args:
-        v = ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+        # as torch's kernel launcher passes them: pointers, C int, C double
+        v = (ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_double(a) if isinstance(a, float)
+             else ctypes.c_int(a))
         keep.append(v)
         ptrs.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
     params = (ctypes.c_void_p * len(ptrs))(*ptrs)
@@ -428,48 +430,90 @@ def emulate_fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Ten
     return (acc[:m_rows] * wscale.reshape(1, -1).double()).float()
 
 
-def fp8_instance(m: int, nmat: int, config: str, k: int) -> str:
-    """The fp8_mma_gemm template instance a launch at M = m under config compiles (nmat 2: GeGLU)."""
+EPI_PLAIN, EPI_NORM, EPI_RESID = 0, 1, 2  # fp8_mma_gemm's fused prologue/epilogue (mma_small_m.cu)
+
+
+def fp8_instance(m: int, nmat: int, config: str, k: int, epi: int = EPI_PLAIN) -> str:
+    """The fp8_mma_gemm template instance a launch at M = m under config compiles (nmat 2: GeGLU; epi: EPI_*)."""
     nt, warps, split = parse_config(config)
-    return f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{fp8_kslice(config, k) // 32},{split}>"
+    return f"fp8_mma_gemm<{1 if m <= 8 else 2},{nmat},{nt},{warps},{fp8_kslice(config, k) // 32},{split},{epi}>"
+
+
+def fp8_norm_fits(config: str, k: int) -> bool:
+    """Whether cfg can fold the adaRMS norm in (EPI_NORM): one CTA's warps cover all of K."""
+    _, warps, split = parse_config(config)
+    return split == 1 and fp8_kslice(config, k) * warps == k
 
 
 def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wscale: torch.Tensor, config: str,
-                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
+                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None,
+                mod: torch.Tensor | None = None, resid: torch.Tensor | None = None, rows_per_mod: int = 1,
+                eps: float = 0.0) -> torch.Tensor:
     m, k = x.shape
     n = wa.shape[0] * 16
     if not fp8_config_fits(config, n, k):
         raise ValueError(f"fp8 mma config {config} does not tile N={n}, K={k}")
     x = _rows(x, "fp8")
     nmat = 1 if wb is None else 2
-    kern = _compile(fp8_instance(m, nmat, config, k), x.device)
+    epi = EPI_PLAIN if mod is None else EPI_RESID if resid is not None else EPI_NORM
+    if epi != EPI_PLAIN:
+        width = k if epi == EPI_NORM else n
+        if mod.dtype != torch.bfloat16 or not mod.is_contiguous() or mod.shape[-1] != 3 * width or mod.data_ptr() % 16:
+            raise ValueError(f"fp8 mma fused adaRMS: mod must be a contiguous, 16-byte aligned bf16 [B, 3*{width}], "
+                             f"got {mod.dtype} {tuple(mod.shape)}")
+        if mod.reshape(-1, 3 * width).shape[0] * rows_per_mod < m:
+            raise ValueError(f"fp8 mma fused adaRMS: {mod.reshape(-1, 3 * width).shape[0]} modulation rows x {rows_per_mod} < M={m}")
+        if epi == EPI_NORM and not fp8_norm_fits(config, k):
+            raise ValueError(f"fp8 mma config {config} cannot fold the norm in: its CTAs do not cover all of K={k}")
+        if epi == EPI_NORM and rows_per_mod < m:  # the kernel stages one modulation row in shared memory
+            raise ValueError(f"fp8 mma fused adaRMS norm takes one modulation row (batch 1): M={m} > rows per row {rows_per_mod}")
+        if epi == EPI_RESID and (nmat != 1 or resid.shape != (m, n) or resid.dtype != torch.bfloat16 or not resid.is_contiguous()):
+            raise ValueError(f"fp8 mma residual epilogue: one projection and a contiguous bf16 resid [{m}, {n}], got {tuple(resid.shape)}")
+    kern = _compile(fp8_instance(m, nmat, config, k, epi), x.device)
     ws_ = wscale.reshape(-1).float().contiguous()
+    fused = [x, 0, 1, 0.0, x] if epi == EPI_PLAIN else [mod, 3 * (k if epi == EPI_NORM else n), rows_per_mod, float(eps),
+                                                         resid if resid is not None else x]
     return _run(kern, x, n, nmat, config, pdl, lambda y, ws, cnt: [
-        wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL, *_prefetch_args(x, pf0, pf1)])
+        wa, wb if wb is not None else wa, ws_, x, y, ws, cnt, m, n, k, _SENTINEL, *_prefetch_args(x, pf0, pf1), *fused])
 
 
 @torch.library.custom_op("evalkit::fp8_mma_gemm", mutates_args=())
 def _fp8_mma_op(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, wscale: torch.Tensor, geglu: bool, config: str,
-                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None) -> torch.Tensor:
-    return _launch_fp8(x, wa, wb if geglu else None, wscale, config, pdl, pf0, pf1)
+                pdl: bool, pf0: torch.Tensor | None = None, pf1: torch.Tensor | None = None,
+                mod: torch.Tensor | None = None, resid: torch.Tensor | None = None, rows_per_mod: int = 1,
+                eps: float = 0.0) -> torch.Tensor:
+    return _launch_fp8(x, wa, wb if geglu else None, wscale, config, pdl, pf0, pf1, mod, resid, rows_per_mod, eps)
 
 
 @_fp8_mma_op.register_fake
-def _(x, wa, wb, wscale, geglu, config, pdl, pf0=None, pf1=None):
+def _(x, wa, wb, wscale, geglu, config, pdl, pf0=None, pf1=None, mod=None, resid=None, rows_per_mod=1, eps=0.0):
     return x.new_empty((x.shape[0], wa.shape[0] * 16), dtype=torch.bfloat16)
 
 
 def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, config: str, pdl: bool = True,
-                 prefetch: tuple = (None, None)) -> torch.Tensor:
+                 prefetch: tuple = (None, None), norm: tuple | None = None, residual: tuple | None = None) -> torch.Tensor:
     """y [M, N] bf16 = (x quantized to e4m3 per token and fp8_kslice(config, K)) @ W^T, W e4m3 packed by
-    pack_fp8_mma with per-channel scales wscale [N] (M <= 16)."""
-    return _fp8_mma_op(x, words, words, wscale, False, config, pdl, *prefetch)
+    pack_fp8_mma with per-channel scales wscale [N] (M <= 16).
+
+    norm = (mod, rows_per_mod, eps): x is first adaRMS-normed in the kernel with mod [1, 3K] (scale | shift |
+    gate; one row: batch 1, M <= rows_per_mod), as AdaRMSNorm computes it (layers.ada_rms_norm).
+    residual = (resid [M, N], mod [B, 3N], rows_per_mod): y = resid + gate * y, gate = mod[..., 2N:]."""
+    if norm is not None and residual is not None:
+        raise ValueError("fp8_mma_gemm folds in a norm or a residual add, not both")
+    mod, rows, eps, resid = None, 1, 0.0, None
+    if norm is not None:
+        mod, rows, eps = norm
+    elif residual is not None:
+        resid, mod, rows = residual
+    return _fp8_mma_op(x, words, words, wscale, False, config, pdl, *prefetch, mod, resid, rows, eps)
 
 
 def fp8_mma_geglu(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, config: str,
-                  pdl: bool = True, prefetch: tuple = (None, None)) -> torch.Tensor:
-    """gelu_tanh(x Wg^T) * (x Wu^T), one launch; wscale_gu = [gate scales | up scales] (2N, contiguous)."""
-    return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl, *prefetch)
+                  pdl: bool = True, prefetch: tuple = (None, None), norm: tuple | None = None) -> torch.Tensor:
+    """gelu_tanh(x Wg^T) * (x Wu^T), one launch; wscale_gu = [gate scales | up scales] (2N, contiguous).
+    norm: as fp8_mma_gemm's (the adaRMS norm before the MLP folded in)."""
+    mod, rows, eps = norm if norm is not None else (None, 1, 0.0)
+    return _fp8_mma_op(x, wg, wu, wscale_gu, True, config, pdl, *prefetch, mod, None, rows, eps)
 
 
 # ------------------------------------------------------------------------------------------------ fused fp8 MLP

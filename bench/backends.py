@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.registry import get_backend  # noqa: E402
+from backends.quant import CHOICE_LOG, KERNEL_CHOICE  # noqa: E402
 from backends.verify import verify_report  # noqa: E402
 from bench.gemm_sweep import graph_ms, read_bytes  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
@@ -60,6 +61,10 @@ VARIANTS = {
     "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
     "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
     "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
+    # the expert layers' adaRMS norms and gated residual adds folded into the mma launches (backends/fused_expert_layer.py)
+    "fp8[prefix mlp+expert] fused norms": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": True}),
+    "fp8[prefix mlp+expert] fused norms no pdl": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": True, "pdl": False}),
+    "fp8[prefix mlp+expert] no pdl": ("fp8", {"targets": "prefix_mlp,expert", "pdl": False}),
     # the expert's attention through SDPA (FlashAttention's split-KV) instead of our one-launch kernel
     "bf16 sdpa attention": ("bf16", {"targets": "all"}),
     "fp8[prefix mlp+expert] sdpa attention": ("fp8", {"targets": "prefix_mlp,expert"}),
@@ -196,6 +201,10 @@ def main() -> int:
                 "graph_vs_eager_rel_err": float(np.linalg.norm(actions - first) / (np.linalg.norm(first) + 1e-30)),
                 "report_problems": problems, "by_precision": report.summary_by_precision(), "notes": report.notes,
                 "latency_representative": report.latency_representative,
+                # fused expert layer (backends/fused_expert_layer.py): installed where, chosen or not, its timing log
+                "fused_expert_layers": sum(getattr(m, "fused", None) is not None for m in policy.model.modules()),
+                "fused_layer_choice": {str(k): {"choice": v, "log": CHOICE_LOG.get(k)} for k, v in KERNEL_CHOICE.items()
+                                       if k[0] == "fp8layer"},
             }
             row["gpu_stages_ms_p50"] = gpu_stages_ms(row)
             base = next((r for r in result["rows"] if r["backend"] == "bf16"), None)

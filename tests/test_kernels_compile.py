@@ -131,10 +131,38 @@ def test_every_mma_kernel_instance_compiles_for_hopper():
                 instances |= {mm.int4_instance(m, nmat, c, k, 128) for c in mm.CONFIGS if mm.config_fits(c, n, k, 128)}
                 instances |= {mm.fp8_instance(m, nmat, c, k) for c in mm.FP8_CONFIGS if mm.fp8_config_fits(c, n, k)}
     instances |= {mm.fp8_mlp_instance(m, 1024, 4096, c, 132) for c in mm.FP8_MLP_CONFIGS for m in (1, 16)}
+    instances |= fused_layer_instances(mm)
     assert len(instances) > 50
     for inst in sorted(instances):
         cubin, name = mm.compile_cubin(inst, "sm_90")
         assert cubin and name.startswith("_Z"), inst
+
+
+def fused_layer_instances(mm) -> set[str]:
+    """The fp8 instances the fused expert layer can launch (backends/fused_expert_layer.py): the adaRMS norm folded
+    into q|k|v (N = 2560) and gate|up (GeGLU, N = 4096) at K = 1024 where a CTA covers all of K; the gated residual
+    add in o_proj's (K = 2048) and down's (K = 4096) epilogue, every config."""
+    out = set()
+    for m in (1, 16):
+        for n, nmat in ((2560, 1), (4096, 2)):
+            out |= {mm.fp8_instance(m, nmat, c, 1024, mm.EPI_NORM) for c in mm.FP8_CONFIGS
+                    if mm.fp8_config_fits(c, n, 1024) and mm.fp8_norm_fits(c, 1024)}
+        for k in (2048, 4096):
+            out |= {mm.fp8_instance(m, 1, c, k, mm.EPI_RESID) for c in mm.FP8_CONFIGS if mm.fp8_config_fits(c, 1024, k)}
+    return out
+
+
+def test_the_fused_layer_kernels_at_the_profiled_configs_do_not_spill():
+    """The norm and residual variants of the configs the profile ran (q|k|v t2w8s1, GeGLU t1w8s1, o_proj t1w8s1,
+    down t1w8s2) use no local memory, and the norm variants stay within 128 registers, so two 8-warp CTAs fit an
+    SM (the GeGLU grid is 256 CTAs: at one CTA per SM it would take two waves on 132 SMs)."""
+    mm = _nvrtc_or_skip()
+    for inst, max_regs in ((mm.fp8_instance(16, 1, "t2w8s1", 1024, mm.EPI_NORM), 128),
+                           (mm.fp8_instance(16, 2, "t1w8s1", 1024, mm.EPI_NORM), 128),
+                           (mm.fp8_instance(16, 1, "t1w8s1", 2048, mm.EPI_RESID), 255),
+                           (mm.fp8_instance(16, 1, "t1w8s2", 4096, mm.EPI_RESID), 255)):
+        regs, stack = resource_usage(mm.compile_cubin(inst, "sm_90")[0])
+        assert stack == 0 and regs <= max_regs, f"{inst}: {regs} registers, {stack} bytes of stack"
 
 
 def test_the_mma_kernels_the_profile_ran_do_not_spill():

@@ -115,6 +115,32 @@ def test_layer_forward_is_plain_residual():
     torch.testing.assert_close(out, expect)
 
 
+def test_layer_runs_a_backends_fused_forward_and_plain_where_it_declines():
+    """GemmaDecoderLayer.fused (set by backends/fused_expert_layer.py on GPU): its output is the layer's; None
+    from it means the plain forward runs. On CPU the fp8 backend (emulated) installs none."""
+    from backends.registry import get_backend
+    from evalkit.policies.pi05.layers import AttnContext, rope_tables
+
+    p = tiny_policy()
+    layer: GemmaDecoderLayer = p.model.prefix.layers[0]
+    x = torch.randn(1, 5, p.model.cfg.prefix.width)
+    cos, sin = rope_tables(torch.arange(5)[None], p.model.cfg.prefix.head_dim, 10000.0, x.dtype)
+    ctx = AttnContext(cos=cos, sin=sin)
+    seen = []
+    with torch.no_grad():
+        want = layer(x, ctx)
+        layer.fused = lambda x_, ctx_: seen.append(x_) or None
+        torch.testing.assert_close(layer(x, ctx), want)
+        layer.fused = lambda x_, ctx_: torch.zeros_like(x_)
+        assert torch.equal(layer(x, ctx), torch.zeros_like(x))
+        torch.testing.assert_close(layer.plain_forward(x, ctx), want)
+    assert len(seen) == 1
+    q = tiny_policy()
+    report = get_backend("fp8", targets="expert", engine="emulated", fuse_norms=True).apply(q.model)
+    assert all(l.fused is None for l in q.model.expert.layers)
+    assert not any("adaRMS" in n for n in report.notes)
+
+
 def test_cuda_graph_and_compile_refused_on_cpu():
     with pytest.raises(CapabilityError, match="cuda_graph"):
         tiny_policy(cuda_graph=True)

@@ -111,13 +111,20 @@ class AdaRMSNorm(nn.Module):
             if cond is None:
                 raise ValueError("AdaRMSNorm needs the time condition")
             mod = self.modulation(cond)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if x.dim() == 3:
-            mod = mod[:, None, :]
-        scale, shift, gate = mod.chunk(3, dim=-1)
-        y = y * (1.0 + scale.float()) + shift.float()
-        return y.to(x.dtype), gate.to(x.dtype)
+        return ada_rms_norm(x, mod, self.eps)
+
+
+def ada_rms_norm(x: torch.Tensor, mod: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x) * (1 + scale) + shift, gate) in x's dtype, computed in fp32; mod [B, 3*width] = scale | shift | gate
+    (x [B, width] or [B, T, width]). The fp8 kernels that fold this norm in reproduce these roundings
+    (backends/mma_small_m.cu: adarms_norm)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dim() == 3:
+        mod = mod[:, None, :]
+    scale, shift, gate = mod.chunk(3, dim=-1)
+    y = y * (1.0 + scale.float()) + shift.float()
+    return y.to(x.dtype), gate.to(x.dtype)
 
 
 def _gated(branch: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -141,11 +148,16 @@ class GemmaAttention(nn.Module):
         self.qkv = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        b, t, _ = x.shape
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if self.qkv is None else self.qkv(x)
+        return self.o_proj(self.attend(q, k, v, ctx))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """Attention of the projected q, k, v [B, T, heads*head_dim] (RoPE, the cache): [B, T, num_heads*head_dim],
+        what o_proj reads."""
+        b, t, _ = q.shape
         if ctx.read_cache and ctx.decode_impl == "triton":  # RoPE, the step's own keys and attention in one kernel
             pk, pv = ctx.cache[self.layer_idx]
-            return self.o_proj(decode_attention(q, pk, pv, ctx.key_mask, new=(k, v, ctx.cos, ctx.sin)))
+            return decode_attention(q, pk, pv, ctx.key_mask, new=(k, v, ctx.cos, ctx.sin))
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -168,7 +180,7 @@ class GemmaAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
 
 class GemmaMLP(nn.Module):
@@ -192,8 +204,19 @@ class GemmaDecoderLayer(nn.Module):
         norm = (lambda: AdaRMSNorm(size.width, size.width, eps)) if adaptive else (lambda: RMSNorm(size.width, eps))
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
+        # A backend may set a callable (x, ctx) -> out | None that runs this layer with its norms and residual adds
+        # folded into its GEMMs (backends/fused_expert_layer.py); None from it: the plain forward runs. A plain
+        # attribute like GemmaAttention.qkv: modules and state_dict stay the same.
+        self.fused = None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.fused is not None:
+            out = self.fused(x, ctx)
+            if out is not None:
+                return out
+        return self.plain_forward(x, ctx)
+
+    def plain_forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         i = self.self_attn.layer_idx
         a, gate = self.input_layernorm(x, ctx.cond, ctx.mod(2 * i))
         h = x + _gated(self.self_attn(a, ctx), gate)
