@@ -274,7 +274,7 @@ class FP8Backend(QuantBackend):
             self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
         if self.options.get("fuse_mlp", True):
             self._fuse_mlps(model)
-        # after both fusions above (it needs the stacked q|k|v and gate|up); measured slower end to end: off by default
+        # after both fusions above (it needs the stacked q|k|v and gate|up); not measured faster end to end: off by default
         if self.options.get("fuse_norms", False):
             from backends import fused_expert_layer
 

@@ -1,12 +1,10 @@
 """One action-expert decoder layer at M <= 16 with its adaRMS norms and gated residual adds folded into the fp8
-mma GEMMs (`fp8` backend, `options.fuse_norms=true`; **off by default: measured slower end to end**).
+mma GEMMs (`fp8` backend, `options.fuse_norms=true`; **off by default: not measured faster yet**).
 
-Measured (H200, compile + CUDA graphs, `bench/results/backends_compile_fused_norms.json`): denoise 9.40 ms with
-it against 7.81 ms without. The two norm kernels it removes cost 1.58 µs each, but the kernels that absorb them
-got slower by more in the pipeline (`bench/results/pi05_kernel_profile_fused_norms.json`, µs per call: GeGLU +
-norm 12.8 vs 7.9, down + residual 10.3 vs 7.1, o_proj + residual 8.5 vs 5.0, q|k|v + norm 7.3 vs 5.1), with PDL
-or without (9.69 ms). Kept, tested, as the base for a next attempt (the extra loads after the kernels' wait
-are the first suspect).
+Measured (H200, compile + CUDA graphs, each against the unfused path in the same run; docs/backends.md): denoise
+9.40 vs 7.81 ms in the first version, 8.83 vs 7.78 with the modulation loaded before the PDL wait, 7.92 vs 7.78
+with the bf16 roundings by `cvt.rn.bf16x2` (`bench/results/backends_compile_fused_norms.json`). Not faster yet, so
+off by default; kept, tested, as the base for the next attempt.
 
 The plain layer (evalkit/policies/pi05/layers.py) runs, per denoise step,
 

@@ -127,6 +127,14 @@ __device__ __forceinline__ float gelu_tanh(float g) {
 
 __device__ __forceinline__ float bf2f(unsigned short b) { return __uint_as_float((u32)b << 16); }
 
+// two floats -> bf16x2 (lo in the low half), round to nearest even: one instruction where f2bf below takes ~6
+__device__ __forceinline__ u32 bf16x2_rn(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+__device__ __forceinline__ float bf_round(float f) { return __uint_as_float(bf16x2_rn(f, 0.f) << 16); }
+
 __device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest even
     u32 u = __float_as_uint(f);
     if ((u & 0x7F800000u) == 0x7F800000u) return (unsigned short)((u >> 16) | ((u & 0xFFFF) ? 0x40 : 0));
@@ -205,7 +213,7 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
 #pragma unroll
     for (int i = 0; i < PER_MAT; ++i) {  // GeGLU: gelu(gate) * up, gate = matrix 0, up = matrix 1
         float v = NMAT == 2 ? gelu_tanh(acc[i]) * acc[PER_MAT + i] : acc[i];
-        if (RESID) v = __fadd_rn(bf2f(f2bf(__fmul_rn(bf2f(f2bf(v)), gat[i]))), res[i]);
+        if (RESID) v = __fadd_rn(bf_round(__fmul_rn(bf_round(v), gat[i])), res[i]);
         if (out_m(i) < M) y[(size_t)out_m(i) * N + out_n(i)] = f2bf(v);
     }
 }
@@ -439,7 +447,7 @@ __device__ __forceinline__ void adarms_norm(u32x4 (&xr)[MT][KB], const u32x4* sm
             for (int j = 0; j < 4; ++j) {
                 const float lo = __fadd_rn(__fmul_rn(__fmul_rn(bf_lo(v[j]), rstd[mh]), __fadd_rn(1.f, bf_lo(a[j]))), bf_lo(c[j]));
                 const float hi = __fadd_rn(__fmul_rn(__fmul_rn(bf_hi(v[j]), rstd[mh]), __fadd_rn(1.f, bf_hi(a[j]))), bf_hi(c[j]));
-                v[j] = (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+                v[j] = bf16x2_rn(lo, hi);
             }
         }
     }
@@ -459,10 +467,7 @@ __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], co
             const int m = 8 * mh + r;
             xr[mh][b] = m < M ? ld_l2(reinterpret_cast<const u32x4*>(x + (size_t)m * K + (kb0 + b) * 32 + 8 * q)) : u32x4{0, 0, 0, 0};
         }
-    if constexpr (NORM) {  // 2b) the modulation's scale | shift into shared memory, then the norm
-        for (int i = threadIdx.x; i < K / 4; i += WARPS * 32) smod[i] = ld_l2(reinterpret_cast<const u32x4*>(mod) + i);
-        adarms_norm<MT, KB, WARPS>(xr, smod, nss, K, kb0, eps, warp, r, q);
-    }
+    if constexpr (NORM) adarms_norm<MT, KB, WARPS>(xr, smod, nss, K, kb0, eps, warp, r, q);  // 2b) (smod staged by the caller)
 
     // 3) scale of row 8 mh + r over this warp's K slice (its 4 lanes hold it all), and the e4m3 fragments
     float xs[MT];
@@ -539,20 +544,50 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     issue_loads_before_here(all, sentinel);
     prefetch_l2(pf0, pf0_bytes);
     prefetch_l2(pf1, pf1_bytes);
-    wait_for_previous_kernel();
-    // the residual and gate of warp 0's outputs (RESID), loaded now so the MMAs hide their latency
-    constexpr int PER_MAT = NT * MT * 4;
+    // The adaRMS modulation (NORM: scale | shift, K / 4 16-byte words for the CTA; RESID: warp 0's gates) is
+    // loaded before the wait, like the weights: it was written before the denoise loop began (the launcher's
+    // contract: never by the kernel just before this one) and by then the weight stream has evicted it from L2,
+    // so after the wait its HBM latency would sit on the dependent path.
+    constexpr int PER_MAT = NT * MT * 4, SMW = (KB * 8 + 31) / 32;  // smod words per thread
+    u32x4 smod_r[NORM ? SMW : 1];
     float res[RESID ? PER_MAT : 1], gat[RESID ? PER_MAT : 1];
+    auto out_mn = [&](int i, int& m, int& n) {
+        m = 8 * ((i >> 2) % MT) + 2 * q + (i & 1), n = 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1);
+    };
+    if (NORM) {
+#pragma unroll
+        for (int j = 0; j < SMW; ++j) {
+            const int i = threadIdx.x + j * WARPS * 32;
+            if (i < WARPS * KB * 8) smod_r[NORM ? j : 0] = ld_l2(reinterpret_cast<const u32x4*>(mod) + i);
+        }
+    }
     if (RESID && warp == 0) {
 #pragma unroll
         for (int i = 0; i < PER_MAT; ++i) {
-            const int m = 8 * ((i >> 2) % MT) + 2 * q + (i & 1), n = 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1);
-            res[i] = m < M ? bf2f(__ldcg(resid + (size_t)m * N + n)) : 0.f;
+            int m, n;
+            out_mn(i, m, n);
             gat[i] = m < M ? bf2f(__ldcg(mod + (size_t)(m / T) * mod_stride + 2 * N + n)) : 0.f;
+        }
+    }
+    wait_for_previous_kernel();
+    // the residual of warp 0's outputs (RESID; the previous kernels wrote it), loaded now so the MMAs hide its latency
+    if (RESID && warp == 0) {
+#pragma unroll
+        for (int i = 0; i < PER_MAT; ++i) {
+            int m, n;
+            out_mn(i, m, n);
+            res[i] = m < M ? bf2f(__ldcg(resid + (size_t)m * N + n)) : 0.f;
         }
     }
     __shared__ float nss[NORM ? WARPS : 1][16];
     __shared__ u32x4 smod[NORM ? WARPS * KB * 8 : 1];  // scale | shift, K / 8 words each (K = WARPS * KB * 32)
+    if (NORM) {  // visible to the whole CTA after adarms_norm's barrier
+#pragma unroll
+        for (int j = 0; j < SMW; ++j) {
+            const int i = threadIdx.x + j * WARPS * 32;
+            if (i < WARPS * KB * 8) smod[i] = smod_r[NORM ? j : 0];
+        }
+    }
     // 2) - 5)
     float acc[NACC];
     fp8_slice_mma<MT, NMAT, NT, KB, NORM, WARPS>(w, x, M, K, kb0, r, q, acc, mod, (float)eps, smod, nss, warp);

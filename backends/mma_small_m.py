@@ -497,7 +497,10 @@ def fp8_mma_gemm(x: torch.Tensor, words: torch.Tensor, wscale: torch.Tensor, con
 
     norm = (mod, rows_per_mod, eps): x is first adaRMS-normed in the kernel with mod [1, 3K] (scale | shift |
     gate; one row: batch 1, M <= rows_per_mod), as AdaRMSNorm computes it (layers.ada_rms_norm).
-    residual = (resid [M, N], mod [B, 3N], rows_per_mod): y = resid + gate * y, gate = mod[..., 2N:]."""
+    residual = (resid [M, N], mod [B, 3N], rows_per_mod): y = resid + gate * y, gate = mod[..., 2N:].
+    The kernel reads mod before it waits for the previous kernel on the stream (programmatic dependent launch):
+    mod must not be written by that kernel, nor by any mma launch in the PDL chain before it (π0.5's modulations
+    are made before the denoise loop, by ordinary launches)."""
     if norm is not None and residual is not None:
         raise ValueError("fp8_mma_gemm folds in a norm or a residual add, not both")
     mod, rows, eps, resid = None, 1, 0.0, None
