@@ -65,9 +65,19 @@ class Backend:
     # Requirements checked before anything runs; e.g. {"min_compute_capability": (8, 9), "packages": ["torchao"]}
     requires: dict[str, Any] = {}
 
+    # The `backend.options` keys this backend reads. Any other key is a BadInput that lists these (a typo such as
+    # `fuse_norm=true` must not run silently without the option). None: any key (custom backends from outside).
+    known_options: tuple[str, ...] | None = None
+
     def __init__(self, targets: str = "prefix_mlp", **options: Any) -> None:
         self.targets = targets
         self.options = options
+        unknown = sorted(set(options) - set(self.known_options)) if self.known_options is not None else []
+        if unknown:
+            from evalkit.errors import BadInput
+
+            raise BadInput(f"backend '{self.name}' has no option {', '.join(map(repr, unknown))}; "
+                           f"valid: {', '.join(self.known_options) if self.known_options else '(none)'}")
 
     def check_requirements(self, device: torch.device) -> None:
         req = self.requires or {}

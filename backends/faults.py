@@ -25,6 +25,7 @@ from evalkit.errors import BadInput
 
 class FaultBackend(Backend):
     default_inner = "bf16"
+    known_options = ("inner_options",)  # the inner backend's own options go there (checked by the inner backend)
 
     def __init__(self, targets: str = "prefix_mlp", inner: str | None = None, engine: str = "native", **options: Any) -> None:
         super().__init__(targets=targets, **options)

@@ -113,6 +113,7 @@ class W4A8Linear(QuantLinear):
 
 class _Fp4ClassBackend(QuantBackend):
     engines = ("native", "emulated")
+    known_options = ("group_size",)
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":

@@ -263,6 +263,8 @@ class Fp8GemmaMLP(nn.Module):
 class FP8Backend(QuantBackend):
     name = "fp8"
     engines = ("native", "emulated")
+    known_options = ("fast_accum", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "compiled_geglu_quant", "whole_mlp",
+                     "fuse_norms", "l2_prefetch")
 
     def post_replace(self, model: nn.Module) -> None:
         """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true); stack

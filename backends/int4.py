@@ -254,6 +254,7 @@ class Int4GemmaMLP(nn.Module):
 class Int4Backend(QuantBackend):
     name = "int4"
     engines = ("native", "emulated")
+    known_options = ("group_size", "kernel", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "l2_prefetch")
 
     def post_replace(self, model: nn.Module) -> None:
         """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true); stack

@@ -191,6 +191,7 @@ class QuantBackend(Backend):
     """
 
     engines: tuple[str, ...] = ("native",)
+    known_options: tuple[str, ...] = ()  # subclasses list the options they read
     base_dtype = torch.bfloat16
     replaces_targets = True  # False: `prepare` transforms the targets itself (ModelOpt converts modules in place)
 

@@ -125,6 +125,7 @@ class Sparse24Int8Linear(QuantLinear):
 class Sparse24Backend(QuantBackend):
     name = "sparse24"
     engines = ("native", "emulated")
+    known_options = ("dtype",)
 
     @property
     def values(self) -> str:

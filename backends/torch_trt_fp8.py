@@ -46,6 +46,7 @@ def _fake_quant_weight(mod: nn.Module) -> torch.Tensor:
 class TorchTRTFP8Backend(QuantBackend):
     name = "torch_trt_fp8"
     engines = ("native", "fake_quant")
+    known_options = ("max_tokens",)
 
     def check_engine(self, device: torch.device) -> None:
         mtq = _import_modelopt()

@@ -452,3 +452,16 @@ def test_int4_mma_layers_option_is_checked():
 def test_fp8_mma_layers_option_is_checked():
     with pytest.raises(BadInput, match="mma_layers 'x' unknown; valid: expert, all, none"):
         get_backend("fp8", targets="prefix_mlp", engine="emulated", mma_layers="x").apply(tiny_policy().model)
+
+
+def test_an_unknown_backend_option_is_bad_input_listing_the_valid_ones():
+    """A typo in backend.options must not run silently without the option it meant."""
+    with pytest.raises(BadInput, match=r"backend 'fp8' has no option 'fuse_norm'; valid: .*fuse_norms"):
+        get_backend("fp8", targets="prefix_mlp", fuse_norm=True)
+    with pytest.raises(BadInput, match=r"backend 'int4' has no option 'groupsize'; valid: group_size"):
+        get_backend("int4", groupsize=32)
+    with pytest.raises(BadInput, match=r"backend 'fault_ignored_scale' has no option 'group_size'; valid: inner_options"):
+        get_backend("fault_ignored_scale", inner="int4", group_size=32)
+    with pytest.raises(BadInput, match=r"backend 'int4' has no option 'groupsize'"):  # inside inner_options: the inner backend checks
+        get_backend("fault_ignored_scale", inner="int4", inner_options={"groupsize": 32})
+    assert get_backend("sparse24", dtype="int8").options == {"dtype": "int8"}

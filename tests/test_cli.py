@@ -95,6 +95,7 @@ def test_multirun_creates_parent_and_child_runs(workdir):
         ("suite.tasks=[99]", "out of range; libero_spatial has tasks 0..9"),
         ("workers=abc", "workers='abc' is not an integer"),
         ("video=sometimes", "video"),
+        ("+backend.options.fuse_norm=true", "backend 'bf16' has no option 'fuse_norm'; valid: (none)"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_line(workdir, override, message):
