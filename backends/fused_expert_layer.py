@@ -122,16 +122,19 @@ class FusedFp8ExpertLayer:
             return None
         m, width = x.shape[1], x.shape[2]
         key = ("fp8layer", x.device.index, width, m, self.layer.self_attn.o_proj.in_features, self.layer.mlp.down_proj.in_features)
-        plan = _PLANS.get(key)
 
         def fused() -> torch.Tensor:
-            p = _PLANS.get(key) or _PLANS.setdefault(key, self.plan(x.reshape(-1, width)))
-            return self.fused_forward(x, ctx, p)
+            return self.fused_forward(x, ctx, self.cached_plan(key, x))
 
         choice = choose_kernel(key, {"plain": lambda: self.layer.plain_forward(x, ctx), "fused": fused}, reference="plain")
-        if choice != "fused":
-            return None
-        return self.fused_forward(x, ctx, plan or _PLANS[key])
+        return fused() if choice == "fused" else None
+
+    def cached_plan(self, key: tuple, x: torch.Tensor) -> FusedPlan:
+        """plan() once per shape key (its configs come from the parts' cached per-shape choices)."""
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS[key] = self.plan(x.reshape(-1, x.shape[-1]))
+        return plan
 
 
 def install(model: nn.Module) -> int:

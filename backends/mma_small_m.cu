@@ -144,6 +144,11 @@ __device__ __forceinline__ unsigned short f2bf(float f) {  // round to nearest e
 
 // Steps shared by both kernels, after each warp holds its fp32 C fragments acc[NACC] (flat index
 // ((mat * NT + t) * MT + mh) * 4 + c; c = i % 4 -> n = r + 8 (c / 2), m = 2q + c % 2; m += 8 mh, n += 16 (tile0 + t)).
+// frag_m / frag_n: that row m and column n of value i (the epilogue and the loads for it use the same map).
+template <int MT>
+__device__ __forceinline__ int frag_m(int i, int q) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); }
+template <int MT, int NT>
+__device__ __forceinline__ int frag_n(int i, int r, int tile0) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); }
 
 // Sum the warps' accumulators into warp 0's: a tree through shared memory (WARPS a power of two), so the buffer
 // holds half the warps' values and the adds run in parallel. (Shared-memory float atomicAdd compiles to a CAS
@@ -172,7 +177,7 @@ __device__ __forceinline__ bool reduce_warps(float* acc, float (*red)[NACC][32],
 // `ctr` its tile's counter (blockIdx.y and blockIdx.x in the one-GEMM kernels).
 // With RESID (one matrix, no GeGLU), y = resid + gate * y with the roundings of the unfused layer: the projection
 // rounded to bf16, times the adaRMS gate rounded to bf16, plus the residual (res[i] = resid, gat[i] = gate of
-// output i, loaded by the caller right after its wait so their latency hides behind the MMAs).
+// output i, loaded by the caller: the gates before its wait, the residual right after it).
 template <int NMAT, int NT, int MT, int SPLIT, bool RESID = false>
 __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ wscale, int wscale_n,
                                           int q, int r, int tile0, int M, int N, float* __restrict__ ws,
@@ -180,8 +185,8 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
                                           const float* res = nullptr, const float* gat = nullptr) {
     constexpr int PER_MAT = NT * MT * 4, NACC = NMAT * PER_MAT;
     const int lane = threadIdx.x & 31;
-    auto out_m = [&](int i) { return 8 * ((i >> 2) % MT) + 2 * q + (i & 1); };
-    auto out_n = [&](int i) { return 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1); };
+    auto out_m = [&](int i) { return frag_m<MT>(i, q); };
+    auto out_n = [&](int i) { return frag_n<MT, NT>(i, r, tile0); };
     if (wscale != nullptr) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i)
@@ -402,8 +407,6 @@ __device__ __forceinline__ void fp8_load_weights(u32x4 (&w)[NMAT][NT][KB], const
             }
 }
 
-// Steps 2-5 of the fp8 kernels, after the wait: this warp's x slice (K values kb0*32.. of rows < M), its scale
-// per row, the e4m3 fragments, the MMAs and the scales into the partial sums acc[NMAT * NT * MT * 4].
 // The adaRMS norm of the unfused layer, on this warp's x fragments (NORM in fp8_slice_mma): y = x * rstd(row) *
 // (1 + scale) + shift, rounded to bf16 as the norm's output was, before the slice's e4m3 scale is taken. rstd needs
 // the whole row, so the CTA's warps must cover all of K (SPLIT 1): each warp sums its slice's squares, the CTA adds
@@ -453,6 +456,9 @@ __device__ __forceinline__ void adarms_norm(u32x4 (&xr)[MT][KB], const u32x4* sm
     }
 }
 
+// Steps 2-5 of the fp8 kernels, after the wait: this warp's x slice (K values kb0*32.. of rows < M), its scale
+// per row, the e4m3 fragments, the MMAs and the scales into the partial sums acc[NMAT * NT * MT * 4]; with NORM
+// the slice is adaRMS-normed first (smod staged by the caller).
 template <int MT, int NMAT, int NT, int KB, bool NORM = false, int WARPS = 1>
 __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], const unsigned short* __restrict__ x,
                                               int M, int K, int kb0, int r, int q, float* acc,
@@ -546,14 +552,11 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     prefetch_l2(pf1, pf1_bytes);
     // The adaRMS modulation (NORM: scale | shift, K / 4 16-byte words for the CTA; RESID: warp 0's gates) is
     // loaded before the wait, like the weights: it was written before the denoise loop began (the launcher's
-    // contract: never by the kernel just before this one) and by then the weight stream has evicted it from L2,
+    // contract: not by the kernels of the PDL chain before this one) and by then the weight stream has evicted it from L2,
     // so after the wait its HBM latency would sit on the dependent path.
     constexpr int PER_MAT = NT * MT * 4, SMW = (KB * 8 + 31) / 32;  // smod words per thread
     u32x4 smod_r[NORM ? SMW : 1];
     float res[RESID ? PER_MAT : 1], gat[RESID ? PER_MAT : 1];
-    auto out_mn = [&](int i, int& m, int& n) {
-        m = 8 * ((i >> 2) % MT) + 2 * q + (i & 1), n = 16 * (tile0 + (i / (4 * MT)) % NT) + r + 8 * ((i >> 1) & 1);
-    };
     if (NORM) {
 #pragma unroll
         for (int j = 0; j < SMW; ++j) {
@@ -564,8 +567,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     if (RESID && warp == 0) {
 #pragma unroll
         for (int i = 0; i < PER_MAT; ++i) {
-            int m, n;
-            out_mn(i, m, n);
+            const int m = frag_m<MT>(i, q), n = frag_n<MT, NT>(i, r, tile0);
             gat[i] = m < M ? bf2f(__ldcg(mod + (size_t)(m / T) * mod_stride + 2 * N + n)) : 0.f;
         }
     }
@@ -574,8 +576,7 @@ __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     if (RESID && warp == 0) {
 #pragma unroll
         for (int i = 0; i < PER_MAT; ++i) {
-            int m, n;
-            out_mn(i, m, n);
+            const int m = frag_m<MT>(i, q), n = frag_n<MT, NT>(i, r, tile0);
             res[i] = m < M ? bf2f(__ldcg(resid + (size_t)m * N + n)) : 0.f;
         }
     }

@@ -461,8 +461,9 @@ def _launch_fp8(x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor | None, wsca
         if mod.dtype != torch.bfloat16 or not mod.is_contiguous() or mod.shape[-1] != 3 * width or mod.data_ptr() % 16:
             raise ValueError(f"fp8 mma fused adaRMS: mod must be a contiguous, 16-byte aligned bf16 [B, 3*{width}], "
                              f"got {mod.dtype} {tuple(mod.shape)}")
-        if mod.reshape(-1, 3 * width).shape[0] * rows_per_mod < m:
-            raise ValueError(f"fp8 mma fused adaRMS: {mod.reshape(-1, 3 * width).shape[0]} modulation rows x {rows_per_mod} < M={m}")
+        mod_rows = mod.numel() // (3 * width)
+        if mod_rows * rows_per_mod < m:
+            raise ValueError(f"fp8 mma fused adaRMS: {mod_rows} modulation rows x {rows_per_mod} < M={m}")
         if epi == EPI_NORM and not fp8_norm_fits(config, k):
             raise ValueError(f"fp8 mma config {config} cannot fold the norm in: its CTAs do not cover all of K={k}")
         if epi == EPI_NORM and rows_per_mod < m:  # the kernel stages one modulation row in shared memory
