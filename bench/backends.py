@@ -61,15 +61,22 @@ VARIANTS = {
     "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
     "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
     "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
-    # the expert layers' adaRMS norms and gated residual adds folded into the mma launches (backends/fused_expert_layer.py)
-    "fp8[prefix mlp+expert] fused norms": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": True}),
-    "fp8[prefix mlp+expert] fused norms no pdl": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": True, "pdl": False}),
+    # the expert layers' adaRMS norms and gated residual adds as separate kernels (fuse_norms=false; the default folds
+    # them into the mma launches, backends/fused_expert_layer.py)
+    "fp8[prefix mlp+expert] unfused norms": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": False}),
+    "fp8[prefix mlp+expert] unfused norms no pdl": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": False, "pdl": False}),
     "fp8[prefix mlp+expert] no pdl": ("fp8", {"targets": "prefix_mlp,expert", "pdl": False}),
     # the expert's attention through SDPA (FlashAttention's split-KV) instead of our one-launch kernel
     "bf16 sdpa attention": ("bf16", {"targets": "all"}),
     "fp8[prefix mlp+expert] sdpa attention": ("fp8", {"targets": "prefix_mlp,expert"}),
+    # our attention kernel launched after the q|k|v projection has finished (no programmatic dependent launch)
+    "bf16 attention no pdl": ("bf16", {"targets": "all"}),
+    "fp8[prefix mlp+expert] attention no pdl": ("fp8", {"targets": "prefix_mlp,expert"}),
+    "fp8[prefix mlp+expert] unfused norms attention no pdl": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": False}),
+    "int4[expert] attention no pdl": ("int4", {"targets": "expert"}),
 }
 POLICY_OVERRIDES = {k: {"decode_attention": "sdpa"} for k in VARIANTS if k.endswith(" sdpa attention")}
+POLICY_OVERRIDES.update({k: {"decode_attention_pdl": False} for k in VARIANTS if k.endswith(" attention no pdl")})
 AB_VARIANTS = {k for k in VARIANTS if k.startswith(("fp8[prefix mlp+expert] ", "int4[expert] ", "bf16 "))}  # not in the default run
 
 
@@ -148,6 +155,9 @@ def main() -> int:
         policy = None
         try:
             t1 = time.time()
+            # each row compiles afresh: dynamo keys its cache on the code object, so rows' new models pile up
+            # recompiles of expert_forward and, past torch._dynamo.config.recompile_limit (8), later rows ran eager
+            torch._dynamo.reset()
             torch.manual_seed(0)
             policy = build({"kind": "pi05", "variant": args.variant, "init": "random", "tokenizer": "bytes",
                             "num_views": 2, "denoise_steps": 10, "seed": 0, "dtype": "bfloat16",
@@ -187,7 +197,7 @@ def main() -> int:
             st = rep.stages
             row = {
                 "backend": label, "mode": mode, "report_backend": report.backend, "build_s": round(build_s, 1),
-                "decode_attention": policy.model.decode_impl,
+                "decode_attention": policy.model.decode_impl, "decode_attention_pdl": policy.model.decode_pdl,
                 "e2e_ms_p50": rep.end_to_end.p50, "e2e_ms_p90": rep.end_to_end.p90,
                 "stage_ms_p50": {k: v.p50 for k, v in st.items()},
                 "denoise_ms_p50": st["denoise"].p50 if "denoise" in st else None,

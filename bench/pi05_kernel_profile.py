@@ -38,6 +38,7 @@ result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_de
           "compile": args.compile, "calls": args.calls, "backends": {}}
 t0 = time.time()
 for label in [b for b in args.backends.split(",") if b]:
+    torch._dynamo.reset()  # each backend compiles afresh (past the recompile limit dynamo would run eager)
     torch.manual_seed(0)
     policy = build({"kind": "pi05", "variant": "full", "init": "random", "tokenizer": "bytes", "num_views": 2,
                     "denoise_steps": 10, "seed": 0, "dtype": "bfloat16"}, dev)

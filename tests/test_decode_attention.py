@@ -45,6 +45,22 @@ def test_policy_records_resolved_impl():
     assert tiny_policy().model.decode_impl == "sdpa"
 
 
+def test_pdl_setting_reaches_the_model_and_a_non_bool_is_bad_input():
+    """decode_attention_pdl (default true): the attention kernel as a programmatic dependent launch."""
+    assert tiny_policy().model.decode_pdl is True
+    assert tiny_policy(decode_attention_pdl=False).model.decode_pdl is False
+    with pytest.raises(BadInput, match="decode_attention_pdl must be true or false, got 'yes'"):
+        tiny_policy(decode_attention_pdl="yes")
+
+
+def test_pdl_flag_is_ignored_off_gpu():
+    """On CPU the op is SDPA whatever the flag says (PDL is a launch attribute of the GPU kernel)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 3, 4, 16).transpose(1, 2)
+    k, v = torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16)
+    torch.testing.assert_close(decode_attention(q, k, v, None, pdl=True), decode_attention(q, k, v, None, pdl=False))
+
+
 def test_op_on_cpu_is_sdpa_in_output_layout():
     torch.manual_seed(0)
     b, h, t, s, d = 2, 4, 3, 11, 16

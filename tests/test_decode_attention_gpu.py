@@ -49,9 +49,10 @@ def test_matches_sdpa(shape, dtype):
     assert torch.equal(out, again)  # counters were reset; the combine is deterministic
 
 
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_new_key_form_matches_sdpa(shape, dtype):
+def test_new_key_form_matches_sdpa(shape, dtype, pdl):
     """The model's form: raw q/k/v projections of the step (views into one q|k|v output, as FusedQKV gives),
     RoPE in the kernel, the cache's step slots holding garbage that must not be read."""
     from evalkit.policies.pi05.layers import rope_tables
@@ -63,7 +64,7 @@ def test_new_key_form_matches_sdpa(shape, dtype):
     qkv = torch.randn(b, t, (h + 2 * hkv) * d, device="cuda", dtype=dtype, generator=g)
     q, kn, vn = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
     cos, sin = rope_tables(torch.arange(t, device="cuda")[None].expand(b, t) + s - t, d, 10000.0, dtype)
-    out = launch_decode_attention(q, k, v, mask, kps, bn, new=(kn, vn, cos, sin))
+    out = launch_decode_attention(q, k, v, mask, kps, bn, new=(kn, vn, cos, sin), pdl=pdl)
     ref = reference_decode_attention(q.float(), k.float(), v.float(), mask, new=(kn.float(), vn.float(), cos.float(), sin.float()))
     rel = float((out.float() - ref).norm() / ref.norm())
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
@@ -87,6 +88,50 @@ def test_cuda_graph_replays():
         q.copy_(q2), k.copy_(k2), v.copy_(v2)
         graph.replay()
         torch.testing.assert_close(out, launch_decode_attention(q, k, v, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_plain_form_under_pdl_matches_sdpa(pdl):
+    q, k, v, mask = _inputs(1, 8, 1, 10, 555, 256, True, torch.bfloat16)
+    out = launch_decode_attention(q, k, v, mask, pdl=pdl)
+    ref = reference_decode_attention(q.float(), k.float(), v.float(), mask)
+    assert float((out.float() - ref).norm() / ref.norm()) < 5e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("masked", [False, True])
+def test_pdl_chain_after_the_mma_projection_reads_its_output(masked):
+    """The model's chain under CUDA graphs: our fp8 mma q|k|v kernel (which lets its dependents launch at once)
+    writes the step's projections, the attention launched as its programmatic dependent reads them. New inputs
+    every replay; the replay must equal the same two kernels launched one after the other (no PDL), bit for bit:
+    a q or new-key load that moved before the kernel's wait would read the previous replay's projection."""
+    from torch import nn
+
+    from backends.fp8 import Fp8Linear
+    from backends.mma_small_m import fp8_mma_gemm
+    from evalkit.policies.pi05.layers import rope_tables
+
+    h, d, t, p = 8, 256, 10, 545
+    torch.manual_seed(0)
+    lin = Fp8Linear(nn.Linear(1024, (h + 2) * d, bias=False).cuda(), torch.bfloat16, emulated=False, mma_pack=True)
+    _, k, v, mask = _inputs(1, h, 1, t, p + t, d, masked, torch.bfloat16)
+    cos, sin = rope_tables(torch.arange(p, p + t, device="cuda")[None], d, 10000.0, torch.bfloat16)
+    x = torch.randn(t, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def step(pdl: bool) -> torch.Tensor:
+        qkv = fp8_mma_gemm(x, lin.mma_words, lin.wscale, "t1w8s1", pdl=pdl).view(1, t, -1)
+        q, kn, vn = qkv.split([h * d, d, d], dim=-1)
+        return launch_decode_attention(q, k, v, mask, new=(kn, vn, cos, sin), pdl=pdl)
+
+    step(True), step(False)  # compiles both outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(True)
+    for seed in range(4):
+        x.copy_(torch.randn(t, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        want = step(False)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -23,19 +23,25 @@ from evalkit.policies.pi05 import decode_attention as da  # noqa: E402
 POINTERS = {"mask_ptr": "*i1", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict[str, str], floats: set[str]) -> tuple[int, int]:
-    """(registers, stack bytes) per thread of fn compiled for sm_90; other pointers bf16, other scalars i32."""
-    sig = {}
-    for name in fn.arg_names:
+def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict[str, str], floats: set[str],
+                 divisible: set[str] = frozenset(), options: dict | None = None, asm: str | None = None):
+    """(registers, stack bytes) per thread of fn compiled for sm_90; other pointers bf16, other scalars i32.
+    divisible: the arguments (pointers too) to specialize as multiples of 16, as Triton's launcher does for the
+    real ones (vector loads); asm: also return that form of the code ("ptx")."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers.get(name, "*bf16")
         else:
             sig[name] = "fp32" if name in floats else "i32"
-    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": num_warps})
-    return resource_usage(out.asm["cubin"])
+        if name in divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **(options or {})})
+    usage = resource_usage(out.asm["cubin"])
+    return usage if asm is None else (*usage, out.asm[asm])
 
 
 def resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -47,21 +53,65 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", usage)[1]), int(re.search(r"STACK:(\d+)", usage)[1])
 
 
+# what Triton's launcher specializes as multiples of 16 at π0.5's shapes (16-byte aligned tensors, strides of 256)
+DECODE_DIVISIBLE = {"q_ptr", "k_ptr", "v_ptr", "mask_ptr", "o_ptr", "ws_o_ptr", "ws_ml_ptr", "cnt_ptr", "kn_ptr", "vn_ptr",
+                    "cos_ptr", "sin_ptr", "sq_b", "sq_t", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "so_b", "so_t",
+                    "skn_b", "skn_t", "svn_b", "svn_t", "sc_b", "sc_t"}
+
+
+def decode_consts(new: bool, has_mask: bool, pdl: bool) -> dict:
+    """π0.5's shape: head_dim 256, 10 queries in a 16-row tile, 64-key blocks, 10 splits."""
+    return dict(NSPLIT=10, KEYS=da.DEFAULT_KEYS_PER_SPLIT, BLOCK_M=16, BLOCK_N=da.DEFAULT_BLOCK_N, D=256,
+                HAS_MASK=has_mask, PREC="tf32", NEW=new, PDL=pdl)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("new", [True, False])  # the model's form (raw projections, RoPE inside) and the plain one
 @pytest.mark.parametrize("has_mask", [True, False])
-def test_decode_attention_compiles_for_hopper_without_spills(new, has_mask):
-    """π0.5's shape: head_dim 256, 10 queries in a 16-row tile, 64-key blocks, 10 splits, the default warps."""
-    consts = dict(NSPLIT=10, KEYS=da.DEFAULT_KEYS_PER_SPLIT, BLOCK_M=16, BLOCK_N=da.DEFAULT_BLOCK_N, D=256,
-                  HAS_MASK=has_mask, PREC="tf32", NEW=new)
-    regs, stack = compile_sm90(da._decode_attn_kernel, consts, da.DEFAULT_WARPS, POINTERS, {"qk_scale"})
-    assert stack == 0, f"{regs} registers and {stack} bytes of stack per thread: the tiles spill"
+def test_decode_attention_compiles_for_hopper_without_spills(new, has_mask, pdl):
+    """At the default warps, both without the launcher's specializations and with them (its vector loads)."""
+    for divisible in (set(), DECODE_DIVISIBLE):
+        regs, stack = compile_sm90(da._decode_attn_kernel, decode_consts(new, has_mask, pdl), da.DEFAULT_WARPS,
+                                   POINTERS, {"qk_scale"}, divisible, {"launch_pdl": pdl})
+        assert stack == 0, f"{regs} registers and {stack} bytes of stack per thread: the tiles spill"
+
+
+@pytest.mark.parametrize("new", [True, False])
+def test_decode_attention_under_pdl_loads_the_cache_before_its_wait_and_q_after(new):
+    """Programmatic dependent launch: every program first lets the next kernel launch. In the new-keys form the
+    cached-key programs load their K/V block and mask before griddepcontrol.wait (nothing in the step writes
+    them) and the query after it (the previous kernel writes it); the plain form waits before its first load.
+    Read off the sm_90 PTX: the new-keys program's branch comes first, then the cached keys' branch."""
+    *_, ptx = compile_sm90(da._decode_attn_kernel, decode_consts(new, True, True), da.DEFAULT_WARPS, POINTERS,
+                           {"qk_scale"}, DECODE_DIVISIBLE, {"launch_pdl": True}, asm="ptx")
+    lines = [ln.strip() for ln in ptx.splitlines()]
+    trigger = [i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.launch_dependents")]
+    waits = [i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.wait")]
+    loads = [i for i, ln in enumerate(lines) if re.match(r"(@%p\d+ )?ld\.global", ln)]
+    assert len(trigger) == 1 and trigger[0] < loads[0]
+    assert len(waits) == (2 if new else 1)
+    cached_wait = waits[-1]
+    # the cached keys' branch (the plain form has no other: from the trigger on)
+    branch = max([i for i, ln in enumerate(lines[:cached_wait]) if ln.startswith("$L__BB")] + trigger)
+    before = [i for i in loads if branch < i < cached_wait]
+    vec_before = [i for i in before if ".v4." in lines[i]]
+    if new:
+        # K and V tiles [64, 256] bf16 in 16-byte loads over 256 threads: 8 each, and the mask's bytes
+        assert len(vec_before) == 16, f"{len(vec_before)} vector loads before the cached keys' wait"
+        after = [i for i in loads if cached_wait < i < cached_wait + 400]
+        assert after, "the query is loaded after the wait"
+    else:
+        assert not before, "the plain form loads before it waits"
+    plain = compile_sm90(da._decode_attn_kernel, decode_consts(new, True, False), da.DEFAULT_WARPS, POINTERS,
+                         {"qk_scale"}, DECODE_DIVISIBLE, asm="ptx")[-1]
+    assert "griddepcontrol" not in plain
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])  # fp32 models take IEEE fp32 dots
 def test_decode_attention_at_tiny_head_dim_compiles(dtype):
     """pi05_tiny's head_dim 16 (the smallest tl.dot takes)."""
     consts = dict(NSPLIT=3, KEYS=64, BLOCK_M=16, BLOCK_N=64, D=16, HAS_MASK=True,
-                  PREC="ieee" if dtype == "fp32" else "tf32", NEW=True)
+                  PREC="ieee" if dtype == "fp32" else "tf32", NEW=True, PDL=True)
     data = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "kn_ptr", "vn_ptr", "cos_ptr", "sin_ptr")}
     compile_sm90(da._decode_attn_kernel, consts, da.DEFAULT_WARPS, {**POINTERS, **data}, {"qk_scale"})
 

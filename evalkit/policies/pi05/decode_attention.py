@@ -22,6 +22,13 @@ Measured on the H200 (bench/results/decode_attention_probe.json): 9.5 us per cal
 RoPE and the step's keys inside (FlashAttention 11.4 us plus the RoPE and cache-write kernels; cuDNN 21.0 us,
 45.3 us with a key mask, where Flash cannot run).
 
+Programmatic dependent launch (`pdl=True`, the policy's `decode_attention_pdl`, default on; sm_90+): the kernel
+may start while the q|k|v projection before it still runs. Each program first lets the next kernel launch
+(o_proj's mma kernel then streams its weights in during the attention), loads its first block of cached keys,
+values and mask, and only then waits (griddepcontrol.wait) for the projection's output. Contract: in the new-keys
+form nothing in the denoise step writes the cached keys below P or the mask (prefill and the step's prologue do,
+before the chain of dependent launches starts); the plain form waits before any load.
+
 `decode_attention` is a torch.library custom op (works under torch.compile and in CUDA graphs); on CPU it is
 SDPA itself. `reference_decode_attention` is the plain math the tests compare against.
 """
@@ -112,31 +119,40 @@ if _HAVE_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
+    def _load_q(q_ptr, cos_ptr, sin_ptr, b, h, sq_b, sq_h, sq_t, sc_b, sc_t, rows, row_ok, dd, half, sign,
+                NEW: tl.constexpr):
+        """The program's query rows [BLOCK_M, D]; NEW: the raw projection with RoPE applied as apply_rope does
+        (fp32 math, one rounding)."""
+        q_rows = q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t
+        q = tl.load(q_rows + dd[None, :], mask=row_ok[:, None], other=0.0)
+        if NEW:
+            cs = b * sc_b + rows[:, None] * sc_t + dd[None, :]
+            qr = tl.load(q_rows + half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            c = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * c + qr * sign[None, :] * sn).to(q_ptr.dtype.element_ty)
+        return q
+
+    @triton.jit
     def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ws_o_ptr, ws_ml_ptr, cnt_ptr,
                             kn_ptr, vn_ptr, cos_ptr, sin_ptr,
                             T, S, P, H, G, sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, so_b, so_t,
                             skn_b, skn_t, svn_b, svn_t, sc_b, sc_t,
                             qk_scale, NSPLIT: tl.constexpr, KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                            NEW: tl.constexpr):
+                            NEW: tl.constexpr, PDL: tl.constexpr):
         split = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         kvh = h // G
+        if PDL:  # the next kernel (o_proj) may launch now and stream its weights in while this one runs
+            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.arange(0, BLOCK_M)
         dd = tl.arange(0, D)
         half = tl.where(dd < D // 2, dd + D // 2, dd - D // 2)  # rotate_half's source column ...
         sign = tl.where(dd < D // 2, -1.0, 1.0)  # ... and its sign
         row_ok = rows < T
-        q_rows = q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t
-        q = tl.load(q_rows + dd[None, :], mask=row_ok[:, None], other=0.0)
-        if NEW:  # RoPE of the raw projection, as apply_rope does (fp32 math, one rounding)
-            cs = b * sc_b + rows[:, None] * sc_t + dd[None, :]
-            qr = tl.load(q_rows + half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            c = tl.load(cos_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            sn = tl.load(sin_ptr + cs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            q = (q.to(tl.float32) * c + qr * sign[None, :] * sn).to(q_ptr.dtype.element_ty)
         k_base = k_ptr + b * sk_b + kvh * sk_h
         v_base = v_ptr + b * sv_b + kvh * sv_h
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -144,6 +160,9 @@ if _HAVE_TRITON:
         acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
         # (the branches name their tiles apart: Triton merges a name assigned in both, and the shapes differ)
         if NEW and split == NSPLIT - 1:  # the last program takes the step's own T keys, RoPE'd here
+            if PDL:  # q and the new keys are the previous kernel's output
+                tl.extra.cuda.gdc_wait()
+            q = _load_q(q_ptr, cos_ptr, sin_ptr, b, h, sq_b, sq_h, sq_t, sc_b, sc_t, rows, row_ok, dd, half, sign, NEW)
             tk = tl.arange(0, BLOCK_M)
             ok_n = tk < T
             kn_rows = kn_ptr + b * skn_b + kvh * D + tk[:, None] * skn_t
@@ -158,7 +177,22 @@ if _HAVE_TRITON:
             kn = (kn * c + knr * sign[None, :] * sn).to(vn.dtype)
             m_i, l_i, acc = _attend(q, kn, vn, ok_n, m_i, l_i, acc, qk_scale, PREC)
         else:  # cached keys [split * KEYS, (split + 1) * KEYS) below P
-            for n0 in tl.static_range(0, KEYS, BLOCK_N):
+            # The first block's K, V and mask are loaded before anything waits: in the NEW form nothing in the
+            # step writes them (prefill wrote the cache, the step's prologue the mask), so under PDL they stream in
+            # while the q|k|v projection still runs. The plain form's cache may hold this step's keys: wait first.
+            keys0 = split * KEYS + tl.arange(0, BLOCK_N)
+            if PDL and not NEW:
+                tl.extra.cuda.gdc_wait()
+            ok0 = keys0 < P
+            kt0 = tl.load(k_base + keys0[:, None] * sk_s + dd[None, :], mask=ok0[:, None], other=0.0)
+            vt0 = tl.load(v_base + keys0[:, None] * sv_s + dd[None, :], mask=ok0[:, None], other=0.0)
+            if HAS_MASK:
+                ok0 = ok0 & (tl.load(mask_ptr + b * sm_b + keys0, mask=ok0, other=0) != 0)
+            if PDL and NEW:
+                tl.extra.cuda.gdc_wait()
+            q = _load_q(q_ptr, cos_ptr, sin_ptr, b, h, sq_b, sq_h, sq_t, sc_b, sc_t, rows, row_ok, dd, half, sign, NEW)
+            m_i, l_i, acc = _attend(q, kt0, vt0, ok0, m_i, l_i, acc, qk_scale, PREC)
+            for n0 in tl.static_range(BLOCK_N, KEYS, BLOCK_N):
                 keys = split * KEYS + n0 + tl.arange(0, BLOCK_N)
                 ok = keys < P
                 # K, V and the mask are loaded before any math, so their latencies overlap
@@ -202,8 +236,10 @@ if _HAVE_TRITON:
 
 def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                             keys_per_split: int = DEFAULT_KEYS_PER_SPLIT, block_n: int = DEFAULT_BLOCK_N,
-                            num_warps: int = DEFAULT_WARPS, new: tuple | None = None) -> torch.Tensor:
-    """Run the Triton kernel -> [B, T, H*D] in q's dtype; key_mask bool [B, S] or None. Two forms:
+                            num_warps: int = DEFAULT_WARPS, new: tuple | None = None, pdl: bool = False) -> torch.Tensor:
+    """Run the Triton kernel -> [B, T, H*D] in q's dtype; key_mask bool [B, S] or None. pdl: launch as a
+    programmatic dependent of the previous kernel on the stream where the GPU has it (sm_90+; else ignored;
+    the contract is in the module docstring). Two forms:
     - new=None: q [B, H, T, D] after RoPE (any strides, unit last), k/v [B, Hkv, S, D] hold every key;
     - new=(k_new, v_new, cos, sin): q [B, T, H*D], k_new/v_new [B, T, Hkv*D] are this step's raw projections
       (RoPE with cos/sin [B, T, D] is applied in the kernel, as apply_rope does), k/v [B, Hkv, P + T, D] the
@@ -233,6 +269,7 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         raise ValueError(f"decode attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}, "
                          f"keys_per_split {keys_per_split} / block_n {block_n}")
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    use_pdl = bool(pdl) and torch.cuda.get_device_capability(q.device) >= (9, 0)
     block_m = max(16, triton.next_power_of_2(t))
     nsplit = triton.cdiv(s, keys_per_split) if new is None else triton.cdiv(s - t, keys_per_split) + 1
     out = torch.empty((b, t, h * d), device=q.device, dtype=q.dtype)
@@ -252,22 +289,23 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         out.stride(0), out.stride(1), *skn, *svn, *sc, (1.0 / math.sqrt(d)) * 1.4426950408889634,
         NSPLIT=nsplit, KEYS=keys_per_split, BLOCK_M=block_m, BLOCK_N=block_n, D=d,
         HAS_MASK=key_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", NEW=new is not None,
-        num_warps=num_warps)
+        PDL=use_pdl, num_warps=num_warps, launch_pdl=use_pdl)
     return out
 
 
 @torch.library.custom_op("evalkit::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                          k_new: torch.Tensor | None, v_new: torch.Tensor | None, cos: torch.Tensor | None,
-                         sin: torch.Tensor | None, keys_per_split: int, block_n: int, num_warps: int) -> torch.Tensor:
+                         sin: torch.Tensor | None, keys_per_split: int, block_n: int, num_warps: int,
+                         pdl: bool = False) -> torch.Tensor:
     new = None if k_new is None else (k_new, v_new, cos, sin)
     if q.is_cuda:
-        return launch_decode_attention(q, k, v, key_mask, keys_per_split, block_n, num_warps, new)
+        return launch_decode_attention(q, k, v, key_mask, keys_per_split, block_n, num_warps, new, pdl)
     return reference_decode_attention(q, k, v, key_mask, new)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps):
+def _(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps, pdl=False):
     if k_new is not None:
         return q.new_empty(q.shape)
     b, h, t, d = q.shape
@@ -276,8 +314,8 @@ def _(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_wa
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                      new: tuple | None = None, keys_per_split: int = DEFAULT_KEYS_PER_SPLIT,
-                     block_n: int = DEFAULT_BLOCK_N, num_warps: int = DEFAULT_WARPS) -> torch.Tensor:
+                     block_n: int = DEFAULT_BLOCK_N, num_warps: int = DEFAULT_WARPS, pdl: bool = False) -> torch.Tensor:
     """The expert's attention over the cache -> [B, T, H*D] (key_mask bool [B, S], True = attend); the two
-    forms of q/k/v/new as in launch_decode_attention."""
+    forms of q/k/v/new and pdl as in launch_decode_attention."""
     k_new, v_new, cos, sin = new if new is not None else (None, None, None, None)
-    return _decode_attention_op(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps)
+    return _decode_attention_op(q, k, v, key_mask, k_new, v_new, cos, sin, keys_per_split, block_n, num_warps, pdl)

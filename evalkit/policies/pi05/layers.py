@@ -34,6 +34,8 @@ class AttnContext:
           (layer 0 input, layer 0 post-attention, layer 1 input, ..., final norm); None = compute from cond.
     decode_impl: the expert's attention over the cache: "sdpa" or "triton" (decode_attention.py; resolved
           from the policy's `decode_attention` setting by the model).
+    decode_pdl: the Triton kernel launches as a programmatic dependent of the q|k|v projection (sm_90+; the
+          policy's `decode_attention_pdl`).
     """
 
     cos: torch.Tensor
@@ -45,6 +47,7 @@ class AttnContext:
     cond: torch.Tensor | None = None
     mods: tuple[torch.Tensor, ...] | None = None
     decode_impl: str = "sdpa"
+    decode_pdl: bool = True
 
     def mod(self, k: int) -> torch.Tensor | None:
         return None if self.mods is None else self.mods[k]
@@ -157,7 +160,7 @@ class GemmaAttention(nn.Module):
         b, t, _ = q.shape
         if ctx.read_cache and ctx.decode_impl == "triton":  # RoPE, the step's own keys and attention in one kernel
             pk, pv = ctx.cache[self.layer_idx]
-            return decode_attention(q, pk, pv, ctx.key_mask, new=(k, v, ctx.cos, ctx.sin))
+            return decode_attention(q, pk, pv, ctx.key_mask, new=(k, v, ctx.cos, ctx.sin), pdl=ctx.decode_pdl)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)

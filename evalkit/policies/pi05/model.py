@@ -58,6 +58,7 @@ class Pi05Model(nn.Module):
         # The expert's attention over the cache: "sdpa" or "triton" (decode_attention.py); the policy builder
         # resolves its `decode_attention` setting (auto: triton under CUDA graphs) into this.
         self.decode_impl = "sdpa"
+        self.decode_pdl = True  # the Triton kernel as a programmatic dependent launch (policy's decode_attention_pdl)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -179,7 +180,7 @@ class Pi05Model(nn.Module):
         if prefix_mask is not None:
             key_mask = torch.cat([prefix_mask, torch.ones(b, h, dtype=torch.bool, device=x.device)], dim=1)
         ctx = AttnContext(cos=cos, sin=sin, key_mask=key_mask, cache=dict(enumerate(kv)), read_cache=True, mods=mods,
-                          decode_impl=self.decode_impl)
+                          decode_impl=self.decode_impl, decode_pdl=self.decode_pdl)
         out = self.expert(x, ctx)
         return self.action_out_proj(out).float()
 

@@ -52,6 +52,7 @@ class Pi05Policy(TorchPolicy):
         feature_fn: Callable[[ObsBatch], np.ndarray] | None = None,
         seed: int = 0,
         decode_attention: str = "auto",
+        decode_attention_pdl: bool = True,
     ) -> None:
         self.model = model
         self.device = device
@@ -73,6 +74,9 @@ class Pi05Policy(TorchPolicy):
         self._compiled = False
         self.decode_attention = decode_attention  # the setting; model.decode_impl is what runs
         self._resolve_decode_attention(graphs=False)
+        if not isinstance(decode_attention_pdl, bool):
+            raise BadInput(f"pi05 decode_attention_pdl must be true or false, got {decode_attention_pdl!r}")
+        self.model.decode_pdl = decode_attention_pdl
         if cuda_graph:
             self.enable_cuda_graph()  # raises CapabilityError off-GPU
         if compile:
@@ -178,7 +182,7 @@ class Pi05Policy(TorchPolicy):
 _POLICY_KEYS = {
     "kind", "name", "variant", "init", "checkpoint", "denoise_steps", "compile", "cuda_graph", "num_views",
     "tokenizer", "norm_stats", "seed", "dtype", "model", "prefix_inputs", "state_feature_dim", "state_prefix_tokens",
-    "state_in_prompt", "action_horizon", "decode_attention",
+    "state_in_prompt", "action_horizon", "decode_attention", "decode_attention_pdl",
 }
 
 
@@ -272,4 +276,5 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
         num_views=int(cfg.get("num_views") or mcfg.num_views),
         compile=bool(cfg.get("compile")), cuda_graph=bool(cfg.get("cuda_graph")),
         seed=int(cfg.get("seed") or 0), decode_attention=cfg.get("decode_attention") or "auto",
+        decode_attention_pdl=cfg.get("decode_attention_pdl", True),
     )
