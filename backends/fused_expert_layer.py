@@ -1,10 +1,12 @@
 """One action-expert decoder layer at M <= 16 with its adaRMS norms and gated residual adds folded into the fp8
-mma GEMMs (`fp8` backend, `options.fuse_norms=true`; **off by default: not measured faster yet**).
+mma GEMMs (`fp8` backend, `options.fuse_norms`, on by default; `false` runs the plain layer).
 
 Measured (H200, compile + CUDA graphs, each against the unfused path in the same run; docs/backends.md): denoise
 9.40 vs 7.81 ms in the first version, 8.83 vs 7.78 with the modulation loaded before the PDL wait, 7.92 vs 7.78
-with the bf16 roundings by `cvt.rn.bf16x2` (`bench/results/backends_compile_fused_norms.json`). Not faster yet, so
-off by default; kept, tested, as the base for the next attempt.
+with the bf16 roundings by `cvt.rn.bf16x2` (`bench/results/backends_compile_fused_norms.json`), and 7.24 vs 7.35
+once the expert's attention launched as a programmatic dependent too (`bench/results/backends_compile.json`): then
+every launch of the layer streams its weights in while its predecessor runs, where the plain layer's q|k|v and
+GeGLU follow an ordinary inductor norm kernel.
 
 The plain layer (evalkit/policies/pi05/layers.py) runs, per denoise step,
 
