@@ -148,6 +148,20 @@ def test_cuda_graph_and_compile_refused_on_cpu():
         tiny_policy(compile=True)
 
 
+def test_enable_compile_fails_past_the_recompile_limit_instead_of_running_eager():
+    # dynamo's cache is per code object: many models in one process (bench rows, a multirun) used to pass its
+    # recompile limit and run expert_forward eagerly without a word
+    import torch._dynamo
+
+    before = torch._dynamo.config.fail_on_recompile_limit_hit
+    try:
+        torch._dynamo.config.fail_on_recompile_limit_hit = False
+        tiny_policy().enable_compile()  # lazy: nothing compiles until the first call
+        assert torch._dynamo.config.fail_on_recompile_limit_hit is True
+    finally:
+        torch._dynamo.config.fail_on_recompile_limit_hit = before
+
+
 def test_bad_config_is_bad_input():
     with pytest.raises(BadInput, match="unknown pi05 policy fields"):
         tiny_policy(denoise=3)

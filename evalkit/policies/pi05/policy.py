@@ -89,6 +89,9 @@ class Pi05Policy(TorchPolicy):
         "max-autotune-no-cudagraphs") lets the skinny M=H*B expert GEMMs be autotuned apart from the rest."""
         if self._compiled:
             return
+        # dynamo caches on the code object, shared by every model in the process: past recompile_limit (8) models
+        # it would run a stage eagerly without a word (bench rows did); fail instead of measuring the wrong thing
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         m = self.model
         for name in ("embed_prefix", "prefix_kv", "expert_forward"):
             fn_mode = expert_mode if (name == "expert_forward" and expert_mode) else mode
