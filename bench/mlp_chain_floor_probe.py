@@ -40,7 +40,7 @@ from evalkit.latency.floors import copy_bandwidth_gbs  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 
 LAYERS = 18
-X_WORDS = 2560  # 10 KB of the predecessor's output read on the dependent path (x is 10 x 1024 bf16 = 20 KB)
+X_WORDS = 2048  # 8 KB of the predecessor's output read on the dependent path (x is 10 x 1024 bf16 = 20 KB; arange needs a power of 2)
 
 
 @triton.jit
