@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backends import mma_small_m  # noqa: E402
 from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs  # noqa: E402
-from evalkit.provenance import package_versions  # noqa: E402
+from evalkit.provenance import git_sha, package_versions  # noqa: E402
 
 LAYERS = 18
 X_WORDS = 2048  # 8 KB of the predecessor's output read on the dependent path (x is 10 x 1024 bf16 = 20 KB; arange needs a power of 2)
@@ -136,7 +136,9 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     gbs = copy_bandwidth_gbs(dev)
+    sha, dirty = git_sha()
     result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(), "versions": package_versions(),
+              "git_sha": sha, "git_dirty": dirty,
               "copy_gbs": gbs, "probe_bytes_per_mlp": 6 << 20, "probe_floor_us_per_mlp": (6 << 20) / (gbs * 1e9) * 1e6,
               "int4_read_bytes_per_mlp": None, "us_per_mlp": {}}
     # the int4 MLP's real read bytes: gate, up (4096 x 1024) and down (1024 x 4096) nibbles + bf16 scale and zero per 128
