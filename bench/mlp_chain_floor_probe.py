@@ -13,6 +13,8 @@ graph on cold weights (median of 30 replays after an L2 flush, bench's usual tim
   one:     one kernel per MLP reading all 6 MiB (no barrier: a lower bound for any one-launch MLP)
   barrier: one kernel per MLP with a grid-wide barrier between its two phases (what a one-launch MLP needs)
   empty:   two kernels per MLP that read nothing (the launch + dependency cost alone)
+  reduce:  one kernel per MLP without a barrier: every program adds a partial of all 10 x 1024 outputs with fp32
+           atomics and the last one to arrive converts them (a split-K down projection over the GeGLU's slices)
 
 each with PDL on and off, and beside them our int4 mma pair and bf16 (cuBLAS) on real 1024 x 4096 MLPs in the
 same run. Written in Triton (no library measures this); not part of the backends.
@@ -40,6 +42,7 @@ from evalkit.latency.floors import copy_bandwidth_gbs  # noqa: E402
 from evalkit.provenance import git_sha, package_versions  # noqa: E402
 
 LAYERS = 18
+OUTPUTS = 10 * 1024  # the down projection's outputs at M = 10: each split-K program adds a partial of every one
 X_WORDS = 2048  # 8 KB of the predecessor's output read on the dependent path (x is 10 x 1024 bf16 = 20 KB; arange needs a power of 2)
 
 
@@ -72,6 +75,31 @@ def read_then_step(w_ptr, w2_ptr, x_in, x_out, bar_ptr, PER: tl.constexpr, PER2:
     tl.store(x_out + pid, acc + acc2)
 
 
+@triton.jit
+def read_then_reduce(w_ptr, w2_ptr, x_in, x_out, acc_ptr, cnt_ptr, PER: tl.constexpr, PER2: tl.constexpr, PDL: tl.constexpr,
+                     XN: tl.constexpr, OUTS: tl.constexpr, OUTS_P2: tl.constexpr):
+    """The one-launch MLP without a barrier (split-K down): read the weights, wait, read x, add a partial of every
+    output (OUTS fp32) into acc with atomics; the program that arrives last at cnt converts acc, stores and
+    re-zeroes it (so replays need no reset)."""
+    pid = tl.program_id(0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    s = tl.sum(tl.load(w_ptr + pid.to(tl.int64) * PER + tl.arange(0, PER), cache_modifier=".cg"), 0)
+    s += tl.sum(tl.load(w2_ptr + pid.to(tl.int64) * PER2 + tl.arange(0, PER2), cache_modifier=".cg"), 0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    s += tl.sum(tl.load(x_in + tl.arange(0, XN), cache_modifier=".cg"), 0)
+    offs = tl.arange(0, OUTS_P2)
+    tl.atomic_add(acc_ptr + offs, tl.zeros([OUTS_P2], tl.float32) + s.to(tl.float32), mask=offs < OUTS, sem="relaxed")
+    tl.debug_barrier()
+    n = tl.num_programs(0)
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n - 1:
+        v = tl.load(acc_ptr + offs, mask=offs < OUTS, other=0.0, cache_modifier=".cg")
+        tl.store(x_out + offs, v.to(tl.int32), mask=offs < XN)
+        tl.store(acc_ptr + offs, tl.zeros([OUTS_P2], tl.float32), mask=offs < OUTS)
+        tl.atomic_xchg(cnt_ptr, 0)
+
+
 def chain_us_per_mlp(fn) -> float:
     ms, mode = time_cuda_ms(fn, 30)
     assert mode == "graph", "the probe chains must capture"
@@ -97,6 +125,14 @@ def probe(dev: torch.device, progs: int) -> dict:
         "barrier": lambda pdl: [launch(g, d, per_gu, per_dn, i, pdl, barrier=True) for i, (g, d) in enumerate(zip(gu, dn))],
         "empty": lambda pdl: [(launch(tiny, tiny, 16, 0, 2 * i, pdl), launch(tiny, tiny, 16, 0, 2 * i + 1, pdl)) for i in range(LAYERS)],
     }
+    acc = torch.zeros(OUTPUTS, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(1, device=dev, dtype=torch.int32)
+
+    def launch_reduce(w, w2, i, pdl):
+        read_then_reduce[(progs,)](w, w2, xs[i % 2], xs[(i + 1) % 2], acc, cnt, PER=per_gu, PER2=per_dn, PDL=pdl, XN=X_WORDS,
+                                   OUTS=OUTPUTS, OUTS_P2=triton.next_power_of_2(OUTPUTS), num_warps=4, launch_pdl=pdl)
+
+    shapes["reduce"] = lambda pdl: [launch_reduce(g, d, i, pdl) for i, (g, d) in enumerate(zip(gu, dn))]
     out = {}
     for name, fn in shapes.items():
         for pdl in (True, False):
