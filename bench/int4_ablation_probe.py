@@ -14,6 +14,7 @@ chains are (CUDA graph, cold weights, median of 30):
   no_mma     MMAs replaced by one XOR-add per fragment (dequant kept)
   no_reduce  the cross-warp reduction dropped (warp 0 stores its own partial)
   skeleton   no_x + no_mma + no_reduce: weight loads, the wait, a store
+  tree_reduce  the reduction as before reduce_store_parallel (a tree through shared memory, warp 0's epilogue)
 
 Register counts of each compiled kernel are recorded beside (an ablation changes them, and with them how many
 CTAs fit an SM). Not part of the backends.
@@ -47,6 +48,8 @@ EDITS = {
                    "    if (warp != 0) return;\n    store_out<NMAT, NT, MT, SPLIT>")],
 }
 EDITS["skeleton"] = EDITS["no_x"] + EDITS["no_mma"] + EDITS["no_reduce"]
+# the cross-warp reduction as it was before reduce_store_parallel (a tree through shared memory, warp 0's epilogue)
+EDITS["tree_reduce"] = [("    constexpr bool PAR = parallel_epilogue<NMAT, NT, MT, WARPS, SPLIT>();\n", "    constexpr bool PAR = false;\n")]
 FP8_PART = "// ================================================================================================ fp8 (W8A8)"
 
 
