@@ -47,9 +47,10 @@ EDITS = {
     "no_reduce": [("    if (!reduce_warps<NACC, WARPS>(acc, red, warp, lane)) return;\n    store_out<NMAT, NT, MT, SPLIT>",
                    "    if (warp != 0) return;\n    store_out<NMAT, NT, MT, SPLIT>")],
 }
-EDITS["skeleton"] = EDITS["no_x"] + EDITS["no_mma"] + EDITS["no_reduce"]
 # the cross-warp reduction as it was before reduce_store_parallel (a tree through shared memory, warp 0's epilogue)
 EDITS["tree_reduce"] = [("    constexpr bool PAR = parallel_epilogue<NMAT, NT, MT, WARPS, SPLIT>();\n", "    constexpr bool PAR = false;\n")]
+EDITS["no_reduce"] = EDITS["tree_reduce"] + EDITS["no_reduce"]  # the edit is in the tree path: make it the one that runs
+EDITS["skeleton"] = EDITS["no_x"] + EDITS["no_mma"] + EDITS["no_reduce"]
 FP8_PART = "// ================================================================================================ fp8 (W8A8)"
 
 
