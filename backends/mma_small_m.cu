@@ -24,7 +24,8 @@
 // the kernel waits for its predecessor (griddepcontrol), so they stream in during the previous kernel's tail.
 //
 // Grid (N / (16 NT), SPLIT); block 32 WARPS threads. CTA (i, s) covers NT n-tiles and the K slice s; each warp
-// a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory (a tree); with SPLIT > 1 each CTA writes
+// a K/(SPLIT*WARPS) sub-slice (KP k-pairs). Warps reduce through shared memory: at SPLIT 1 in one step with the
+// epilogue (reduce_store_parallel), else as a tree into warp 0; with SPLIT > 1 each CTA writes
 // fp32 partials to a workspace and the CTA that arrives last at the tile's counter adds them, writes y and
 // resets the counter (so the kernel is one launch and CUDA-graph replays stay correct).
 
