@@ -68,7 +68,7 @@ def ablated_source(name: str) -> str:
 
 def num_regs(kern) -> int:
     out = ctypes.c_int()
-    res = ctypes.CDLL("libcuda.so.1").cuFuncGetAttribute(ctypes.byref(out), 4, kern.func)  # NUM_REGS (kern.func is a c_void_p)
+    res = mma_small_m._libcuda().cuFuncGetAttribute(ctypes.byref(out), 4, kern.func)  # NUM_REGS (kern.func is a c_void_p)
     return out.value if res == 0 else -1
 
 

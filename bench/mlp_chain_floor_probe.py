@@ -173,14 +173,13 @@ def main() -> None:
     t0 = time.time()
     gbs = copy_bandwidth_gbs(dev)
     sha, dirty = git_sha()
+    # the int4 MLP's real read bytes: gate, up (4096 x 1024) and down (1024 x 4096) nibbles + bf16 scale and zero per 128
+    int4_bytes = 3 * 4096 * 1024 // 2 + 3 * 4096 * 1024 // 128 * 4
     result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(), "versions": package_versions(),
               "git_sha": sha, "git_dirty": dirty,
               "copy_gbs": gbs, "probe_bytes_per_mlp": 6 << 20, "probe_floor_us_per_mlp": (6 << 20) / (gbs * 1e9) * 1e6,
-              "int4_read_bytes_per_mlp": None, "us_per_mlp": {}}
-    # the int4 MLP's real read bytes: gate, up (4096 x 1024) and down (1024 x 4096) nibbles + bf16 scale and zero per 128
-    nib = 3 * 4096 * 1024 // 2
-    result["int4_read_bytes_per_mlp"] = nib + 3 * 4096 * 1024 // 128 * 4
-    result["int4_floor_us_per_mlp"] = result["int4_read_bytes_per_mlp"] / (gbs * 1e9) * 1e6
+              "int4_read_bytes_per_mlp": int4_bytes, "int4_floor_us_per_mlp": int4_bytes / (gbs * 1e9) * 1e6,
+              "us_per_mlp": {}}
     print(f"copy {gbs:.0f} GB/s; probe floor {result['probe_floor_us_per_mlp']:.2f} us/MLP; "
           f"int4 floor {result['int4_floor_us_per_mlp']:.2f} us/MLP", flush=True)
     out_path = Path(args.out)
