@@ -62,6 +62,9 @@ class Backend:
     """
 
     name: str = "base"
+    # The precision class the fidelity gate budgets this backend by (evalkit.fidelity.budgets): "16-bit", "8-bit",
+    # "4-bit", "fp4" or "sparse". None: read from the name, else judged as 16-bit (the strictest budgets).
+    precision_class: str | None = None
     # Requirements checked before anything runs; e.g. {"min_compute_capability": (8, 9), "packages": ["torchao"]}
     requires: dict[str, Any] = {}
 

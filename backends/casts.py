@@ -36,6 +36,7 @@ def describe_leaf_modules(model: torch.nn.Module, activation: str, kernel_of=Non
 
 class CastBackend(Backend):
     dtype: torch.dtype = torch.float32
+    precision_class = "16-bit"
     known_options = ()
 
     def apply(self, model: torch.nn.Module, calib: Iterable[Any] | None = None) -> BackendReport:

@@ -125,6 +125,7 @@ class _Fp4ClassBackend(QuantBackend):
 
 class NVFP4Backend(_Fp4ClassBackend):
     name = "nvfp4"
+    precision_class = "fp4"
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
         check_group(name, linear.in_features, NVFP4_BLOCK)
@@ -133,6 +134,7 @@ class NVFP4Backend(_Fp4ClassBackend):
 
 class W4A8Backend(_Fp4ClassBackend):
     name = "w4a8"
+    precision_class = "4-bit"
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
         group = int(self.options.get("group_size", 128))

@@ -262,6 +262,7 @@ class Fp8GemmaMLP(nn.Module):
 
 class FP8Backend(QuantBackend):
     name = "fp8"
+    precision_class = "8-bit"
     engines = ("native", "emulated")
     known_options = ("fast_accum", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "compiled_geglu_quant", "whole_mlp",
                      "fuse_norms", "l2_prefetch")
@@ -332,6 +333,7 @@ class FP8Backend(QuantBackend):
 
 class FP8WeightOnlyBackend(QuantBackend):
     name = "fp8_weight_only"
+    precision_class = "8-bit"
 
     def check_engine(self, device: torch.device) -> None:
         self.capability_notes.append(capability_line(True, f"e4m3 storage + dequant to bf16 runs on {device.type} (no fp8 tensor cores used)"))

@@ -253,6 +253,7 @@ class Int4GemmaMLP(nn.Module):
 
 class Int4Backend(QuantBackend):
     name = "int4"
+    precision_class = "4-bit"
     engines = ("native", "emulated")
     known_options = ("group_size", "kernel", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "l2_prefetch")
 

@@ -107,6 +107,7 @@ class Int8WeightOnlyLinear(QuantLinear):
 
 class Int8Backend(QuantBackend):
     name = "int8"
+    precision_class = "8-bit"
 
     def check_engine(self, device: torch.device) -> None:
         if device.type == "cuda":
@@ -123,6 +124,7 @@ class Int8Backend(QuantBackend):
 
 class Int8WeightOnlyBackend(QuantBackend):
     name = "int8_weight_only"
+    precision_class = "8-bit"
 
     def check_engine(self, device: torch.device) -> None:
         self._packed = _int8pack_available(device)

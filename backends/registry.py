@@ -25,6 +25,13 @@ BACKENDS: dict[str, str] = {
     "fault_drop_mlp_residual": "backends.faults:DropMLPResidualFault",
     "fault_ignored_scale": "backends.faults:IgnoredScaleFault",
     "fault_silent_fallback": "backends.faults:SilentFallbackFault",
+    "fault_state_across_calls": "backends.faults:StateAcrossCallsFault",
+    "fault_calibration_ranges": "backends.faults:CalibrationRangesFault",
+    "fault_layer_order": "backends.faults:LayerOrderFault",
+    "fault_uncounted_denoise": "backends.faults:UncountedDenoiseFault",
+    "fault_scale_axis": "backends.faults:ScaleAxisFault",
+    "fault_rope_offset": "backends.faults:RopeOffsetFault",
+    "fault_drop_attn_residual": "backends.faults:DropAttnResidualFault",
 }
 
 

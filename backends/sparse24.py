@@ -124,6 +124,7 @@ class Sparse24Int8Linear(QuantLinear):
 
 class Sparse24Backend(QuantBackend):
     name = "sparse24"
+    precision_class = "sparse"
     engines = ("native", "emulated")
     known_options = ("dtype",)
 

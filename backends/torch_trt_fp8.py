@@ -45,6 +45,7 @@ def _fake_quant_weight(mod: nn.Module) -> torch.Tensor:
 
 class TorchTRTFP8Backend(QuantBackend):
     name = "torch_trt_fp8"
+    precision_class = "8-bit"
     engines = ("native", "fake_quant")
     known_options = ("max_tokens",)
 

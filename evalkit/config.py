@@ -40,6 +40,7 @@ class BackendConfig:
     engine: str = "native"  # native | emulated | fake_quant
     inner: Optional[str] = None  # fault backends: the real backend they wrap
     target: Optional[str] = None  # import path of a custom backend class (pkg.module.Class)
+    calib: str = "probes"  # calibration data for backends that calibrate: probes (the suite's calibration probes)
     options: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +54,7 @@ class SuiteConfig:
     num_steps_wait: int = 10
     replan_steps: int = 5
     seed: int = 7
+    seed_mode: str = "openpi"  # openpi | independent (suites/seeding.py)
 
 
 @dataclass
@@ -79,8 +81,16 @@ class RunConfig:
     videos_per_task: int = 5
     resume: Optional[str] = None  # null: continue only if this run dir already holds a journal; "latest" or a run dir
     quiet: bool = False  # plain log lines instead of a live progress bar (CI logs)
-    baseline: Optional[str] = None  # MLflow run id, "latest", or a reference key: judged by the gate after rollouts
+    # auto: newest run tagged evalkit.baseline=true with this policy/suite/denoise_steps (none: verdict unjudged);
+    # none; or an MLflow run id, "latest", a run dir, a reference key: judged by the gate after rollouts
+    baseline: Optional[str] = "auto"
     shard: Optional[str] = None  # "K/N": run the K-th (0-based) of N slices of the suite; merge with evalkit.merge
+
+
+def _registered_backends() -> list[str]:
+    from backends.registry import BACKENDS  # a name table only: imports no backend module
+
+    return sorted(BACKENDS)
 
 
 def register() -> None:
@@ -89,6 +99,10 @@ def register() -> None:
     for name, spec in SUITES.items():
         cs.store(group="suite", name=name,
                  node=SuiteConfig(name=name, libero_name=spec.libero_name, max_steps=spec.max_steps))
+    # every registered backend is an option; conf/backend/<name>.yaml only where it differs from the schema
+    for name in _registered_backends():
+        if not (CONF_DIR / "backend" / f"{name}.yaml").exists():
+            cs.store(group="backend", name=name, node=BackendConfig(name=name))
 
 
 def group_options(group: str) -> list[str]:
@@ -96,6 +110,8 @@ def group_options(group: str) -> list[str]:
     names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")} if (CONF_DIR / group).is_dir() else set()
     if group == "suite":
         names |= set(SUITES)
+    if group == "backend":
+        names |= set(_registered_backends())
     return sorted(names)
 
 
@@ -149,7 +165,8 @@ def validate(cfg) -> RunSettings:
         raise BadInput(f"suite '{s['name']}' names unknown LIBERO benchmark '{s['libero_name']}'")
     base = SUITES.get(s["name"]) or next(sp for sp in SUITES.values() if sp.libero_name == s["libero_name"])
     spec = customize(base, tasks=s["tasks"], trials=s["trials"], max_steps=s["max_steps"], shard=c["shard"],
-                     num_steps_wait=s["num_steps_wait"], replan_steps=s["replan_steps"], seed=s["seed"])
+                     num_steps_wait=s["num_steps_wait"], replan_steps=s["replan_steps"], seed=s["seed"],
+                     seed_mode=s.get("seed_mode", "openpi"))
     pol = c["policy"]
     if not isinstance(pol, dict) or "kind" not in pol:
         raise BadInput("the policy config must be a mapping with a 'kind' (see conf/policy/)")

@@ -1,10 +1,14 @@
 """`python -m evalkit.nightly [key=value ...]`: run the nightly matrix, judge every cell, report, exit non-zero on regression.
 
 The matrix (conf/experiment/nightly.yaml: backends x suites x denoise_steps) runs cell by cell through a
-`runner` callable; the real one calls the evalkit CLI as a subprocess. Each candidate is judged with
-evalkit.gate.judge against its suite's baseline cell (paired on episodes when both have tables). The
-report (evalkit.report: Markdown + self-contained HTML) and every verdict are logged to MLflow under a
-parent run tagged evalkit.nightly=true. OmegaConf reads the config; MLflow's client does the logging.
+`runner` callable; the real one calls the evalkit CLI as a subprocess. The candidates are judged as one
+family (evalkit.gate.family.judge_family) against their suite's baseline cell (paired on episodes when
+both have tables): Holm's adjustment by default, so an unchanged stack fails a night with probability
+<= alpha however many cells it has. With `gate.sequential` (on in nightly.yaml) each candidate cell is
+started with its baseline and the family size, so its run can stop early once the anytime-valid test
+has decided (evalkit.gate.sequential). The report (evalkit.report: Markdown + self-contained HTML) and
+every verdict are logged to MLflow under a parent run tagged evalkit.nightly=true. OmegaConf reads the
+config; MLflow's client does the logging.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from evalkit.errors import EXIT_BAD_INPUT, EXIT_PASS, EXIT_REGRESSION, BadInput
 from evalkit.gate.config import GateConfig
-from evalkit.gate.judge import judge
+from evalkit.gate.family import judge_family
 from evalkit.gate.runs import StoredRun, load_run
 from evalkit.report import ReportRun, write_report
 
@@ -102,9 +106,33 @@ def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> NightlyConfig:
 
 def gate_config(cfg: NightlyConfig) -> GateConfig:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GateConfig), cfg.gate or {}))  # type: ignore[return-value]
+        g: GateConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GateConfig), cfg.gate or {}))  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise BadInput(f"nightly gate overrides: {str(e).splitlines()[0]}") from None
+    return g.validate()
+
+
+STAT_FIELDS = ("alpha", "power", "max_drop", "sequential", "family_method", "fail_inconclusive")
+
+
+def cell_overrides(cell: Cell, base: dict[str, Cell], cfg: NightlyConfig, gcfg: GateConfig, root: Path,
+                   family_size: int) -> list[str]:
+    """Extra overrides of a candidate cell when the gate is sequential: its baseline (so the run can stop early)
+    and the statistics settings the nightly judges with, family size included (its early stops use alpha / K)."""
+    if not gcfg.sequential or (cfg.baseline == "matrix" and cell == base[cell.suite]):
+        return []
+    if cfg.baseline == "matrix":
+        b = root / base[cell.suite].slug
+        if not (b / "summary.json").exists():
+            return []  # the baseline cell failed: this cell runs its full size and is reported without a baseline
+        baseline = str(b)
+    elif cfg.baseline.startswith("ref:"):
+        return []  # a reference has no episodes to pair with: no early stop possible
+    else:
+        baseline = cfg.baseline
+    stats = [f"gate.{k}={str(getattr(gcfg, k)).lower() if isinstance(getattr(gcfg, k), bool) else getattr(gcfg, k)}"
+             for k in STAT_FIELDS]
+    return [f"baseline={baseline}", *stats, f"gate.family_size={family_size}"]
 
 
 def matrix(cfg: NightlyConfig) -> tuple[list[Cell], dict[str, Cell]]:
@@ -129,12 +157,13 @@ def subprocess_runner(timeout_s: int) -> Runner:
     return run
 
 
-def run_cells(cells: list[Cell], root: Path, runner: Runner, overrides: list) -> dict[Cell, CellResult]:
+def run_cells(cells: list[Cell], root: Path, runner: Runner, overrides: list,
+              extra: Callable[[Cell], list] | None = None) -> dict[Cell, CellResult]:
     out: dict[Cell, CellResult] = {}
     for cell in cells:
         run_dir = root / cell.slug
         t0 = time.time()
-        code = runner(cell, run_dir, list(overrides))
+        code = runner(cell, run_dir, list(overrides) + (extra(cell) if extra else []))
         res = CellResult(cell, run_dir, code)
         if (run_dir / "summary.json").exists():
             res.run = load_run(str(run_dir))
@@ -146,8 +175,15 @@ def run_cells(cells: list[Cell], root: Path, runner: Runner, overrides: list) ->
     return out
 
 
-def judge_cells(results: dict[Cell, CellResult], base: dict[str, Cell], cfg: NightlyConfig, gcfg: GateConfig) -> None:
-    """Fill each result's gate verdict (a dict); baseline cells of a matrix baseline are not judged."""
+def judged_cells(cells: list[Cell], base: dict[str, Cell], cfg: NightlyConfig) -> list[Cell]:
+    """The cells the gate judges (the family): every cell but the matrix baselines."""
+    return [c for c in cells if not (cfg.baseline == "matrix" and c == base[c.suite])]
+
+
+def judge_cells(results: dict[Cell, CellResult], base: dict[str, Cell], cfg: NightlyConfig, gcfg: GateConfig) -> dict:
+    """Fill each result's gate verdict (a dict), judging all candidates as one family; baseline cells of a
+    matrix baseline are not judged. Returns the family's description (method, size, alpha)."""
+    pending: list[tuple[CellResult, StoredRun, StoredRun]] = []
     for cell, res in results.items():
         if cfg.baseline == "matrix" and cell == base[cell.suite]:
             res.is_baseline = True
@@ -168,13 +204,32 @@ def judge_cells(results: dict[Cell, CellResult], base: dict[str, Cell], cfg: Nig
                 baseline = b.run
             else:
                 baseline = load_run(cfg.baseline, cfg.tracking_uri, like=res.run.params)
-            res.gate = judge(res.run, baseline, gcfg).to_dict()
+            pending.append((res, res.run, baseline))
         except BadInput as e:
             res.error = f"gate: {e}"
+    verdicts = judge_family([(c, b) for _, c, b in pending], gcfg)
+    for (res, _, _), v in zip(pending, verdicts):
+        if isinstance(v, BadInput):
+            res.error = f"gate: {v}"
+        else:
+            res.gate = v.to_dict()
+    size = sum(not isinstance(v, BadInput) for v in verdicts)
+    return {"method": gcfg.family_method, "size": size, "alpha": gcfg.alpha, "sequential": gcfg.sequential}
 
 
-def failed(res: CellResult) -> bool:
-    return res.error is not None or (res.gate is not None and not res.gate.get("passed", False))
+def verdict(res: CellResult) -> str:
+    """ERROR | REGRESSION | INCONCLUSIVE | PASS | BASELINE | NOT JUDGED for one cell."""
+    if res.error is not None:
+        return "ERROR"
+    if res.gate is None:
+        return "BASELINE" if res.is_baseline else "NOT JUDGED"
+    v = res.gate.get("verdict") or ("pass" if res.gate.get("passed") else "regression")
+    return v.upper()
+
+
+def failed(res: CellResult, fail_inconclusive: bool = False) -> bool:
+    v = verdict(res)
+    return v in ("ERROR", "REGRESSION") or (fail_inconclusive and v == "INCONCLUSIVE")
 
 
 PARENT_ENV = "EVALKIT_PARENT_RUN_ID"  # evalkit.tracking's variable: children that honour it nest under the parent
@@ -203,6 +258,7 @@ def finish_parent(cfg: NightlyConfig, rid: str, root: Path, results: dict[Cell, 
     client.set_tag(rid, "evalkit.nightly.passed", str(passed).lower())
     client.log_metric(rid, "runs", len(results))
     client.log_metric(rid, "regressions", sum(failed(r) for r in results.values()))
+    client.log_metric(rid, "inconclusive", sum(verdict(r) == "INCONCLUSIVE" for r in results.values()))
     for f in ("report.md", "report.html", "nightly.json"):
         client.log_artifact(rid, str(root / f))
     for res in results.values():  # link children whose run id the CLI recorded in summary.json
@@ -229,12 +285,16 @@ def run_nightly(cfg: NightlyConfig, runner: Runner | None = None, stamp: str | N
     except Exception as e:  # the matrix still runs; the verdict still decides the exit code
         print(f"nightly: could not create the MLflow parent run at {cfg.tracking_uri}: {e}", file=sys.stderr)
     overrides = [f"tracking.uri={cfg.tracking_uri}", *cfg.overrides]  # children log to the same store
+    family_size = len(judged_cells(cells, base, cfg))
     try:
-        results = run_cells(cells, root, runner or subprocess_runner(cfg.timeout_s), overrides)
+        results = run_cells(cells, root, runner or subprocess_runner(cfg.timeout_s), overrides,
+                            extra=lambda c: cell_overrides(c, base, cfg, gcfg, root, family_size))
     finally:
         os.environ.pop(PARENT_ENV, None)
-    judge_cells(results, base, cfg, gcfg)
-    bad = [r for r in results.values() if failed(r)]
+    gcfg = replace(gcfg, family_size=family_size)  # the cells' early stops used alpha / family_size: judge alike
+    family = judge_cells(results, base, cfg, gcfg)
+    bad = [r for r in results.values() if failed(r, gcfg.fail_inconclusive)]
+    unsure = [r for r in results.values() if verdict(r) == "INCONCLUSIVE"]
     passed = not bad
     report_runs = [
         ReportRun(label=("[baseline] " if r.is_baseline else "") + c.label,
@@ -244,12 +304,17 @@ def run_nightly(cfg: NightlyConfig, runner: Runner | None = None, stamp: str | N
         for c, r in results.items()
     ]
     notes = [f"policy {cfg.policy}; baseline {cfg.baseline} ({cfg.baseline_backend}, {cfg.baseline_denoise_steps} steps); "
-             f"gate alpha={gcfg.alpha} power={gcfg.power} max_drop={gcfg.max_drop} max_latency_ratio={gcfg.max_latency_ratio}"]
+             f"gate alpha={gcfg.alpha} power={gcfg.power} max_drop={gcfg.max_drop} (non-inferiority margin) "
+             f"max_latency_ratio={gcfg.max_latency_ratio}",
+             f"family: {family['size']} judged cells, {family['method']} adjustment of the regression p-values, "
+             f"family-wise alpha {gcfg.alpha}; {'sequential' if gcfg.sequential else 'fixed-size'} tests "
+             f"(docs/gate_statistics.md)"]
     write_report(report_runs, root, title=f"evalkit nightly {stamp}", notes=notes)
     (root / "nightly.json").write_text(json.dumps({
         "passed": passed,
+        "family": family,
         "cells": [{"cell": c.label, "run_dir": str(r.run_dir), "returncode": r.returncode, "baseline": r.is_baseline,
-                   "error": r.error, "gate": r.gate} for c, r in results.items()],
+                   "verdict": verdict(r), "error": r.error, "gate": r.gate} for c, r in results.items()],
     }, indent=2, default=str))
     if parent is not None:
         try:
@@ -258,9 +323,13 @@ def run_nightly(cfg: NightlyConfig, runner: Runner | None = None, stamp: str | N
         except Exception as e:  # the verdict stands even when the store is unreachable; say so loudly
             print(f"nightly: could not log the report to MLflow at {cfg.tracking_uri}: {e}", file=sys.stderr)
     for r in bad:
-        why = r.error or ", ".join(c["name"] for c in r.gate["checks"] if c.get("status") == "fail")
-        print(f"nightly: REGRESSION {r.cell.label}: {why}")
-    print(f"nightly: {'PASS' if passed else 'FAIL'}: report {root / 'report.html'}")
+        why = r.error or ", ".join(c["name"] for c in r.gate["checks"] if c.get("status") in ("fail", "inconclusive"))
+        print(f"nightly: {verdict(r)} {r.cell.label}: {why}")
+    for r in unsure:
+        if r not in bad:
+            print(f"nightly: INCONCLUSIVE {r.cell.label}: {'; '.join(w for w in r.gate.get('warnings', []) if w.startswith('inconclusive')) or 'not decided'}")
+    word = "FAIL" if not passed else ("PASS with inconclusive cells" if unsure else "PASS")
+    print(f"nightly: {word}: report {root / 'report.html'}")
     return (EXIT_PASS if passed else EXIT_REGRESSION), root
 
 

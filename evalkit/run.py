@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +91,35 @@ def build_policy_and_backend(s: RunSettings):
     return policy, backend, device
 
 
-def apply_backend(policy, backend, device):
+class LazyCalibration:
+    """The run's calibration data (`backend.calib`), loaded only when a backend iterates it (most never do)."""
+
+    def __init__(self, policy, s: RunSettings, fidelity_cfg) -> None:
+        self.policy, self.s, self.cfg = policy, s, fidelity_cfg
+        self.loaded = None
+
+    def __iter__(self):
+        from evalkit.fidelity.stage import calibration_set
+
+        if self.loaded is None:
+            self.loaded = calibration_set(self.policy, self.s.suite, self.cfg, source=self.s.backend.get("calib") or "probes")
+            console.print(f"calibration: {self.loaded.observations} observations ({self.loaded.source})")
+        return iter(self.loaded.items)
+
+    def record(self) -> dict | None:
+        """What the backend was calibrated on (None when it never asked)."""
+        c = self.loaded
+        return None if c is None else {"source": c.source, "observations": c.observations, "digest": c.digest}
+
+
+def apply_backend(policy, backend, device, calib=None):
     from backends.base import BackendReport
 
     model = getattr(policy, "model", None)
     if model is None:
         return BackendReport(backend=backend.name, device=str(device),
                              notes=[f"policy '{policy.name}' has no nn.Module: backend '{backend.name}' transforms nothing"])
-    return backend.apply(model)
+    return backend.apply(model, calib)
 
 
 def print_backend_report(report) -> None:
@@ -142,15 +162,20 @@ def track(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_ke
     from evalkit.tracking.store import reachable, resolve_uri, sync_bundle
 
     p = summary["params"]
-    params = {**p, "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids), "suite.trials": s.suite.trials,
-              "backend.targets": s.backend.get("targets"), "backend.engine": s.backend.get("engine")}
+    params = {**p, "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids), "suite.trials": s.suite.trials}
+    # provenance: a custom backend's run must not look like plain bf16 (its class path, engine, options, class)
+    params.update({f"backend.{k}": v for k, v in (summary.get("backend_provenance") or {}).items() if k != "name"})
+    if summary.get("calibration"):
+        params.update({f"calibration.{k}": v for k, v in summary["calibration"].items()})
     params.update({f"protocol.{k}": v for k, v in summary["protocol"].items()})
     params.update({f"version.{k}": v for k, v in versions.items()})
     tags = {"evalkit.run_dir": str(run_dir), "evalkit.git_dirty": str(summary["git_dirty"]).lower(),
+            "evalkit.verdict": str(summary.get("verdict") or "unjudged"),
             "evalkit.device_name": summary["device_name"]}
     if s.tracking.get("tag_baseline"):
         tags["evalkit.baseline"] = "true"
-    artifacts = ["summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml", "backend_report.json"]
+    artifacts = ["summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml", "backend_report.json",
+                 "latency_calls.json"]
     if s.tracking.get("log_videos", True) and (run_dir / "videos").is_dir():
         artifacts.append("videos")
     bundle = RunBundle(
@@ -202,25 +227,34 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
                   f"({len(spec.task_ids)} tasks × {spec.trials} trials, max {spec.max_steps} steps) · "
                   f"denoise_steps={s.denoise_steps} · {s.device} · run dir {run_dir}")
 
+    gate_cfg = GateConfig.from_dict(s.gate)
+    # the baseline is resolved before anything is built: a wrong name costs seconds, not a suite of episodes
+    baseline = resolve_run_baseline(s, gate_cfg)
+    console.print(baseline.how)
+
     policy, backend, device = build_policy_and_backend(s)
-    report = apply_backend(policy, backend, device)
+    calib = LazyCalibration(policy, s, gate_cfg.fidelity)
+    report = apply_backend(policy, backend, device, calib)
     print_backend_report(report)
     (run_dir / "backend_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    params = {"policy": s.policy["name"], "backend": s.backend["name"], "suite": spec.name,
+    # a custom backend (backend.target=pkg.mod.Class) is named by its own class, never by the group default
+    params = {"policy": s.policy["name"], "backend": backend.name if s.backend.get("target") else s.backend["name"],
+              "suite": spec.name,
               "denoise_steps": s.denoise_steps, "device": s.device, "git_sha": sha}
     if spec.num_shards > 1:
         params["shard"] = f"{spec.shard_index}/{spec.num_shards}"
     extra = {"git_dirty": dirty, "versions": versions, "device_name": device_name(s.device),
-             "backend_report": {k: v for k, v in report.to_dict().items() if k != "modules"}}
+             "backend_report": {k: v for k, v in report.to_dict().items() if k != "modules"},
+             "backend_provenance": backend_provenance(s, backend), "calibration": calib.record()}
 
     # Fidelity: seconds, before any simulation. A broken backend stops the run here (exit 1).
-    gate_cfg = GateConfig.from_dict(s.gate)
-    fidelity = run_fidelity_stage(s, policy, report, device, gate_cfg)
+    fidelity = run_fidelity_stage(s, policy, backend, report, device, gate_cfg)
     extra["fidelity"] = fidelity.to_dict() if fidelity else None
     if fidelity is not None and not fidelity.passed and not gate_cfg.always_rollout:
         df = episodes_frame([])
         summary = build_summary(df, params, spec.protocol(), {}, 0.0, extra={**extra, "skipped_rollouts": True})
         summary["gate"] = fidelity_verdict(fidelity)
+        summary["verdict"], summary["baseline"] = "regression", baseline.how
         write_results(run_dir, df, summary)
         finish_tracking(s, run_dir, summary, versions, sweep_key)
         console.print("[bold red]REGRESSION[/] caught by fidelity before rollouts: "
@@ -231,39 +265,73 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     previous = [r for r in journal.load() if r.suite == spec.name and r.key in set(spec.episodes())]
     if previous:
         console.print(f"resuming: {len(previous)} of {len(spec.episodes())} episodes already in {journal.path}")
+    # gate.sequential: an anytime-valid test on the paired outcomes can end the rollouts once it has decided
+    stop_rule = None
+    if baseline.run is not None and gate_cfg.sequential:
+        from evalkit.gate.sequential import sequential_stop_rule
+
+        stop_rule = sequential_stop_rule(baseline.run, gate_cfg, spec)
     options = RolloutOptions(workers=s.workers, video_mode=s.video, videos_per_task=s.videos_per_task,
-                             video_dir=str(run_dir / "videos"), stage_timer=stage_timer_for(policy, device))
+                             video_dir=str(run_dir / "videos"), stage_timer=stage_timer_for(policy, device),
+                             stop_rule=stop_rule, order="interleave" if stop_rule else "task")
     with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}") as prog:
         result = run_rollouts(policy, spec, journal, options, on_record=prog.update)
 
     df = episodes_frame(result.records)
     latency = latency_summary(result.policy_call_s, result.policy_batch_sizes, result.stage_ms)
+    from evalkit.gate.runs import write_latency_calls  # raw call times: the gate bootstraps the p50 ratio from them
+
+    write_latency_calls(run_dir, result.policy_call_s, result.policy_batch_sizes)
     new_eps = len(result.records) - result.resumed
     extra.update({"resumed_episodes": result.resumed,
                   # a remote policy's client round trip and server timing, kept apart (evalkit/policies/remote.py)
                   "policy_timing": policy.timing_summary() if hasattr(policy, "timing_summary") else None,
                   "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None})
     summary = build_summary(df, params, spec.protocol(), latency, result.wall_s, extra=extra)
+    if result.stop_reason:  # recorded for people; the judge re-derives the decision from the episodes
+        summary["rollout_stop"] = {"reason": result.stop_reason, "not_run": result.not_run}
+        console.print(f"sequential gate stopped the rollouts: {result.stop_reason} ({result.not_run} episodes not run)")
     print_summary(summary, console)
 
-    # Gate against the baseline (when one is named); fidelity failures under always_rollout count too.
+    # Gate against the baseline; fidelity failures under always_rollout count too. No baseline: `unjudged`.
     code = EXIT_PASS
     if fidelity is not None and not fidelity.passed:
         code = EXIT_REGRESSION
         summary["gate"] = fidelity_verdict(fidelity)
-    baseline = s.baseline or gate_cfg.baseline
-    if baseline:
+    verdict = "regression" if code else "unjudged"
+    if baseline.run is not None:
         from evalkit.gate import gate_run
         from evalkit.gate.render import print_gate
-        from evalkit.tracking.store import resolve_uri
 
-        gate = gate_run(summary, df, baseline, gate_cfg, tracking_uri=resolve_uri(s.tracking.get("uri")))
+        gate = gate_run(summary, df, baseline.run, gate_cfg, run_dir=run_dir)
         summary["gate"] = {**gate.to_dict(), "passed": gate.passed and code == EXIT_PASS}
         print_gate(gate, console)
         code = max(code, gate.exit_code)
+        verdict = "regression" if code else str(summary["gate"].get("verdict") or "pass")
+    summary["verdict"], summary["baseline"] = verdict, baseline.how
+    print_verdict(verdict, baseline.how)
     write_results(run_dir, df, summary)
     finish_tracking(s, run_dir, summary, versions, sweep_key)
     return code
+
+
+def resolve_run_baseline(s: RunSettings, gate_cfg):
+    """`baseline=` (default auto), or `gate.baseline` when the run leaves it at auto; see evalkit.gate.baseline."""
+    from evalkit.gate.baseline import AUTO, resolve_baseline
+    from evalkit.tracking.store import resolve_uri
+
+    ref = s.baseline if s.baseline is not None else "none"
+    if str(ref).lower() == AUTO and gate_cfg.baseline:
+        ref = gate_cfg.baseline
+    like = {"policy": s.policy["name"], "suite": s.suite.name, "denoise_steps": s.denoise_steps, "device": s.device}
+    return resolve_baseline(ref, resolve_uri(s.tracking.get("uri")), like,
+                            offline=s.tracking.get("mode") == "offline")
+
+
+def print_verdict(verdict: str, how: str) -> None:
+    color = {"pass": "green", "regression": "bold red", "unjudged": "yellow", "inconclusive": "yellow"}.get(verdict, "white")
+    why = {"unjudged": " (no baseline to judge against; success and latency are recorded, not judged)"}.get(verdict, "")
+    console.print(f"verdict: [{color}]{verdict.upper()}[/]{why} · {how}")
 
 
 def fidelity_verdict(fidelity) -> dict:
@@ -282,18 +350,32 @@ def stage_timer_for(policy, device):
     return StageTimer(device)
 
 
-def run_fidelity_stage(s: RunSettings, policy, report, device, gate_cfg):
+def backend_provenance(s: RunSettings, backend) -> dict:
+    """What really made the candidate: a custom backend's import path, engine, targets, options, precision class."""
+    from evalkit.fidelity.budgets import class_of_backend
+
+    cls, source = class_of_backend(backend)
+    b = s.backend
+    return {"name": b.get("name"), "target": b.get("target") or f"{type(backend).__module__}.{type(backend).__qualname__}",
+            "engine": b.get("engine"), "targets": b.get("targets"), "inner": b.get("inner"),
+            "options": json.dumps(b.get("options") or {}, sort_keys=True), "precision_class": cls,
+            "precision_class_source": source, "calib": b.get("calib") or "probes"}
+
+
+def run_fidelity_stage(s: RunSettings, policy, backend, report, device, gate_cfg):
     from evalkit.fidelity import fidelity_for_run
 
     t = time.perf_counter()
-    fid = fidelity_for_run(s.policy, device, policy, report, s.suite, gate_cfg)
+    fid = fidelity_for_run(s.policy, device, policy, backend, report, s.suite, gate_cfg.fidelity,
+                           denoise_steps=s.denoise_steps)
     if fid is None:
         console.print(f"fidelity: skipped (policy '{s.policy['name']}' has no transformer layers to compare)")
         return None
     verdict = "[green]pass[/]" if fid.passed else "[bold red]FAIL[/]"
-    console.print(f"fidelity vs {gate_cfg.reference_backend}: {verdict} in {time.perf_counter() - t:.1f} s")
+    console.print(f"fidelity vs {fid.reference_backend} ({fid.precision_class} budgets, {fid.class_source}): "
+                  f"{verdict} in {time.perf_counter() - t:.1f} s")
     for c in fid.checks:
-        mark = "ok " if c.passed else "[bold red]BAD[/]"
+        mark = "ok " if c.passed else ("-- " if c.status == "skip" else "[bold red]BAD[/]")
         console.print(f"  {mark} {c.name}: {c.detail}")
     return fid
 

@@ -5,6 +5,8 @@
   resized with padding to `spec.image_size` (PIL bilinear; pads with black to keep aspect).
 - Proprio state: eef pos (3) + eef axis-angle (3) + gripper qpos (2), as openpi's LIBERO example.
 - `reset` restores an official init state (or a seeded random placement) and runs the settle steps.
+  Seeding follows `spec.seed_mode` (suites/seeding.py): `openpi` gives episode i exactly the scene of
+  episode i in openpi's LIBERO loop; `independent` reseeds every episode from (seed, suite, task, episode).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from evalkit.policies.base import Observation
+from suites.seeding import OpenpiResetStream
 from suites.specs import SuiteSpec
 
 os.environ.setdefault("MUJOCO_GL", "osmesa")
@@ -105,18 +108,30 @@ class LiberoEnv:
             camera_heights=spec.resolution,
             camera_widths=spec.resolution,
         )
+        # openpi's loop seeds once per task env; our stream replays its resets (None: independent seeding)
+        self.stream = OpenpiResetStream(self.raw.env, spec.seed) if spec.seed_mode == "openpi" else None
         self.episode_key = ""
         self.steps = 0
 
     # -- episodes -----------------------------------------------------------------------------
     def reset(self, init_state_id: int | None, seed: int | None = None) -> Observation:
-        """Start an episode from official init state `init_state_id` (None: seeded random placement)."""
+        """Start an episode from official init state `init_state_id` (None: seeded random placement).
+
+        seed_mode=openpi: episode `init_state_id` starts from openpi's per-task stream; `seed` is not used.
+        seed_mode=independent (and random placements): np.random is reseeded with `seed` (default: the
+        episode's own seed from the spec).
+        """
         if init_state_id is not None and not (0 <= init_state_id < len(self.init_states)):
             raise IndexError(f"init state {init_state_id} out of range (task has {len(self.init_states)})")
-        if seed is None:
-            seed = self.spec.episode_seed(self.task_id, init_state_id if init_state_id is not None else -1)
-        self.raw.seed(int(seed))
-        raw_obs = self.raw.reset()
+        if self.stream is not None and init_state_id is not None:
+            self.stream.arm(init_state_id)  # openpi: episode i uses init state i and the stream after i resets
+            raw_obs = self.raw.reset()
+            self.stream.check()
+        else:
+            if seed is None:
+                seed = self.spec.episode_seed(self.task_id, init_state_id if init_state_id is not None else -1)
+            self.raw.seed(int(seed))
+            raw_obs = self.raw.reset()
         if init_state_id is not None:
             raw_obs = self.raw.set_init_state(self.init_states[init_state_id])
         for _ in range(self.spec.num_steps_wait):
@@ -165,4 +180,24 @@ class LiberoEnv:
                 for k, v in raw.items()
                 if k not in _IMAGE_KEYS and isinstance(v, np.ndarray)
             }
+            obs.privileged.update(_scene_state(self.raw.env, obs.privileged))
         return obs
+
+
+def _scene_state(env, have: dict) -> dict[str, np.ndarray]:
+    """What LIBERO's observation leaves out but scripted experts need: fixture poses (`<f>_pos`,
+    `<f>_quat` xyzw), articulation joints (`<f>_joint_pos`: drawers, knob, door) and BDDL region
+    sites (`<site>_site_pos`, `<site>_site_quat`)."""
+    out: dict[str, np.ndarray] = {}
+    for name, st in env.object_states_dict.items():
+        site = st.object_state_type == "site"
+        key = f"{name}_site" if site else name
+        if f"{key}_pos" in have:
+            continue
+        g = st.get_geom_state()  # body quat is MuJoCo's wxyz, a site's is already xyzw
+        quat = np.asarray(g["quat"], dtype=np.float32)
+        out[f"{key}_pos"] = np.asarray(g["pos"], dtype=np.float32)
+        out[f"{key}_quat"] = quat if site else quat[[1, 2, 3, 0]]
+        if not site and name in env.fixtures_dict:
+            out[f"{name}_joint_pos"] = np.asarray(st.get_joint_state(), dtype=np.float32)
+    return out

@@ -11,6 +11,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 from evalkit.errors import BadInput
+from suites.seeding import SEED_MODES
 
 # openpi examples/libero/main.py: max steps per suite (longest training demo + margin).
 BASE_MAX_STEPS = {
@@ -39,6 +40,7 @@ class SuiteSpec:
     num_steps_wait: int = 10  # settle steps with [0,0,0,0,0,0,-1]
     replan_steps: int = 5
     seed: int = 7
+    seed_mode: str = "openpi"  # openpi | independent (suites/seeding.py says what each means)
     resolution: int = 256  # rendered camera size
     image_size: int = 224  # after resize-with-pad
     shard_index: int = 0  # shard=K/N runs the K-th of N contiguous slices of the episode list
@@ -55,7 +57,9 @@ class SuiteSpec:
         return eps[k * n // m : (k + 1) * n // m]
 
     def episode_seed(self, task_id: int, init_state_id: int) -> int:
-        """Seed derived from (base seed, suite, task, episode): stable across runs, machines and shards."""
+        """Seed derived from (base seed, suite, task, episode): stable across runs, machines and shards.
+
+        The env's placements use it only under seed_mode=independent; the policy's noise always does."""
         key = f"{self.seed}/{self.libero_name}/{task_id}/{init_state_id}".encode()
         return zlib.crc32(key) & 0x7FFFFFFF
 
@@ -65,6 +69,8 @@ class SuiteSpec:
             "num_steps_wait": self.num_steps_wait,
             "replan_steps": self.replan_steps,
             "seed": self.seed,
+            "seed_mode": self.seed_mode,
+            "seeding": SEED_MODES[self.seed_mode].replace("<seed>", str(self.seed)),
             "resolution": self.resolution,
             "image_size": self.image_size,
             "rotate_180": True,
@@ -135,6 +141,8 @@ def customize(spec: SuiteSpec, tasks: list[int] | None = None, trials: int | Non
     for k, v in protocol.items():
         if v is None:
             continue
+        if k == "seed_mode" and v not in SEED_MODES:
+            raise BadInput(f"suite.seed_mode={v}: valid: {', '.join(SEED_MODES)}")
         if k in ("num_steps_wait", "replan_steps") and int(v) < (0 if k == "num_steps_wait" else 1):
             raise BadInput(f"suite.{k}={v} is out of range")
         spec = replace(spec, **{k: v})

@@ -50,3 +50,23 @@ def test_rendered_env_gives_upright_224_images(spec):
         np.testing.assert_allclose(env.render_frame().astype(float).mean(), o.agentview.astype(float).mean(), rtol=0.05)
     finally:
         env.close()
+
+
+def test_openpi_stream_checks_every_reset_against_its_replay():
+    """seed_mode=openpi: a fresh env fast-forwards to episode i, and a reset whose draws disagree with the
+    replayed stream is an error, not a silently different scene."""
+    spec = get_suite("libero_spatial_quick")
+    assert spec.seed_mode == "openpi"
+    env = LiberoEnv(spec, 1, render=False)
+    try:
+        env.reset(2)
+        assert env.stream.replays == 3 and len(env.stream.states) == 4  # resets 0, 1, 2 replayed (2: the check)
+        first = env.raw.sim.model.body_pos.copy()
+        env.reset(2)  # again: nothing left to replay, same scene
+        assert env.stream.replays == 3
+        np.testing.assert_array_equal(env.raw.sim.model.body_pos, first)
+        env.stream.states[2] = env.stream.states[0]  # corrupt what reset 1 must end in
+        with pytest.raises(RuntimeError, match="episode 1 drew a different number"):
+            env.reset(1)
+    finally:
+        env.close()

@@ -1,7 +1,9 @@
-"""Fidelity checks on a tiny fake TorchPolicy with injected faults (each must be caught, a healthy one must pass)."""
+"""Fidelity checks on a tiny fake TorchPolicy with injected faults: the logic of each check, in milliseconds.
+The same checks on the trained reference policy with real probes and real backends: test_fidelity_reference.py."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -14,7 +16,7 @@ from torch import nn
 from backends.base import BackendReport, ModuleReport
 from evalkit.fidelity import run_fidelity
 from evalkit.fidelity.fallback import precision_bits
-from evalkit.gate.config import GateConfig
+from evalkit.fidelity.config import FidelityConfig
 from evalkit.policies.base import ObsBatch, Observation, TorchPolicy
 
 D, H = 32, 4
@@ -138,7 +140,7 @@ def report(backend="fp32", rows=None) -> BackendReport:
     return BackendReport(backend=backend, device="cpu", modules=rows or [])
 
 
-CFG = GateConfig(reference_backend="fp32")
+CFG = FidelityConfig(reference_backend="fp32")
 
 
 def names_failed(rep):
@@ -147,30 +149,33 @@ def names_failed(rep):
 
 def test_identical_candidate_passes_every_check():
     ref, cand = make_pair()
-    rep = run_fidelity(ref, cand, probes(), report(), CFG)
+    rep = run_fidelity(ref, cand, probes(), report(), CFG, denoise_steps=5)
     assert rep.passed, [(c.name, c.detail) for c in rep.checks]
     assert [c.name for c in rep.checks] == [
-        "action_cosine", "action_sqnr", "layer_cosine", "weight_match", "weight_distinct", "silent_fallback", "denoise_steps",
+        "calls", "action_sqnr", "layer_cosine", "layer_states", "execution_order", "denoise_steps", "weight_match",
+        "weight_distinct", "silent_fallback",
     ]
-    assert rep.check("denoise_steps").value == 5 and len(rep.layers) == 5
-    assert rep.layers[0].layer == "prefix.layers.0" and rep.layers[-1].calls == 5  # expert layers: one call per step
+    assert rep.calls == 4 and rep.check("denoise_steps").value == 5 and len(rep.layers) == 5  # 6 probes: 1, 1, 2, 2
+    assert rep.layers[0].layer == "prefix.layers.0" and rep.layers[-1].calls == 5 * rep.calls  # expert: one per step
     json.dumps(rep.to_dict())
-    assert set(rep.metrics()) == {"action_cosine_min", "layer_cosine_min"}  # identical: SQNR is inf, not a metric
+    assert {"action_cosine_min", "layer_cosine_min"} <= set(rep.metrics())  # identical: the SQNRs are inf, not metrics
+    assert "action_sqnr_db_min" not in rep.metrics()
 
 
 def test_correct_int8_and_bf16_candidates_pass():
     ref, cand = make_pair()
     rows = quantize_mlps(cand.model)
-    rep = run_fidelity(ref, cand, probes(), report("int8_weight_only", rows), CFG)
+    rep = run_fidelity(ref, cand, probes(), report("int8_weight_only", rows), CFG, precision_class="8-bit",
+                       targets="prefix_mlp,expert_mlp")
     assert rep.passed, [(c.name, c.value, c.detail) for c in rep.failed()]
-    assert rep.check("silent_fallback").detail.startswith("15 modules claim")
-    assert 30 < rep.check("weight_match").value < 60  # int8 per-row: ~40 dB
+    assert "compute differently from the reference" in rep.check("silent_fallback").detail
+    assert 30 < rep.check("weight_match").value < 60  # int8 per-row: ~40 dB (the worst targeted module)
 
     ref, cand = make_pair()
     cand.model.to(torch.bfloat16)
     rep = run_fidelity(ref, cand, probes(), report("bf16"), CFG)
     assert rep.passed, [(c.name, c.value, c.detail) for c in rep.failed()]
-    assert rep.check("action_cosine").value < 1.0  # bf16 really changed the numbers
+    assert rep.action_cosine_min < 1.0  # bf16 really changed the numbers
 
 
 def test_shared_layer0_mlp_weights_are_caught():
@@ -199,7 +204,8 @@ def test_ignored_quant_scale_is_caught():
     for m in cand.model.modules():
         if isinstance(m, Int8Linear):
             m.scale = torch.ones_like(m.scale)  # the kernel multiplies by q, not q * scale
-    rep = run_fidelity(ref, cand, probes(), report("int8_weight_only", rows), CFG)
+    rep = run_fidelity(ref, cand, probes(), report("int8_weight_only", rows), CFG, precision_class="8-bit",
+                       targets="prefix_mlp,expert_mlp")
     assert {"weight_match", "action_sqnr", "layer_cosine"} <= names_failed(rep)
     assert rep.check("weight_match").value < 0  # dB: the error is larger than the weight
 
@@ -214,27 +220,82 @@ def test_uniform_scale_error_fails_sqnr_even_where_cosine_is_blind():
     assert "action_sqnr" in names_failed(rep)
 
 
-def test_fp8_claim_with_bf16_weights_and_identical_output_is_silent_fallback():
+@pytest.mark.parametrize("rows_claim", ["fp8", "bf16"])
+def test_8bit_class_that_computes_bf16_is_silent_fallback_whatever_its_rows_say(rows_claim):
     torch.manual_seed(0)
     base = TinyModel().to(torch.bfloat16)
     ref, cand = FakePolicy(base), FakePolicy(copy.deepcopy(base))
-    rows = [
-        ModuleReport(f"prefix.layers.{i}.mlp.up_proj", "Linear", "torch.float8_e4m3fn (e4m3, per-channel fp32 scales)", 0,
-                     "fp8_e4m3 (dynamic per-token)", "torch._scaled_mm")
-        for i in range(3)
-    ]
-    rep = run_fidelity(ref, cand, probes(), report("fp8", rows), GateConfig(reference_backend="bf16"))
+    dtype = "torch.float8_e4m3fn (e4m3, per-channel fp32 scales)" if rows_claim == "fp8" else "torch.bfloat16"
+    rows = [ModuleReport(f"prefix.layers.{i}.mlp.up_proj", "Linear", dtype, 0, rows_claim, "?") for i in range(3)]
+    rep = run_fidelity(ref, cand, probes(), report("fp8", rows), FidelityConfig(reference_backend="bf16"),
+                       precision_class="8-bit", targets="prefix_mlp")
     c = rep.check("silent_fallback")
-    assert not c.passed and "bit-identical" in c.detail and "stores torch.bfloat16" in c.detail
+    assert not c.passed and "bit-identically" in c.detail
     assert names_failed(rep) == {"silent_fallback"}  # every numeric check passes: only this check sees it
+
+
+def test_fallback_is_seen_against_an_fp32_reference_too():
+    """gate=strict: a bf16 fallback is not bit-identical to the fp32 reference, but to the reference computed in bf16."""
+    ref, cand = make_pair()
+    cand.model.to(torch.bfloat16)
+    rep = run_fidelity(ref, cand, probes(), report("fp8"), CFG, precision_class="8-bit", targets="prefix_mlp")
+    assert "= the bfloat16 reference" in rep.check("silent_fallback").detail
 
 
 def test_denoise_steps_mismatch_is_caught():
     ref, cand = make_pair()
     cand.model.skip_steps = 2
-    rep = run_fidelity(ref, cand, probes(), report(), CFG)
+    rep = run_fidelity(ref, cand, probes(), report(), CFG, denoise_steps=5)
     d = rep.check("denoise_steps")
     assert not d.passed and d.value == 3 and d.threshold == 5
+    assert "expert.layers.0 ran 3 times (hooks), the reference's 5" in d.detail
+
+
+def test_a_counter_that_lies_is_caught():
+    ref, cand = make_pair()
+    plain = cand.model.sample
+
+    def sample(state, noise, steps):
+        out = plain(state, noise, 1)
+        cand.model.expert_calls += steps - 1
+        return out
+
+    cand.model.sample = sample
+    rep = run_fidelity(ref, cand, probes(), report(), CFG, denoise_steps=5)
+    assert "counter says 5 steps, hooks saw expert.layers.0 run 1 times" in rep.check("denoise_steps").detail
+
+
+def test_state_kept_across_calls_is_caught():
+    """A layer that memoizes its first output per input shape: every later call of that shape is wrong."""
+    ref, cand = make_pair()
+    layer = cand.model.prefix.layers[0]
+    plain, memo = layer.forward, {}
+    layer.forward = lambda x: memo.setdefault(tuple(x.shape), plain(x))
+    rep = run_fidelity(ref, cand, probes(), report(), CFG)
+    assert "layer_states" in names_failed(rep)
+
+
+def test_swapped_layer_order_is_caught_with_the_first_difference():
+    ref, cand = make_pair()
+    layers = cand.model.prefix.layers
+
+    class Swapped(type(layers)):
+        def __iter__(self):
+            return iter([self[0], self[2], self[1]])
+
+    layers.__class__ = Swapped
+    rep = run_fidelity(ref, cand, probes(), report(), CFG)
+    assert {"execution_order", "layer_states"} <= names_failed(rep)
+    assert "reference ran prefix.layers.1, candidate ran prefix.layers.2" in rep.check("execution_order").detail
+
+
+def test_split_calls_repeat_every_size():
+    from evalkit.fidelity.run import split_calls
+
+    calls = split_calls(9, 10)
+    assert [len(c) for c in calls] == [1, 1, 2, 2, 3]
+    assert sorted(i for c in calls for i in c) == list(range(9)) and calls[0] == [8]  # reversed order
+    assert [len(c) for c in split_calls(100, 4)] == [1, 1, 2, 96]
 
 
 @pytest.mark.parametrize("text,bits", [("torch.float8_e4m3fn", 8), ("torch.uint8 (int4 x2 nibble-packed)", 4),
@@ -244,7 +305,7 @@ def test_precision_bits(text, bits):
 
 
 class GraphedPolicy(FakePolicy):
-    """Replays a 'CUDA graph' (no module forward runs, so no hook fires) unless _graphs is lifted."""
+    """Replays a 'CUDA graph' (no module forward runs, so no hook fires) except inside its public `eager()`."""
 
     _graphs = "captured graph"
 
@@ -252,6 +313,14 @@ class GraphedPolicy(FakePolicy):
         if self._graphs is not None:
             return np.zeros((len(batch), H, 7), np.float32)
         return super().predict(batch, noise_seed)
+
+    @contextlib.contextmanager
+    def eager(self):
+        graphs, self._graphs = self._graphs, None
+        try:
+            yield
+        finally:
+            self._graphs = graphs
 
 
 def test_graph_replay_is_bypassed_for_the_checks_and_restored():
@@ -278,5 +347,56 @@ def test_nan_outputs_never_pass():
     with torch.no_grad():
         cand.model.prefix.layers[2].self_attn.weight[0, 0] = float("nan")
     rep = run_fidelity(ref_p, cand, probes(), report(), CFG)
-    assert {"action_cosine", "action_sqnr", "layer_cosine", "weight_match"} <= names_failed(rep)
+    assert {"action_sqnr", "layer_cosine", "weight_match"} <= names_failed(rep)
     assert rep.first_divergent_layer == "prefix.layers.2"
+
+
+def test_class_noise_follows_its_derivation():
+    from evalkit.fidelity.budgets import CLASS_NOISE_DB, float_format_sqnr_db, int_grid_sqnr_db
+
+    assert float_format_sqnr_db(8) == pytest.approx(CLASS_NOISE_DB["16-bit"], abs=0.1)  # bf16
+    assert float_format_sqnr_db(4) == pytest.approx(CLASS_NOISE_DB["8-bit"], abs=0.1)  # fp8 e4m3
+    assert float_format_sqnr_db(2) == pytest.approx(CLASS_NOISE_DB["fp4"], abs=0.1)  # e2m1
+    assert int_grid_sqnr_db(15, 5.0) == pytest.approx(CLASS_NOISE_DB["4-bit"], abs=0.1)  # int4, group range ~5 sigma
+    rng = np.random.default_rng(0)  # 2:4 magnitude pruning of Gaussian weights
+    w = rng.normal(size=(200_000, 4))
+    kept = np.sort(np.abs(w), axis=1)[:, 2:]
+    removed = (w**2).sum() - (kept**2).sum()
+    assert 10 * np.log10((w**2).sum() / removed) == pytest.approx(CLASS_NOISE_DB["sparse"], abs=0.2)
+
+
+def test_budgets_order_and_strictness():
+    cfg, strict = FidelityConfig(), FidelityConfig(margin_db=2.0)
+    b = {c: cfg.budget(c) for c in ("16-bit", "8-bit", "4-bit", "fp4", "sparse")}
+    assert b["16-bit"].weight > b["8-bit"].weight > b["4-bit"].weight > b["fp4"].weight > b["sparse"].weight
+    assert strict.budget("8-bit").layer_min == cfg.budget("8-bit").layer_min + 2
+    assert min(b["sparse"].__dict__[k] for k in ("layer_p50", "state_p50", "action_p50")) >= 6.0  # the floor
+    with pytest.raises(Exception, match="unknown gate.fidelity fields"):
+        FidelityConfig.from_dict({"layer_cosine_min": 0.9})
+    with pytest.raises(Exception, match="unknown statistics"):
+        FidelityConfig.from_dict({"allowance_db": {"actions": 3}})
+
+
+def test_precision_class_is_declared_named_or_strict_default():
+    from backends.base import Backend
+    from backends.registry import get_backend
+    from evalkit.fidelity.budgets import class_of_backend
+
+    assert class_of_backend(get_backend("int4")) == ("4-bit", "declared")
+    assert class_of_backend(get_backend("fault_ignored_scale"))[0] == "8-bit"  # judged as the backend it wraps
+    assert class_of_backend(get_backend("fault_silent_fallback"))[0] == "8-bit"  # its claim is the lie
+
+    class MyFp8(Backend):
+        name = "my_fp8_engine"
+
+    class Plain(Backend):
+        name = "plain"
+
+    class Bad(Backend):
+        name = "bad"
+        precision_class = "3-bit"
+
+    assert class_of_backend(MyFp8()) == ("8-bit", "from its name")
+    assert class_of_backend(Plain())[0] == "16-bit"
+    with pytest.raises(Exception, match="valid: 16-bit, 8-bit"):
+        class_of_backend(Bad())

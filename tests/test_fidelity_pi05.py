@@ -1,6 +1,7 @@
-"""Fidelity on the real pi05_tiny policy with the real backends: healthy backends pass, every fault backend fails
-and the failing check names the fault. Probes are synthetic observations (the real-env probe set is tested in
-test_fidelity_probes.py)."""
+"""Fidelity on the real pi05_tiny policy (random init, both cameras) with the real backends: healthy backends pass
+on real held-out probes under the default and the strict gate, the stage wires reference, probes and checks.
+Faults are proven on the trained reference policy (test_fidelity_reference.py): pi05_tiny's actions barely depend
+on what it observes, so a fault in how the expert reads the prefix would be invisible here."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import yaml
 pi05 = pytest.importorskip("evalkit.policies.pi05.policy")
 from backends.registry import get_backend  # noqa: E402
 from evalkit.fidelity import run_fidelity  # noqa: E402
-from evalkit.gate.config import GateConfig  # noqa: E402
 from evalkit.policies.base import ObsBatch, Observation  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "policy" / "pi05_tiny.yaml"
@@ -44,36 +44,47 @@ def reference():
     return policy("bf16")[0]
 
 
-@pytest.mark.parametrize("backend,opts", [
-    ("bf16", {}), ("fp16", {}), ("int8", {}), ("int8_weight_only", {}),
-    ("fp8", {"engine": "emulated"}), ("int4", {"engine": "emulated", "group_size": 32}),
-])
-def test_healthy_backends_pass(reference, backend, opts):
+@pytest.fixture(scope="module")
+def real_probes():
+    """Held-out check probes with images (pi05_tiny reads both cameras), one task to keep the default tier fast."""
+    from evalkit.fidelity.config import FidelityConfig
+    from evalkit.fidelity.stage import DEFAULT_PROBE_CACHE, check_probes
+    from suites.specs import customize, get_suite
+
+    return check_probes(customize(get_suite("libero_spatial_quick"), tasks=[0]), FidelityConfig(), images=True,
+                        cache_dir=DEFAULT_PROBE_CACHE)
+
+
+REFERENCES: dict = {}
+QUANTIZED = [("int8", {}), ("fp8", {"engine": "emulated"}), ("int4", {"engine": "emulated", "group_size": 32}),
+             ("nvfp4", {"engine": "emulated"})]
+HEALTHY = [(b, o, False) for b, o in [("bf16", {}), ("fp16", {}), ("fp32", {}), ("int8_weight_only", {})] + QUANTIZED]
+HEALTHY += [(b, o, True) for b, o in QUANTIZED]  # the strict gate
+
+
+@pytest.mark.parametrize("backend,opts,strict", HEALTHY, ids=[b + ("-strict" if s else "") for b, _, s in HEALTHY])
+def test_healthy_backends_pass_on_real_probes(real_probes, backend, opts, strict):
+    """No false alarm on pi05_tiny (random init) either: its statistics sit far from its class budgets."""
+    from evalkit.fidelity.budgets import class_of_backend
+    from evalkit.fidelity.config import FidelityConfig
+
+    cfg = FidelityConfig(reference_backend="fp32", margin_db=2.0) if strict else FidelityConfig()
+    if cfg.reference_backend not in REFERENCES:  # one reference per module: its calls are memoized across backends
+        REFERENCES[cfg.reference_backend] = policy(cfg.reference_backend)[0]
+    ref = REFERENCES[cfg.reference_backend]
     cand, rep = policy(backend, **opts)
-    fr = run_fidelity(reference, cand, probes(), rep, GateConfig())
+    b = get_backend(backend, **opts)
+    cls, src = class_of_backend(b)
+    fr = run_fidelity(ref, cand, real_probes, rep, cfg, cls, src, denoise_steps=3, targets=b.targets)
     assert fr.passed, [(c.name, c.value, c.detail) for c in fr.failed()]
     assert fr.check("denoise_steps").value == 3
 
 
-@pytest.mark.parametrize("backend,opts,caught", [
-    ("fault_shared_layer_weights", {}, {"weight_distinct", "weight_match", "layer_cosine"}),
-    ("fault_drop_mlp_residual", {}, {"layer_cosine"}),
-    ("fault_ignored_scale", {"inner": "int8_weight_only"}, {"weight_match", "layer_cosine"}),
-    ("fault_silent_fallback", {}, {"silent_fallback"}),
-])
-def test_fault_backends_fail_naming_the_check(reference, backend, opts, caught):
-    cand, rep = policy(backend, **opts)
-    fr = run_fidelity(reference, cand, probes(), rep, GateConfig())
-    assert not fr.passed
-    assert caught <= {c.name for c in fr.failed()}
-    if backend in ("fault_drop_mlp_residual", "fault_ignored_scale"):
-        assert fr.first_divergent_layer == "prefix.layers.0"
-
-
-def test_denoise_counter_mismatch(reference):
+def test_denoise_steps_are_measured_against_the_configured_count(reference):
     cand, rep = policy("bf16")
-    fr = run_fidelity(reference, cand, probes(), rep, GateConfig(), denoise_steps=10)
-    assert not fr.check("denoise_steps").passed and fr.check("denoise_steps").value == 3
+    fr = run_fidelity(reference, cand, probes(), rep, {}, denoise_steps=10)
+    d = fr.check("denoise_steps")
+    assert not d.passed and "configured 10" in d.detail
 
 
 class ImageEnv:
@@ -97,16 +108,19 @@ def test_fidelity_stage_builds_reference_and_probes(tmp_path):
     cfg = yaml.safe_load(CONF.read_text())
     cfg.update(denoise_steps=3, name="pi05_tiny")
     spec = get_suite("libero_spatial_quick")
+    fid = {"check_steps": [0]}  # the fake env cannot step: t = 0 probes only
     for backend, opts, ok in [("int8", {}, True), ("fault_drop_mlp_residual", {}, False)]:
         cand = pi05.build(dict(cfg), torch.device("cpu"))
-        rep = get_backend(backend, **opts).apply(cand.model)
-        fr = fidelity_for_run(dict(cfg), torch.device("cpu"), cand, rep, spec, {"reference_backend": "bf16"},
+        b = get_backend(backend, **opts)
+        rep = b.apply(cand.model)
+        fr = fidelity_for_run(dict(cfg), torch.device("cpu"), cand, b, rep, spec, fid, denoise_steps=3,
                               cache_dir=tmp_path, make_env=ImageEnv)
         assert fr.passed is ok and fr.probes == len(spec.task_ids)
+        assert fr.precision_class == ("8-bit" if backend == "int8" else "16-bit")
         d = fr.to_dict()
         assert "layer_cosine_min" in d and d["failed"] == [c.name for c in fr.failed()]
 
     class NoModel:
         model = None
 
-    assert fidelity_for_run(cfg, "cpu", NoModel(), None, spec, {}, cache_dir=tmp_path, make_env=ImageEnv) is None
+    assert fidelity_for_run(cfg, "cpu", NoModel(), None, None, spec, {}, cache_dir=tmp_path, make_env=ImageEnv) is None

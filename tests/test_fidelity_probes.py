@@ -59,3 +59,45 @@ def test_real_libero_probe_renders(tmp_path):
     assert "bowl" in o.instruction and o.agentview.std() > 5  # a real rendered scene, not a blank frame
     again = load_probes(spec, tmp_path, per_task=1)
     assert np.array_equal(again.observations[0].agentview, o.agentview)
+
+
+class SteppingEnv(CountingEnv):
+    """A fake env whose state moves with the actions: later probes differ from t = 0."""
+
+    init_states = list(range(50))
+
+    def reset(self, i):
+        self.i, self.t = i, 0
+        return self._obs()
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), False
+
+    def _obs(self):
+        return Observation(state=np.full(8, 100 * self.i + self.t, np.float32), instruction=f"task {self.task_id}",
+                           episode_key=f"s/{self.task_id}/{self.i}", step=self.t, task={"task_id": self.task_id})
+
+
+def test_check_probes_are_held_out_and_later_in_the_episode(tmp_path):
+    from evalkit.fidelity.probes import load_check_probes
+    from suites.specs import get_suite
+
+    spec = get_suite("libero_spatial_quick")
+    calls = []
+
+    def factory():
+        return lambda o: calls.append(o.step) or np.zeros((10, 7))
+
+    batch = load_check_probes(spec, tmp_path, init_states=2, steps=[0, 12, 30], images=False, actor_factory=factory,
+                              actor_id="test", make_env=SteppingEnv)
+    obs = batch.observations
+    assert len(obs) == len(spec.task_ids) * 2 * 3
+    assert {o.episode_key.rsplit("/", 1)[1] for o in obs} == {"49", "48"}  # the last init states, never 0..k-1
+    assert sorted({o.step for o in obs}) == [0, 12, 30]
+    assert calls and set(calls) <= set(range(0, 30, spec.replan_steps))  # one actor call per chunk of replan_steps
+    again = load_check_probes(spec, tmp_path, init_states=2, steps=[0, 12, 30], images=False, actor_factory=factory,
+                              actor_id="test", make_env=SteppingEnv)
+    assert [o.step for o in again.observations] == [o.step for o in obs]  # from the cache: the actor ran once
+    calib = load_probes(spec, tmp_path, per_task=2, make_env=SteppingEnv, images=False)
+    assert {o.episode_key for o in calib.observations}.isdisjoint({o.episode_key for o in obs})

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from evalkit.errors import BadInput
-from evalkit.gate.runs import load_references, load_run
+from evalkit.gate.runs import LATENCY_CALLS, load_references, load_run, read_latency_calls, write_latency_calls
 
 mlflow = pytest.importorskip("mlflow")
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"policy": "pi05_tiny", "backend": "bf16", "suite": "libero_spatial_quick", "denoise_steps": "10", "device": "cpu"}
 
 
-def write_run_dir(folder: Path, success: list[bool], p50=10.0, **params) -> Path:
+def write_run_dir(folder: Path, success: list[bool], p50=10.0, calls_ms=None, **params) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    if calls_ms is not None:
+        write_latency_calls(folder, [0.5] + [x / 1e3 for x in calls_ms], [1] * (len(calls_ms) + 1))
     n = len(success)
     df = pd.DataFrame(
         {
@@ -54,8 +56,9 @@ def store(tmp_path):
         rid = run.info.run_id
         for k, v in {**PARAMS, **params}.items():
             client.log_param(rid, k, v)
-        for f in ("summary.json", "episodes.parquet", "episodes.csv"):
-            client.log_artifact(rid, str(folder / f))
+        for f in ("summary.json", "episodes.parquet", "episodes.csv", LATENCY_CALLS):
+            if (folder / f).exists():
+                client.log_artifact(rid, str(folder / f))
         client.set_terminated(rid)
         time.sleep(0.01)  # distinct start times for "latest"
         return rid
@@ -65,7 +68,7 @@ def store(tmp_path):
 
 def test_load_run_from_mlflow_and_latest(tmp_path, store):
     uri, log = store
-    old = log(write_run_dir(tmp_path / "old", [True] * 6 + [False] * 3), baseline=True)
+    old = log(write_run_dir(tmp_path / "old", [True] * 6 + [False] * 3, calls_ms=[9.0, 10.0, 11.0]), baseline=True)
     new = log(write_run_dir(tmp_path / "new", [True] * 9), baseline=True)
     log(write_run_dir(tmp_path / "gpu", [False] * 9), baseline=True, device="cuda")  # other device: not "latest"
     cand = log(write_run_dir(tmp_path / "cand", [True] * 8 + [False]), baseline=False)
@@ -76,7 +79,8 @@ def test_load_run_from_mlflow_and_latest(tmp_path, store):
 
     latest = load_run("latest", uri, like=r.params)
     assert latest.ref == f"latest ({new})" and latest.summary["successes"] == 9
-    assert old != new
+    assert old != new and latest.latency_calls is None  # no latency_calls.json: the gate says it uses quantiles
+    assert list(load_run(old, uri).latency_calls) == [9.0, 10.0, 11.0]  # warm-up call dropped
     with pytest.raises(BadInput, match="no baseline run"):
         load_run("latest", uri, like={**r.params, "suite": "libero_goal"})
     with pytest.raises(BadInput, match="not found"):
@@ -84,9 +88,13 @@ def test_load_run_from_mlflow_and_latest(tmp_path, store):
 
 
 def test_load_run_dir_and_reference(tmp_path):
-    d = write_run_dir(tmp_path / "run", [True, False, True])
+    d = write_run_dir(tmp_path / "run", [True, False, True], calls_ms=[5.0, 6.0])
     r = load_run(str(d))
     assert r.source == "dir" and r.summary["episodes"] == 3 and len(r.episodes) == 3
+    assert list(r.latency_calls) == [5.0, 6.0] and json.loads((d / LATENCY_CALLS).read_text())["warmup_calls"] == 1
+    (d / LATENCY_CALLS).write_text("{}")
+    with pytest.raises(BadInput, match="latency_calls"):
+        read_latency_calls(d)
     refs = load_references()
     assert "pi05_libero/bf16/libero_spatial/10" in refs
     ref = load_run("ref:pi05_libero/bf16/libero_spatial/10")
@@ -106,11 +114,29 @@ def test_cli_exit_codes(tmp_path, store):
     p = _cli(f"candidate={bad}", "baseline=latest", f"tracking_uri={uri}", f"json={tmp_path / 'gate.json'}")
     assert p.returncode == 1, p.stdout + p.stderr
     assert "REGRESSION" in p.stdout and base in p.stdout
-    assert json.loads((tmp_path / "gate.json").read_text())["passed"] is False
+    g = json.loads((tmp_path / "gate.json").read_text())
+    assert g["passed"] is False and g["verdict"] == "regression" and g["exit_code"] == 1
     good = write_run_dir(tmp_path / "good", [True] * 30)
     p = _cli(f"candidate={good}", f"baseline={base}", f"tracking_uri={uri}", "gate.max_latency_ratio=1.5")
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == 0 and "gate: INCONCLUSIVE" in p.stdout, p.stdout + p.stderr  # 30 episodes: cannot vouch
+    p = _cli(f"candidate={good}", f"baseline={base}", f"tracking_uri={uri}", "gate.max_drop=0.2", "gate.fail_inconclusive=true")
+    assert p.returncode == 0 and "gate: PASS" in p.stdout, p.stdout + p.stderr  # 30 identical pairs show < 20 pp
     p = _cli(f"candidate={good}", f"baseline={base}", f"tracking_uri={uri}", "gate.alpha=oops")
     assert p.returncode == 2 and "bad gate override" in p.stderr
     p = _cli(f"candidate={good}")
     assert p.returncode == 2 and "baseline=RUN" in p.stderr
+
+
+def test_plan_cli(tmp_path, capsys):
+    from evalkit.gate.__main__ import main
+
+    d = write_run_dir(tmp_path / "b", [True] * 80 + [False] * 10)
+    p = _cli("plan", f"baseline={d}", "margin=0.1")  # as a user types it
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "paired" in p.stdout and "discordance 0.050" in p.stdout and "episodes" in p.stdout
+    assert "independent outcomes" in p.stdout
+    assert main(["plan", "baseline=ref:pi05_libero/bf16/libero_spatial/10", "margin=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "unpaired" in out and "500 baseline episodes" in out
+    assert main(["plan", f"baseline={d}", "margin=2"]) == 2 and "margin=2 must be in" in capsys.readouterr().err
+    assert main(["plan", "margin=0.1"]) == 2 and "baseline=RUN" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from evalkit.errors import BadInput
-from evalkit.nightly import Cell, load_config, main, matrix, run_nightly
+from evalkit.nightly import Cell, CellResult, failed, load_config, main, matrix, run_nightly, verdict
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -62,37 +62,66 @@ def test_nightly_judges_reports_logs_and_fails_on_regression(tmp_path):
                   "overrides=[workers=0]")
     code, root = run_nightly(cfg, runner=fake_runner(log), stamp="night1")
     assert code == 1
-    assert len(log) == 6 and all(o == [f"tracking.uri={cfg.tracking_uri}", "workers=0"] for _, o in log)
+    common = [f"tracking.uri={cfg.tracking_uri}", "workers=0"]
+    assert len(log) == 6 and log[0][1] == common  # the baseline cell runs plain
+    base_dir = tmp_path / "out" / "night1" / "bf16_libero_spatial_quick_d10"
+    for cell, o in log[1:]:  # candidates get their baseline and the family, so their runs can stop early
+        assert o[:2] == common and o[2] == f"baseline={base_dir}"
+        assert "gate.sequential=true" in o and "gate.family_size=5" in o and "gate.family_method=holm" in o
     verdicts = json.loads((root / "nightly.json").read_text())
+    assert verdicts["family"] == {"method": "holm", "size": 5, "alpha": 0.05, "sequential": True}
     by = {c["cell"]: c for c in verdicts["cells"]}
     assert by["bf16 / libero_spatial_quick / 10 steps"]["baseline"] is True
-    assert by["int8 / libero_spatial_quick / 10 steps"]["gate"]["passed"] is True
-    int4 = by["int4 / libero_spatial_quick / 10 steps"]["gate"]
-    assert int4["passed"] is False and int4["mode"] == "paired"
+    int8 = by["int8 / libero_spatial_quick / 10 steps"]
+    assert int8["verdict"] == "INCONCLUSIVE" and int8["gate"]["passed"] is False  # 30 episodes cannot show < 5 pp
+    int4 = by["int4 / libero_spatial_quick / 10 steps"]
+    assert int4["verdict"] == "REGRESSION" and int4["gate"]["mode"] == "paired" and int4["gate"]["design"] == "sequential"
+    assert by["int4 / libero_spatial_quick / 5 steps"]["verdict"] == "REGRESSION"
+    fam = int4["gate"]["family"]
+    assert fam["size"] == 5 and fam["p_adjusted"] >= fam["p_raw"]
     md = (root / "report.md").read_text()
-    assert "REGRESSION" in md and "int4 / libero_spatial_quick / 10 steps" in md
+    assert "REGRESSION" in md and "INCONCLUSIVE" in md and "int4 / libero_spatial_quick / 10 steps" in md
+    assert "family: 5 judged cells, holm adjustment" in md and "family-wise alpha 0.05" in md
     assert "<svg" in (root / "report.html").read_text()
 
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking_uri)
     exp = client.get_experiment_by_name("evalkit-nightly")
     runs = client.search_runs([exp.experiment_id], "tags.`evalkit.nightly` = 'true'")
     assert len(runs) == 1 and runs[0].data.tags["evalkit.nightly.passed"] == "false"
-    assert runs[0].data.metrics["regressions"] >= 2  # int4 at 10 and 5 steps
+    assert runs[0].data.metrics["regressions"] == 2  # int4 at 10 and 5 steps
+    assert runs[0].data.metrics["inconclusive"] == 3
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"report.md", "report.html", "nightly.json"}
 
 
-def test_nightly_passes_and_marks_crashed_cells(tmp_path):
-    code, _ = run_nightly(cfg_for(tmp_path, "backends=[bf16,int8]", "suites=[s]", "denoise_steps=[10]"),
-                          runner=fake_runner([]), stamp="ok")
-    assert code == 0
+def test_nightly_passes_and_marks_crashed_cells(tmp_path, capsys):
+    code, root = run_nightly(cfg_for(tmp_path, "backends=[bf16,int8]", "suites=[s]", "denoise_steps=[10]"),
+                             runner=fake_runner([]), stamp="ok")
+    assert code == 0  # inconclusive is not a regression ...
+    assert "nightly: PASS with inconclusive cells" in capsys.readouterr().out  # ... and not a plain pass either
+    assert (root / "report.md").read_text().splitlines()[2].startswith("**INCONCLUSIVE**")
+    cell = json.loads((root / "nightly.json").read_text())["cells"][1]
+    res = CellResult(Cell("pi05", "int8", "s", 10), Path(cell["run_dir"]), 0, gate=cell["gate"])
+    assert verdict(res) == "INCONCLUSIVE" and not failed(res) and failed(res, fail_inconclusive=True)
     code, root = run_nightly(cfg_for(tmp_path, "backends=[bf16,broken]", "suites=[s]", "denoise_steps=[10]"),
                              runner=fake_runner([]), stamp="crash")
     assert code == 1 and "exit 2, no summary.json" in (root / "report.md").read_text()
 
 
+def test_fixed_size_family_with_unchanged_cells(tmp_path):
+    log: list = []
+    cfg = cfg_for(tmp_path, "backends=[bf16,int8]", "suites=[a,b]", "denoise_steps=[10]", "gate={sequential: false}")
+    code, root = run_nightly(cfg, runner=fake_runner(log), stamp="fixed")
+    assert code == 0 and not any(x.startswith(("baseline=", "gate.")) for _, o in log for x in o)  # no early stop
+    cells = json.loads((root / "nightly.json").read_text())["cells"]
+    judged = [c for c in cells if not c["baseline"]]
+    assert len(judged) == 2 and all(c["gate"]["design"] == "fixed" and c["gate"]["family"]["size"] == 2 for c in judged)
+
+
 def test_bad_config_is_exit_2(tmp_path, capsys):
     with pytest.raises(BadInput):
         load_config(["denoise_steps=[]"])
+    with pytest.raises(BadInput, match="family_method"):
+        run_nightly(load_config([f"output_dir={tmp_path}", "gate={family_method: sidak}"]), runner=fake_runner([]))
     assert main(["timeout_s=soon"]) == 2
     assert "nightly" in capsys.readouterr().err
 

@@ -84,3 +84,18 @@ def test_failed_fidelity_is_a_regression_without_a_baseline():
     s["fidelity"] = {"checks": [{"name": "weight_distinct", "passed": False}, {"name": "layer_cosine", "passed": True}]}
     md = render_markdown([ReportRun("fault_x", s, gate=None)])
     assert md.splitlines()[2].startswith("**FAIL**: 1 runs, 1 regressions") and "fidelity:weight_distinct" in md
+
+
+def test_inconclusive_cells_and_family_p_values_are_shown():
+    fam = {"method": "holm", "size": 28, "alpha": 0.05, "p_raw": 0.004, "p_adjusted": 0.112}
+    unsure = {"passed": False, "verdict": "inconclusive", "family": fam, "checks": [],
+              "warnings": ["inconclusive: 30 paired episodes cannot vouch for a drop of 0.05"]}
+    ok = {"passed": True, "verdict": "pass", "checks": [], "warnings": [],
+          "family": {**fam, "p_raw": 0.9, "p_adjusted": 1.0}}
+    runs_ = [ReportRun("int8", summary("int8", 46, 50, 40.0), unsure), ReportRun("fp8", summary("fp8", 47, 50, 70.0), ok)]
+    md = render_markdown(runs_, "nightly")
+    assert md.splitlines()[2].startswith("**INCONCLUSIVE**") and "1 inconclusive (int8)" in md
+    assert "| INCONCLUSIVE | 0.004 / 0.112 |" in md and "| PASS | 0.9 / 1 |" in md
+    assert "regression p (raw / adjusted)" in md
+    page = render_html(runs_, "nightly")
+    assert "banner INCONCLUSIVE" in page and 'class="INCONCLUSIVE"' in page

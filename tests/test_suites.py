@@ -35,3 +35,29 @@ def test_bad_overrides_name_the_problem():
     with pytest.raises(BadInput, match="valid: "):
         get_suite("nope")
     assert customize(s, tasks=[0, 3], trials=2).episodes() == [(0, 0), (0, 1), (3, 0), (3, 1)]
+
+
+def test_seed_mode_defaults_to_openpi_and_protocol_records_what_ran():
+    s = get_suite("libero_spatial")
+    assert s.seed_mode == "openpi"
+    p = s.protocol()
+    assert p["seed"] == 7 and p["seed_mode"] == "openpi" and "once per task" in p["seeding"]
+    q = customize(s, seed_mode="independent", seed=3).protocol()
+    assert q["seed_mode"] == "independent" and "crc32('3/<suite>/<task>/<episode>')" in q["seeding"]
+    with pytest.raises(BadInput, match="suite.seed_mode=random: valid: openpi, independent"):
+        customize(s, seed_mode="random")
+
+
+def test_seed_mode_is_a_config_knob():
+    from hydra import compose, initialize_config_dir
+
+    from evalkit.config import CONF_DIR, register, validate
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        base = ["tracking=offline", "device=cpu"]
+        assert validate(compose("config", overrides=base)).suite.seed_mode == "openpi"
+        cfg = compose("config", overrides=[*base, "suite.seed_mode=independent"])
+        assert validate(cfg).suite.seed_mode == "independent"
+        with pytest.raises(BadInput, match="valid: openpi, independent"):
+            validate(compose("config", overrides=[*base, "suite.seed_mode=nope"]))

@@ -1,13 +1,25 @@
-"""Fidelity checks (before rollouts): candidate backend vs reference backend on a fixed probe batch.
+"""Fidelity checks (before rollouts): the candidate backend against the reference backend on held-out probes.
 
-torch does the math (cosine, SQNR, weight fingerprints via forward hooks and tensor reductions).
-Entry points: `fidelity_for_run(...)` (builds the reference and the probes: what the CLI calls) and
-`run_fidelity(reference_policy, candidate_policy, probes, backend_report, cfg)` (the checks themselves);
-probes come from `evalkit.fidelity.probes.load_probes(spec, cache_dir)`.
+Entry points: `fidelity_for_run(...)` (builds the reference, loads the probes, runs every check: what a run
+calls), `run_fidelity(reference, candidate, probes, report, cfg, ...)` (the checks themselves) and
+`calibration_set(...)` (the calibration data a backend gets). Budgets: evalkit.fidelity.budgets/config.
+Submodules are imported lazily so the light ones (config, budgets) do not pull in torch.
 """
 
-from evalkit.fidelity.report import FidelityCheck, FidelityReport, LayerResult
-from evalkit.fidelity.run import run_fidelity
-from evalkit.fidelity.stage import fidelity_for_run
+from __future__ import annotations
 
-__all__ = ["FidelityCheck", "FidelityReport", "LayerResult", "fidelity_for_run", "run_fidelity"]
+from importlib import import_module
+
+_EXPORTS = {
+    "FidelityCheck": "evalkit.fidelity.report", "FidelityReport": "evalkit.fidelity.report",
+    "LayerResult": "evalkit.fidelity.report", "run_fidelity": "evalkit.fidelity.run",
+    "fidelity_for_run": "evalkit.fidelity.stage", "calibration_set": "evalkit.fidelity.stage",
+    "FidelityConfig": "evalkit.fidelity.config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(name)

@@ -1,8 +1,5 @@
-"""Silent-fallback check: what a BackendReport claims vs what the model holds and computes.
-
-A backend that claims a lower precision than the reference (fp8, int8, int4, ...) must store its weights
-in the claimed dtype, and its outputs must not be bit-identical to the reference's (a real change in
-precision always changes some bits).
+"""Reading precisions out of text (report rows, backend names) and the storage evidence the silent-fallback check
+adds beside what it measures (evalkit/fidelity/run.py: the check itself compares outputs, never trusts rows).
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
-"""The fidelity probe set: observations at a suite's official init states, rendered once and cached (npz).
+"""The two probe sets of the fidelity stage, rendered once and cached (npz), never the same observations:
 
-Each probe is the first observation of an episode (after the settle steps) from the LIBERO env adapter
-(`suites.env.LiberoEnv`), so probes look exactly like what the policy sees at t=0, with the task's own
-instruction. numpy stores the cache; the key hashes everything that changes the pixels.
+- calibration probes: each task's first official init states at t = 0 (after the settle steps). Backends that
+  calibrate (fp8 activation scales, ...) get these as `calib` (`backend.calib=probes`).
+- check probes (held out): each task's LAST official init states, observed at t = 0 and at later steps of a short
+  rollout driven by the reference policy (grasping, carrying, placing: activations a t = 0 scene never shows).
+  A backend that fits its calibration data, or keeps state from its first call, meets observations it never saw.
+
+Observations come from the LIBERO env adapter (`suites.env.LiberoEnv`), so probes look exactly like what the
+policy sees in an episode, with the task's own instruction. Cameras are rendered only when the policy reads
+images. numpy stores the cache; its key hashes everything that changes an observation.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from evalkit.policies.base import ObsBatch, Observation
 
 _FIELDS = ("state", "agentview", "wrist")
+Actor = Callable[[Observation], np.ndarray]  # observation -> action chunk [H, 7]
 
 
 def _versions() -> dict[str, str]:
@@ -30,7 +37,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def probe_key(spec, per_task: int) -> str:
+def probe_key(spec, per_task: int, **extra) -> str:
     desc = {
         "suite": spec.libero_name,
         "tasks": list(spec.task_ids),
@@ -38,27 +45,64 @@ def probe_key(spec, per_task: int) -> str:
         "resolution": spec.resolution,
         "image_size": spec.image_size,
         "settle": spec.num_steps_wait,
-        "seed": spec.seed,
+        "seed": spec.seed, "seed_mode": spec.seed_mode,
         **_versions(),
+        **extra,
     }
-    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _default_env(spec, task_id: int):
-    from suites.env import LiberoEnv
+def _default_env(render: bool):
+    def make(spec, task_id: int):
+        from suites.env import LiberoEnv
 
-    return LiberoEnv(spec, task_id, render=True)
+        return LiberoEnv(spec, task_id, render=render)
+
+    return make
 
 
-def render_probes(spec, per_task: int = 1, make_env: Callable | None = None) -> list[Observation]:
-    """One observation per (task in spec.task_ids, init state 0..per_task-1), images and privileged state included."""
-    make_env = make_env or _default_env
+def render_probes(spec, per_task: int = 1, make_env: Callable | None = None, images: bool = True) -> list[Observation]:
+    """One observation per (task in spec.task_ids, init state 0..per_task-1), privileged state included."""
+    make_env = make_env or _default_env(images)
     obs: list[Observation] = []
     for task_id in spec.task_ids:
         env = make_env(spec, task_id)
         try:
             for i in range(per_task):
                 obs.append(env.reset(i))
+        finally:
+            env.close()
+    return obs
+
+
+def record_rollout_probes(spec, init_states: int, steps: list[int], actor_factory: Callable[[], Actor],
+                          make_env: Callable | None = None, images: bool = True) -> list[Observation]:
+    """Observations at `steps` of a rollout from each task's last `init_states` official init states.
+
+    The rollout executes the actor's chunks `spec.replan_steps` actions at a time, as an episode does. An episode
+    that ends (success) before the last step contributes the steps it reached.
+    """
+    make_env = make_env or _default_env(images)
+    want = sorted({int(s) for s in steps})
+    actor = actor_factory() if max(want) > 0 else None
+    obs: list[Observation] = []
+    for task_id in spec.task_ids:
+        env = make_env(spec, task_id)
+        try:
+            n = len(getattr(env, "init_states", ())) or 50
+            for j in range(init_states):
+                o = env.reset(n - 1 - j)
+                chunk: list[np.ndarray] = []
+                for t in range(want[-1] + 1):
+                    if t in want:
+                        obs.append(o)
+                    if t == want[-1]:
+                        break
+                    if not chunk:
+                        chunk = list(np.asarray(actor(o))[: spec.replan_steps])
+                    o, done = env.step(chunk.pop(0))
+                    if done:
+                        break
         finally:
             env.close()
     return obs
@@ -96,12 +140,65 @@ def read_probes(path: Path) -> list[Observation]:
     return obs
 
 
-def load_probes(spec, cache_dir: str | Path, per_task: int = 1,
-                make_env: Callable | None = None) -> ObsBatch:
-    """The probe batch for `spec` (a suites.specs.SuiteSpec): read from the cache or rendered once and cached."""
-    path = Path(cache_dir) / f"{spec.name}_{probe_key(spec, per_task)}.npz"
+def _cached(path: Path, render: Callable[[], list[Observation]]) -> ObsBatch:
     if path.exists():
-        return ObsBatch(read_probes(path))
-    obs = render_probes(spec, per_task, make_env)
+        try:
+            return ObsBatch(read_probes(path))
+        except Exception:  # a corrupt cache file is rendered again, never trusted
+            path.unlink(missing_ok=True)
+    obs = render()
     save_probes(path, obs)
     return ObsBatch(obs)
+
+
+def load_probes(spec, cache_dir: str | Path, per_task: int = 1, make_env: Callable | None = None,
+                images: bool = True) -> ObsBatch:
+    """Calibration probes for `spec` (a suites.specs.SuiteSpec): init states 0..per_task-1 at t = 0, cached."""
+    extra = {} if images else {"images": False}
+    path = Path(cache_dir) / f"{spec.name}_{probe_key(spec, per_task, **extra)}.npz"
+    return _cached(path, lambda: render_probes(spec, per_task, make_env, images))
+
+
+def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], str]:
+    """The trained reference policy as the probe rollouts' driver, and its identity for the cache key.
+
+    Tasks the reference cannot read a goal for get seeded random actions of the same size instead (the later
+    states then still differ from t = 0)."""
+    from evalkit.errors import BadInput
+    from evalkit.policies.reference import DEFAULT_DIR
+
+    weights = DEFAULT_DIR / "model.safetensors"
+    ident = hashlib.sha1(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "missing"
+
+    def factory() -> Actor:
+        from evalkit.policies.reference import build
+
+        try:
+            policy = build({"kind": "reference"}, "cpu")
+        except BadInput:
+            policy = None
+        rng = np.random.default_rng(noise_seed)
+
+        def act(o: Observation) -> np.ndarray:
+            if policy is not None:
+                try:
+                    return policy.predict(ObsBatch([o]), noise_seed=noise_seed)[0]
+                except BadInput:
+                    pass
+            return np.concatenate([rng.uniform(-0.3, 0.3, (10, 6)), -np.ones((10, 1))], axis=1)
+
+        return act
+
+    return factory, ident
+
+
+def load_check_probes(spec, cache_dir: str | Path, init_states: int = 1, steps: list[int] | None = None,
+                      images: bool = True, actor_factory: Callable[[], Actor] | None = None, actor_id: str = "",
+                      make_env: Callable | None = None) -> ObsBatch:
+    """Held-out check probes (module docstring), cached; the default actor is the trained reference policy."""
+    steps = sorted({int(s) for s in (steps or [0])})
+    if actor_factory is None:
+        actor_factory, actor_id = reference_actor_factory()
+    key = probe_key(spec, init_states, kind="check", steps=steps, images=images, actor=actor_id)
+    path = Path(cache_dir) / f"{spec.name}_check_{key}.npz"
+    return _cached(path, lambda: record_rollout_probes(spec, init_states, steps, actor_factory, make_env, images))

@@ -23,8 +23,12 @@ class FidelityCheck:
 class LayerResult:
     layer: str  # "<stack>.layers.<i>"
     cosine_min: float  # agreement of the layer's residual update (cosine-like), reference input fed in; min over probes, calls
-    state_cosine_min: float  # cosine of the layer's output in the free-running candidate (accumulated error)
-    calls: int  # forward calls seen on the candidate (expert layers: one per denoise step)
+    update_p50_db: float  # the same as an SQNR in dB: median over probe rows and calls
+    update_min_db: float  # ... and its worst row
+    state_p50_db: float  # SQNR of the layer's output in the free-running candidate (accumulated error): median
+    state_min_db: float  # ... and worst
+    calls: int  # forward calls seen on the candidate over all check calls (expert layers: one per denoise step)
+    ref_calls: int  # ... and on the reference
     order: int  # position in execution order (first call)
 
 
@@ -36,6 +40,12 @@ class FidelityReport:
     probes: int
     layers: list[LayerResult] = field(default_factory=list)
     first_divergent_layer: str | None = None
+    precision_class: str = "16-bit"  # the class whose budgets applied (evalkit.fidelity.budgets)
+    class_source: str = ""  # declared | from its name | default
+    budget: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0  # predict calls the held-out probes were split into
+    action_cosine_min: float | None = None
+    weight_sqnr_db: dict[str, float] = field(default_factory=dict)  # driven effective weight vs reference, per Linear
 
     @property
     def passed(self) -> bool:
@@ -48,9 +58,14 @@ class FidelityReport:
         return next(c for c in self.checks if c.name == name)
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics (DESIGN.md names): action_cosine_min, layer_cosine_min, plus action_sqnr_db_min."""
+        """MLflow metrics (DESIGN.md names): action_cosine_min, layer_cosine_min, plus the dB minima."""
         out = {}
-        for name, key in (("action_cosine", "action_cosine_min"), ("layer_cosine", "layer_cosine_min"), ("action_sqnr", "action_sqnr_db_min")):
+        if self.action_cosine_min is not None and math.isfinite(self.action_cosine_min):
+            out["action_cosine_min"] = float(self.action_cosine_min)
+        if self.layers:
+            out["layer_cosine_min"] = float(min(lr.cosine_min for lr in self.layers))
+        for name, key in (("action_sqnr", "action_sqnr_db_min"), ("layer_cosine", "layer_sqnr_db_min"),
+                          ("layer_states", "state_sqnr_db_min"), ("weight_match", "weight_sqnr_db_min")):
             c = next((c for c in self.checks if c.name == name), None)
             if c is not None and isinstance(c.value, (int, float)) and math.isfinite(c.value):
                 out[key] = float(c.value)
@@ -60,9 +75,16 @@ class FidelityReport:
         d = asdict(self)
         d["passed"] = self.passed
         d["failed"] = [c.name for c in self.failed()]
-        d.update(self.metrics())  # action_cosine_min, layer_cosine_min, action_sqnr_db_min at the top for MLflow
-        for c in d["checks"]:
-            for k in ("value", "threshold"):
-                if isinstance(c[k], float) and not math.isfinite(c[k]):
-                    c[k] = str(c[k])  # JSON has no inf
-        return d
+        d.update(self.metrics())  # action_cosine_min, layer_cosine_min, ... at the top for MLflow
+        return _json_safe(d)
+
+
+def _json_safe(x: Any) -> Any:
+    """JSON has no inf/nan: they become strings ("inf", "-inf", "nan")."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x

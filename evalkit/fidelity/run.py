@@ -1,105 +1,56 @@
-"""run_fidelity: compare a candidate policy (configured backend) with a reference policy (gate.reference_backend)
-on a fixed probe batch, before any episode is simulated. Seconds, not minutes.
+"""run_fidelity: the candidate policy (the run's backend) against the same policy under the reference backend, on
+held-out check probes, before any episode is simulated. Seconds on the CPU for the reference policy.
 
-Both policies follow evalkit.policies.base.TorchPolicy: `.model`, `.transformer_stacks()`, `.predict(ObsBatch,
-noise_seed)`. torch forward hooks record every layer's output in every stack; torch does the math
-(evalkit.fidelity.metrics). Run it before enabling CUDA graphs or torch.compile: graph replays fire no hooks.
+What is compared (every number measured from outside the backend; evalkit.fidelity.hooks, .drive):
+- the probes go in `check_calls` predict calls of different sizes and order (unlike calibration), and every call
+  is compared: a backend that keeps state from an earlier call, or fits its calibration batch, shows it;
+- actions per probe (SQNR), each layer's residual update with the reference's input fed in (teacher forcing:
+  isolates the layer's own error) and each layer's free-running hidden state (the candidate's own computation,
+  accumulated error: sees layers run out of order), budgeted per precision class at p50 and min;
+- the order modules run in, against the reference's, first difference named;
+- the denoise steps the expert layers really ran (hooks), cross-checked with the model's own counter;
+- effective weights by driving every Linear (basis inputs), each against its own reference layer, and layers
+  distinct from each other;
+- silent fallback: a targeted module of a class below the reference's bits must compute something other than
+  the reference module on the same real input (bit-identical outputs = it did not quantize), whatever its
+  report row says; the matmul dtypes seen are reported beside.
+Run it before CUDA graphs / torch.compile hide the hooks (`policy.eager()` lifts them for the duration).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any
+import re
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
-from evalkit.fidelity.fallback import claimed_low_precision, precision_bits, storage_mismatches
-from evalkit.fidelity.metrics import cosine_per_row, sqnr_db_per_row, update_agreement_per_row
+from evalkit.fidelity.budgets import CLASS_BITS, Budget
+from evalkit.fidelity.config import FidelityConfig
+from evalkit.fidelity.drive import drive_linear, in_features_of
+from evalkit.fidelity.fallback import precision_bits, storage_mismatches, claimed_low_precision
+from evalkit.fidelity.hooks import MatmulDtypes, ModuleInput, record_layers, trace_modules
+from evalkit.fidelity.metrics import (cosine_per_row, quantiles_db, sqnr_db, sqnr_db_per_row,
+                                      update_agreement_per_row, update_sqnr_db_per_row)
 from evalkit.fidelity.report import FAIL, PASS, SKIP, FidelityCheck, FidelityReport, LayerResult
-from evalkit.fidelity.weights import compare_stacks
 from evalkit.policies.base import ObsBatch
 
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        for o in out:
-            if isinstance(o, torch.Tensor):
-                return o
-    return None
-
-
-def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    return None
-
-
-@contextmanager
-def _record(stacks: dict[str, torch.nn.ModuleList], sink, force=None):
-    """Call sink(layer_name, call_index, input, output) for every forward call of every layer of every stack.
-
-    force(layer_name, call_index) -> tensor or None: when given, the layer's first positional input is
-    replaced by that tensor (teacher forcing: every layer sees the reference's input).
-    """
-    handles, calls = [], {}
-    for stack, layers in stacks.items():
-        for i, layer in enumerate(layers):
-            name = f"{stack}.layers.{i}"
-            seen: dict[str, torch.Tensor | None] = {}
-
-            def pre(mod, args, kwargs, name=name, seen=seen):
-                x = _first_arg(args, kwargs)
-                if force is not None and x is not None:
-                    r = force(name, calls.get(name, 0))
-                    if r is not None and r.shape == x.shape:
-                        x = r.to(device=x.device, dtype=x.dtype)
-                        args = (x,) + tuple(args[1:])
-                seen["x"] = x
-                return args, kwargs
-
-            def post(mod, args, out, name=name, seen=seen):
-                k = calls.get(name, 0)
-                calls[name] = k + 1
-                t = _first_tensor(out)
-                if t is not None:
-                    sink(name, k, seen.get("x"), t.detach())
-
-            handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(layer.register_forward_hook(post))
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def _eager(policy):
-    """Run the policy's eager path: CUDA-graph replays fire no forward hooks.
-
-    Uses `policy.eager()` when the policy offers it, else lifts a `_graphs` sampler (evalkit's pi05) for the
-    duration; the weights are the same objects either way.
-    """
-    if hasattr(policy, "eager"):
-        with policy.eager():
-            yield
-        return
-    graphs = getattr(policy, "_graphs", None)
-    if graphs is not None:
-        policy._graphs = None
-    try:
-        yield
-    finally:
-        if graphs is not None:
-            policy._graphs = graphs
+_LAYER = re.compile(r"^(\w+)\.layers\.(\d+)$")
+SAMPLE_ROWS = 16  # rows of a real input kept per module for the output comparisons
 
 
 def _check(name, value, threshold, status, detail) -> FidelityCheck:
     return FidelityCheck(name, value, threshold, status != FAIL, detail, status)
+
+
+@contextmanager
+def _eager(policy):
+    """The policy's eager path (CUDA-graph replays fire no forward hooks), through its public `eager()`."""
+    with (policy.eager() if hasattr(policy, "eager") else nullcontext()):
+        yield
 
 
 def _expert_calls(policy) -> int | None:
@@ -107,181 +58,464 @@ def _expert_calls(policy) -> int | None:
     return int(v) if isinstance(v, (int, np.integer)) else None
 
 
-@torch.no_grad()
-def run_fidelity(
-    reference_policy,
-    candidate_policy,
-    probes: ObsBatch,
-    backend_report,
-    cfg,
-    denoise_steps: int | None = None,
-) -> FidelityReport:
-    """Every fidelity check of issue 5, pass or fail, with value and threshold.
+def split_calls(n: int, max_calls: int) -> list[list[int]]:
+    """Probe indices per predict call: reversed order (calibration runs forward) in batches of sizes 1, 1, 2, 2,
+    3, 3, ...: every size comes twice with different observations, so a backend that keeps state from an earlier
+    call (even one keyed by input shape, like a stale CUDA graph) meets an observation it did not compute; the
+    last call takes what is left."""
+    order = list(range(n))[::-1]
+    sizes: list[int] = []
+    k = 1
+    while sum(sizes) < n and len(sizes) < max_calls - 1:
+        sizes.append(min(k, n - sum(sizes)))
+        if len(sizes) % 2 == 0:
+            k += 1
+    if sum(sizes) < n:
+        sizes.append(n - sum(sizes))
+    out, s = [], 0
+    for size in sizes:
+        out.append(order[s : s + size])
+        s += size
+    return out
 
-    reference_policy: the same policy built under cfg.reference_backend; candidate_policy: under the run's
-    backend (after backend.apply); backend_report: the candidate's BackendReport; cfg: GateConfig;
-    denoise_steps: expected expert calls per predict (default: candidate_policy.denoise_steps).
-    """
-    seed = int(getattr(cfg, "probe_noise_seed", 0))
-    ref_stacks = reference_policy.transformer_stacks()
-    cand_stacks = candidate_policy.transformer_stacks()
 
-    # 1) reference: keep every layer's input and output (on its device, in its dtype)
+def linear_names(model: nn.Module) -> list[str]:
+    """Every plain nn.Linear of the (reference) model: the modules whose weights are driven and compared."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def targeted_names(names: list[str], targets: str | None) -> set[str]:
+    """The Linear names a backend's `targets` select (all of them when the string is not one evalkit knows)."""
+    try:
+        from backends.targets import target_regex
+
+        rx = target_regex(targets or "prefix_mlp")
+    except Exception:  # a custom backend's own target grammar: judge every Linear by its class
+        return set(names)
+    hit = {n for n in names if rx.match(n)}
+    return hit or set(names)
+
+
+def _candidate_module(model: nn.Module, ref_name: str) -> tuple[str, nn.Module] | None:
+    """The candidate's module for a reference Linear: same name, or one wrapper deeper in the same layer with the
+    same leaf name (e.g. mlp.gate_proj -> mlp.inner.gate_proj)."""
+    try:
+        return ref_name, model.get_submodule(ref_name)
+    except AttributeError:
+        pass
+    layer = ".".join(ref_name.split(".")[:3]) + "."
+    leaf = "." + ref_name.rsplit(".", 1)[-1]
+    found = [(n, m) for n, m in model.named_modules() if n.startswith(layer) and n.endswith(leaf)]
+    return found[0] if len(found) == 1 else None
+
+
+def _first_order_difference(ref: list[str], cand: list[str]) -> str | None:
+    """Where the candidate's module order departs from the reference's: layer calls must match exactly; other
+    modules are compared on the names both ran (a fused kernel legitimately skips its parts)."""
+    lr = [n for n in ref if _LAYER.match(n)]
+    lc = [n for n in cand if _LAYER.match(n)]
+    for i, (a, b) in enumerate(zip(lr, lc)):
+        if a != b:
+            return f"layer call {i}: reference ran {a}, candidate ran {b}"
+    if len(lr) != len(lc):
+        i = min(len(lr), len(lc))
+        return (f"layer call {i}: reference ran {lr[i]}, candidate stopped after {len(lc)} layer calls" if len(lr) > len(lc)
+                else f"layer call {i}: candidate ran {lc[i]} after the reference's {len(lr)} layer calls")
+    both = set(ref) & set(cand)
+    fr, fc = [n for n in ref if n in both], [n for n in cand if n in both]
+    for i, (a, b) in enumerate(zip(fr, fc)):
+        if a != b:
+            return f"module call {i}: reference ran {a}, candidate ran {b}"
+    if len(fr) != len(fc):
+        return f"the modules both ran were called {len(fr)} times in the reference, {len(fc)} in the candidate"
+    return None
+
+
+@dataclass
+class _Acc:
+    """Per-layer and per-probe numbers accumulated over every call."""
+
+    upd_db: dict[str, list[float]] = field(default_factory=dict)
+    upd_agree: dict[str, float] = field(default_factory=dict)
+    state_db: dict[str, list[float]] = field(default_factory=dict)
+    cand_calls: dict[str, int] = field(default_factory=dict)
+    ref_calls: dict[str, int] = field(default_factory=dict)
+    first_seen: dict[str, int] = field(default_factory=dict)
+    action_db: list[float] = field(default_factory=list)
+    action_cos: list[float] = field(default_factory=list)
+    order_problems: list[str] = field(default_factory=list)
+    step_problems: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    hidden_identical: bool = True
+    actions_identical: bool = True
+    cand_inputs: dict[str, ModuleInput] = field(default_factory=dict)
+    ref_inputs: dict[str, ModuleInput] = field(default_factory=dict)
+
+
+def _reference_pass(reference_policy, batch: ObsBatch, seed: int, watch: set[str]):
+    """The reference's layer inputs/outputs, actions, layer call counts and module trace for one call, memoized
+    on the reference policy (its outputs are a function of the batch and the noise seed): judging several
+    candidates against one reference (tests, sweeps in one process) runs each reference call once."""
+    key = (tuple((o.episode_key, o.step) for o in batch.observations), seed, frozenset(watch))
+    memo = reference_policy.__dict__.setdefault("_fidelity_reference_calls", {})
+    if key in memo:
+        return memo[key]
     ref_io: dict[tuple[str, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
 
-    def keep(n, k, x, t):
-        ref_io[(n, k)] = (None if x is None else x.clone(), t.clone())
+    def keep(n, i, x, t):
+        ref_io[(n, i)] = (None if x is None else x.clone(), t.clone())
 
-    with _eager(reference_policy), _record(ref_stacks, keep):
-        ref_actions = np.asarray(reference_policy.predict(probes, noise_seed=seed), dtype=np.float32)
+    with _eager(reference_policy), record_layers(reference_policy.transformer_stacks(), keep) as ref_calls, \
+            trace_modules(reference_policy.model, watch, keep_rows=SAMPLE_ROWS) as ref_trace:
+        ref_actions = np.asarray(reference_policy.predict(batch, noise_seed=seed), dtype=np.float64)
+    memo[key] = (ref_io, ref_actions, dict(ref_calls), ref_trace)
+    return memo[key]
 
-    # 2) candidate, free running: the actions it really produces, expert calls, output cosine per layer
-    state_cos: dict[str, float] = {}
 
-    hidden_identical = [True]
+def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidate_policy, watch: set[str],
+                  expected_steps: int | None, acc: _Acc) -> None:
+    cand_stacks = candidate_policy.transformer_stacks()
+    ref_io, ref_actions, ref_calls, ref_trace = _reference_pass(reference_policy, batch, seed, watch)
 
-    def free(n, k, x, t):
-        r = ref_io.get((n, k))
-        c = 0.0 if r is None or r[1].shape != t.shape else float(cosine_per_row(r[1], t.to(r[1].device)).min())
-        state_cos[n] = min(state_cos.get(n, 1.0), c)
-        if hidden_identical[0] and (r is None or r[1].dtype != t.dtype or not torch.equal(r[1], t.to(r[1].device))):
-            hidden_identical[0] = False
+    def free(n, i, x, t):
+        r = ref_io.get((n, i))
+        if r is None or r[1].shape != t.shape:
+            acc.unmatched.append(f"call {k}: {n} #{i}")
+            acc.state_db.setdefault(n, []).append(-math.inf)
+            acc.hidden_identical = False
+            return
+        acc.state_db.setdefault(n, []).extend(sqnr_db_per_row(r[1], t.to(r[1].device)).tolist())
+        if acc.hidden_identical and (r[1].dtype != t.dtype or not torch.equal(r[1], t.to(r[1].device))):
+            acc.hidden_identical = False
 
     before = _expert_calls(candidate_policy)
-    with _eager(candidate_policy), _record(cand_stacks, free) as cand_calls:
-        cand_actions = np.asarray(candidate_policy.predict(probes, noise_seed=seed), dtype=np.float32)
+    with _eager(candidate_policy), record_layers(cand_stacks, free) as cand_calls, \
+            trace_modules(candidate_policy.model, watch) as cand_trace:
+        cand_actions = np.asarray(candidate_policy.predict(batch, noise_seed=seed), dtype=np.float64)
     after = _expert_calls(candidate_policy)
 
-    # 3) candidate, teacher forced: each layer gets the reference's input, so comparing its residual
-    # update (output - input) with the reference's isolates that layer's own error. The residual stream
-    # itself hides a missing branch: out = h vs h + mlp(h) can still have cosine > 0.98.
-    upd_cos: dict[str, float] = {}
-    order: dict[str, int] = {}
-    missing: list[str] = []
-
-    def forced(n, k, x, t):
-        order.setdefault(n, len(order))
-        r = ref_io.get((n, k))
+    def forced(n, i, x, t):
+        acc.first_seen.setdefault(n, len(acc.first_seen))
+        r = ref_io.get((n, i))
         if r is None or r[0] is None or r[1].shape != t.shape or x is None or x.shape != r[0].shape:
-            missing.append(f"{n} call {k}")
-            upd_cos[n] = min(upd_cos.get(n, 1.0), 0.0)
+            acc.upd_db.setdefault(n, []).append(-math.inf)
+            acc.upd_agree[n] = 0.0
             return
-        # x is the reference input (forced), so both updates are measured from the same point
-        upd_cos[n] = min(upd_cos.get(n, 1.0), float(update_agreement_per_row(r[0], r[1], t).min()))
+        acc.upd_db.setdefault(n, []).extend(update_sqnr_db_per_row(r[0], r[1], t).tolist())
+        acc.upd_agree[n] = min(acc.upd_agree.get(n, 1.0), float(update_agreement_per_row(r[0], r[1], t).min()))
 
-    def force(n, k):
-        r = ref_io.get((n, k))
+    def force(n, i):
+        r = ref_io.get((n, i))
         return None if r is None else r[0]
 
-    calls_mark = _expert_calls(candidate_policy)
-    with _eager(candidate_policy), _record(cand_stacks, forced, force=force):
-        candidate_policy.predict(probes, noise_seed=seed)
-    if calls_mark is not None:
-        candidate_policy.model.expert_calls = calls_mark  # the diagnostic pass is not a real predict
-    ref_io.clear()
+    mark = _expert_calls(candidate_policy)
+    with _eager(candidate_policy), record_layers(cand_stacks, forced, force=force):
+        candidate_policy.predict(batch, noise_seed=seed)
+    if mark is not None:
+        candidate_policy.model.expert_calls = mark  # the diagnostic pass is not a real predict
 
-    checks: list[FidelityCheck] = []
-
-    # action chunk cosine and SQNR (min over probes)
+    # actions
     if ref_actions.shape != cand_actions.shape:
-        checks.append(_check("action_cosine", 0.0, cfg.action_cosine_min, FAIL,
-                             f"action shapes differ: reference {ref_actions.shape}, candidate {cand_actions.shape}"))
-        checks.append(_check("action_sqnr", -math.inf, cfg.sqnr_min_db, FAIL, "action shapes differ"))
+        acc.action_db.extend([-math.inf] * len(batch))
+        acc.action_cos.extend([0.0] * len(batch))
+        acc.actions_identical = False
     else:
         finite = bool(np.isfinite(cand_actions).all())
-        cos = cosine_per_row(ref_actions, np.nan_to_num(cand_actions)) if finite else np.zeros(len(ref_actions))
-        sq = sqnr_db_per_row(ref_actions, np.nan_to_num(cand_actions)) if finite else np.full(len(ref_actions), -math.inf)
-        worst = int(np.argmin(cos))
-        checks.append(_check(
-            "action_cosine", float(cos.min()), cfg.action_cosine_min, PASS if cos.min() >= cfg.action_cosine_min else FAIL,
-            (f"min over {len(cos)} probes (worst probe {worst}); mean {cos.mean():.5f}" if finite
-             else "candidate actions contain NaN/inf"),
-        ))
-        checks.append(_check(
-            "action_sqnr", float(sq.min()), cfg.sqnr_min_db, PASS if sq.min() >= cfg.sqnr_min_db else FAIL,
-            f"min over probes of 10 log10(|ref|^2 / |ref - cand|^2) in dB (worst probe {int(np.argmin(sq))})",
-        ))
+        acc.action_db.extend(sqnr_db_per_row(ref_actions, cand_actions).tolist() if finite else [-math.inf] * len(batch))
+        acc.action_cos.extend(cosine_per_row(ref_actions, np.nan_to_num(cand_actions)).tolist() if finite else [0.0] * len(batch))
+        acc.actions_identical &= bool(np.array_equal(ref_actions, cand_actions))
 
-    # per-layer hidden-state cosine (teacher-forced residual update), first divergent layer in execution order
-    layers = [LayerResult(n, upd_cos[n], state_cos.get(n, float("nan")), cand_calls.get(n, 0), order[n])
-              for n in sorted(order, key=order.get)]
-    not_run = [f"{s}.layers.{i}" for s, ls in cand_stacks.items() for i in range(len(ls)) if f"{s}.layers.{i}" not in order]
-    first = next((lr for lr in layers if lr.cosine_min < cfg.layer_cosine_min), None)
+    # what ran: calls per layer, module order, denoise steps (hooks, then the model's own counter)
+    for n, c in ref_calls.items():
+        acc.ref_calls[n] = acc.ref_calls.get(n, 0) + c
+    for n, c in cand_calls.items():
+        acc.cand_calls[n] = acc.cand_calls.get(n, 0) + c
+    diff = _first_order_difference(ref_trace.order, cand_trace.order)
+    if diff:
+        acc.order_problems.append(f"call {k} ({len(batch)} probes): {diff}")
+    expert = sorted(n for n in ref_calls if n.startswith("expert.layers."))
+    if expert:
+        seen = {n: cand_calls.get(n, 0) for n in expert}
+        want = {n: ref_calls[n] for n in expert}
+        if expected_steps is not None and any(v != expected_steps for v in want.values()):
+            acc.step_problems.append(f"call {k}: the reference's expert layers ran {sorted(set(want.values()))} times, "
+                                     f"configured {expected_steps}")
+        if seen != want:
+            bad = next(n for n in expert if seen[n] != want[n])
+            acc.step_problems.append(f"call {k}: {bad} ran {seen[bad]} times (hooks), the reference's {want[bad]}")
+        if before is not None and after is not None and after - before != seen[expert[0]]:
+            acc.step_problems.append(f"call {k}: the model's expert_calls counter says {after - before} steps, "
+                                     f"hooks saw {expert[0]} run {seen[expert[0]]} times")
+    for name, inp in cand_trace.inputs.items():
+        acc.cand_inputs.setdefault(name, inp)
+    for name, inp in ref_trace.inputs.items():
+        acc.ref_inputs.setdefault(name, inp)
+
+
+def _layer_checks(acc: _Acc, budget: Budget, cand_stacks) -> tuple[list[FidelityCheck], list[LayerResult], str | None]:
+    order = sorted(set(acc.first_seen) | set(acc.state_db), key=lambda n: acc.first_seen.get(n, 10**6))
+    layers, bad_upd, bad_state = [], [], []
+    for n in order:
+        up50, upmin = quantiles_db(acc.upd_db.get(n, []))
+        st50, stmin = quantiles_db(acc.state_db.get(n, []))
+        layers.append(LayerResult(n, acc.upd_agree.get(n, float("nan")), up50, upmin, st50, stmin,
+                                  acc.cand_calls.get(n, 0), acc.ref_calls.get(n, 0), acc.first_seen.get(n, -1)))
+        if up50 < budget.layer_p50 or upmin < budget.layer_min:
+            bad_upd.append(layers[-1])
+        if st50 < budget.state_p50 or stmin < budget.state_min:
+            bad_state.append(layers[-1])
+    not_run = [f"{s}.layers.{i}" for s, ls in cand_stacks.items() for i in range(len(ls))
+               if acc.cand_calls.get(f"{s}.layers.{i}", 0) == 0 and acc.ref_calls.get(f"{s}.layers.{i}", 0) > 0]
+    checks = []
     if not layers:
-        checks.append(_check("layer_cosine", None, cfg.layer_cosine_min, SKIP,
-                             "skipped: no layer output captured (no transformer_stacks, or CUDA graphs/compile hide the hooks)"))
-    else:
-        lmin = min(lr.cosine_min for lr in layers)
-        detail = (f"first divergent layer: {first.layer} (cosine {first.cosine_min:.4f}); " if first else "all layers agree; ")
-        detail += ("agreement of each layer's residual update, reference input fed in (teacher forcing): "
-                   "1/sqrt(1 + |out_c - out_r|^2 / |out_r - in|^2), min over probes and calls; "
-                   f"{len(layers)} layers in {len(cand_stacks)} stacks")
-        if missing:
-            detail += f"; no matching reference call for {len(missing)} calls (e.g. {missing[0]})"
-        if not_run:
-            detail += f"; layers that never ran: {', '.join(not_run[:4])}"
-        checks.append(_check("layer_cosine", float(lmin), cfg.layer_cosine_min, FAIL if first or missing else PASS, detail))
+        checks.append(_check("layer_cosine", None, None, SKIP, "skipped: no layer output captured (no transformer_stacks)"))
+        checks.append(_check("layer_states", None, None, SKIP, "skipped: no layer output captured"))
+        return checks, layers, None
+    worst_u = min(layers, key=lambda lr: lr.update_min_db)
+    d = (f"first divergent layer: {bad_upd[0].layer} (update SQNR p50 {bad_upd[0].update_p50_db:.1f} dB, "
+         f"min {bad_upd[0].update_min_db:.1f} dB); " if bad_upd else "every layer within budget; ")
+    d += (f"each layer's residual update with the reference's input fed in (teacher forcing), SQNR per probe row and "
+          f"call, budget p50 >= {budget.layer_p50:.1f} dB, min >= {budget.layer_min:.1f} dB; {len(layers)} layers")
+    if not_run:
+        d += f"; layers that never ran: {', '.join(not_run[:4])}"
+    checks.append(_check("layer_cosine", float(worst_u.update_min_db), budget.layer_min,
+                         FAIL if (bad_upd or not_run) else PASS, d))
+    worst_s = min(layers, key=lambda lr: lr.state_min_db)
+    d = (f"first divergent layer: {bad_state[0].layer} (hidden-state SQNR p50 {bad_state[0].state_p50_db:.1f} dB, "
+         f"min {bad_state[0].state_min_db:.1f} dB); " if bad_state else "every layer within budget; ")
+    d += (f"the candidate's own hidden states (free running) against the reference's, budget p50 >= "
+          f"{budget.state_p50:.1f} dB, min >= {budget.state_min:.1f} dB")
+    if acc.unmatched:
+        d += f"; {len(acc.unmatched)} layer calls without a reference counterpart (e.g. {acc.unmatched[0]})"
+    checks.append(_check("layer_states", float(worst_s.state_min_db), budget.state_min,
+                         FAIL if (bad_state or acc.unmatched) else PASS, d))
+    first = (bad_upd or bad_state or [None])[0]
+    return checks, layers, first.layer if first else None
 
-    # weights: each matches its own reference layer, layers stay distinct
-    wf = compare_stacks(ref_stacks, cand_stacks, float(getattr(cfg, "weight_sqnr_min_db", 12.0)))
-    if wf.compared == 0:
-        checks.append(_check("weight_match", None, cfg.weight_sqnr_min_db, SKIP, "skipped: no layer weights found"))
-    else:
-        d = f"{wf.compared} modules; worst {wf.worst_module} at {wf.worst_sqnr_db:.1f} dB"
-        if wf.mismatched:
-            d = f"{len(wf.mismatched)} modules differ from their reference layer: {'; '.join(wf.mismatched[:4])}; " + d
-        if wf.unmatched:
-            d += f"; {'; '.join(wf.unmatched[:2])}"
-        checks.append(_check("weight_match", float(wf.worst_sqnr_db), cfg.weight_sqnr_min_db, FAIL if wf.mismatched else PASS, d))
-        checks.append(_check(
-            "weight_distinct", len(wf.shared), 0, FAIL if wf.shared else PASS,
-            ("layers share weights that are distinct in the reference: " + "; ".join(wf.shared[:4])) if wf.shared
-            else "every layer's weights are distinct from the other layers' (as in the reference)",
-        ))
 
-    # silent fallback: claims vs storage, and bit-identical outputs
-    ref_bits = precision_bits(getattr(cfg, "reference_backend", "bf16")) or 16
+SAME_DB = 50.0  # two layers' driven weights this close are one weight (distinct layers differ by ~0 dB)
+
+
+def _input_dtype(mod: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype a module expects when no run-time call of it was traced (e.g. a module shared under two names)."""
+    out = getattr(mod, "out_dtype", None)
+    if isinstance(out, torch.dtype):
+        return out
+    for t in list(mod.parameters()) + list(mod.buffers()):
+        if t.is_floating_point() and t.element_size() >= 2:
+            return t.dtype
+    return default
+
+
+# A module of a class below 16 bits cannot reproduce its weights better than its formats' best case: a grid of L
+# levels over uniformly spread values gives 20 log10(L) dB (int8 48.1, int4 23.5; fp8 and fp4 less), plus 3 dB of
+# slack. A 16-bit computation reaches ~55 dB: driven weights above the ceiling were not quantized.
+CLASS_CEILING_DB = {"8-bit": 51.0, "4-bit": 26.5, "fp4": 26.5}
+
+
+def _weight_checks(reference_policy, candidate_policy, names: list[str], targeted: set[str], acc: _Acc,
+                   budget: Budget, max16: float, precision_class: str, ref_bits: int):
+    """Drive every Linear; returns (checks, per-module SQNR dict, targeted modules too precise for their class)."""
+    ref_model, cand_model = reference_policy.model, candidate_policy.model
+    device = next(iter(list(cand_model.parameters()) + list(cand_model.buffers()))).device
+    dtype = getattr(cand_model, "compute_dtype", torch.bfloat16)
+    sq: dict[str, float] = {}
+    mismatched, undriven, identical = [], [], []
+    fingerprints: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for name in names:
+        ref_mod = ref_model.get_submodule(name)
+        found = _candidate_module(cand_model, name)
+        k = in_features_of(ref_mod)
+        if found is None or k is None:
+            undriven.append(name)
+            continue
+        cname, cmod = found
+        seen, dt = acc.cand_inputs.get(cname) or acc.cand_inputs.get(name), _input_dtype(cmod, dtype)
+        try:
+            driven = drive_linear(cmod, k, seen, device, dt)
+        except Exception as e:  # a module that cannot be called alone (a fused part) is judged by the layer checks
+            undriven.append(f"{name} ({type(e).__name__})")
+            continue
+        # the reference's weights driven the same way, at the candidate's activation dtype: the rounding of a bias
+        # in bf16 then affects both sides alike, and what remains is what the candidate changed
+        w, b = ref_mod.weight.detach(), None if ref_mod.bias is None else ref_mod.bias.detach()
+        ref_at = lambda x, w=w, b=b: torch.nn.functional.linear(  # noqa: E731
+            x, w.to(device=x.device, dtype=x.dtype), None if b is None else b.to(device=x.device, dtype=x.dtype))
+        ref_cols = drive_linear(ref_at, k, seen, device, dt).weight
+        if driven.weight.shape != ref_cols.shape:
+            mismatched.append(f"{name}: driven output {tuple(driven.weight.shape)} vs reference {tuple(ref_cols.shape)}")
+            sq[name] = -math.inf
+            continue
+        s = sqnr_db(ref_cols, driven.weight)
+        sq[name] = s
+        need = budget.weight if name in targeted else max16
+        if s < need:
+            mismatched.append(f"{name}: {s:.1f} dB < {need:.1f}")
+        if name in targeted and s >= CLASS_CEILING_DB.get(precision_class, math.inf):
+            identical.append(f"{name} ({s:.1f} dB)")
+        m = _LAYER.match(".".join(name.split(".")[:3]))
+        if m:
+            rel = name.split(".", 3)[3] if name.count(".") >= 3 else ""
+            fingerprints.setdefault(f"{m.group(1)}|{rel}", []).append((int(m.group(2)), driven.weight, ref_cols))
+    shared = []
+    for key, items in fingerprints.items():
+        stack, rel = key.split("|")
+        for a in range(len(items)):
+            for b in range(a):
+                (i, wi, ri), (j, wj, rj) = items[a], items[b]
+                # the same weights (up to the driving's rounding) where the reference's layers differ
+                if wi.shape == wj.shape and sqnr_db(wj, wi) > SAME_DB and sqnr_db(rj, ri) < SAME_DB:
+                    shared.append(f"{stack}.layers.{i} == {stack}.layers.{j} ({rel})")
+    checks = []
+    if not sq:
+        checks.append(_check("weight_match", None, budget.weight, SKIP, "skipped: no Linear could be driven"))
+        return checks, sq, identical
+    worst = min(sq, key=sq.get)
+    d = (f"{len(mismatched)} modules' effective weights differ from their own reference layer: {'; '.join(mismatched[:4])}; "
+         if mismatched else "")
+    d += (f"{len(sq)} Linear modules driven with basis inputs (effective weights measured, not read); worst {worst} at "
+          f"{sq[worst]:.1f} dB; budget {budget.weight:.1f} dB for targeted modules ({len(targeted & set(sq))}), "
+          f"{max16:.1f} dB for the rest")
+    if undriven:
+        d += f"; {len(undriven)} not drivable alone (judged by the layer checks): {', '.join(undriven[:3])}"
+    checks.append(_check("weight_match", float(sq[worst]), budget.weight, FAIL if mismatched else PASS, d))
+    checks.append(_check(
+        "weight_distinct", len(shared), 0, FAIL if shared else PASS,
+        ("layers compute with the same weights where the reference's differ: " + "; ".join(shared[:4])) if shared
+        else "every layer computes with its own weights (driven outputs differ wherever the reference's do)"))
+    return checks, sq, identical
+
+
+@torch.no_grad()
+def _fallback_check(reference_policy, candidate_policy, targeted: set[str], acc: _Acc, identical_weights: list[str],
+                    precision_class: str, ref_bits: int, backend_report) -> FidelityCheck:
+    cls_bits = CLASS_BITS[precision_class]
+    same_out, dtypes_seen = [], {}
+    for name in sorted(targeted):
+        inp = acc.ref_inputs.get(name)
+        found = _candidate_module(candidate_policy.model, name)
+        if inp is None or inp.sample is None or found is None:
+            continue
+        cname, cmod = found
+        cin = acc.cand_inputs.get(cname) or acc.cand_inputs.get(name)
+        x = inp.sample.to(dtype=cin.dtype if cin else inp.sample.dtype)
+        mode = MatmulDtypes()
+        try:
+            with mode:
+                cand_out = cmod(x)
+        except Exception:
+            continue
+        dtypes_seen[name] = sorted({d for _, ds in mode.seen for d in ds})
+        ref_mod = reference_policy.model.get_submodule(name)
+        for dt in dict.fromkeys([inp.sample.dtype, torch.bfloat16, torch.float16, torch.float32]):
+            # the reference module computing at each full precision: a fallback reproduces one of them bit for bit
+            bias = None if ref_mod.bias is None else ref_mod.bias.to(dt)
+            ref_out = torch.nn.functional.linear(inp.sample.to(dt), ref_mod.weight.to(dt), bias)
+            if cand_out.numel() == ref_out.numel() and torch.equal(cand_out.reshape(ref_out.shape).to(dt), ref_out):
+                same_out.append(f"{name} (= the {str(dt).replace('torch.', '')} reference)")
+                break
+    if cls_bits >= 16:
+        note = "; actions and hidden states bit-identical to the reference" if (acc.actions_identical and acc.hidden_identical) else ""
+        return _check("silent_fallback", 0, 0, PASS,
+                      f"precision class {precision_class} is not below the reference's {ref_bits} bits: nothing to fall back from{note}")
+    problems = []
+    if same_out:
+        first = same_out[0].split(" ")[0]
+        problems.append(f"{len(same_out)} of {len(targeted)} targeted modules compute bit-identically to a "
+                        f"full-precision reference on a real input (e.g. {same_out[0]}, matmul inputs "
+                        f"{'/'.join(dtypes_seen.get(first, [])) or 'none seen'})")
+    if identical_weights:
+        problems.append(f"{len(identical_weights)} targeted modules' driven weights are closer to the reference than "
+                        f"any {precision_class} format allows (e.g. {identical_weights[0]})")
+    if acc.actions_identical and acc.hidden_identical:
+        problems.append("actions and every hidden state bit-identical to the reference")
     claimed = claimed_low_precision(backend_report, ref_bits)
-    # bit-identical = same actions AND same hidden states in every layer (a policy whose actions barely
-    # depend on the network, like a randomly initialised one, can repeat its actions bit for bit)
-    identical = (ref_actions.shape == cand_actions.shape and np.array_equal(ref_actions, cand_actions)
-                 and hidden_identical[0] and bool(state_cos))
-    if not claimed:
-        checks.append(_check("silent_fallback", 0, 0, PASS,
-                             f"backend claims nothing below the reference precision ({ref_bits} bits)"
-                             + ("; outputs bit-identical to the reference, as expected" if identical else "")))
-    else:
-        problems = storage_mismatches(candidate_policy.model, claimed)
-        if identical:
-            problems.insert(0, f"actions and hidden states bit-identical to the {cfg.reference_backend} reference although {len(claimed)} modules claim lower precision")
+    problems += storage_mismatches(candidate_policy.model, claimed)[:2]
+    if problems:
+        return _check("silent_fallback", len(problems), 0, FAIL,
+                      f"backend of class {precision_class} did not change what is computed: " + "; ".join(problems[:4]))
+    some = next(iter(dtypes_seen.items()), None)
+    seen = f"; matmul inputs seen e.g. {some[0]}: {'/'.join(some[1]) or 'no dispatched matmul (custom kernel)'}" if some else ""
+    return _check("silent_fallback", 0, 0, PASS,
+                  f"{len(targeted)} targeted modules of class {precision_class} compute differently from the reference "
+                  f"on real inputs{seen}")
+
+
+@torch.no_grad()
+def run_fidelity(reference_policy, candidate_policy, probes: ObsBatch, backend_report, cfg: FidelityConfig | dict | None,
+                 precision_class: str = "16-bit", class_source: str = "default", denoise_steps: int | None = None,
+                 targets: str | None = None) -> FidelityReport:
+    """Every fidelity check, pass or fail, with value and budget (module docstring).
+
+    reference_policy / candidate_policy: the same policy under cfg.reference_backend and under the run's backend
+    (after backend.apply); probes: the held-out check probes; precision_class: the backend's class
+    (evalkit.fidelity.budgets.class_of_backend); denoise_steps: the run's configured steps; targets: the backend's
+    `targets` (which modules must show their class's precision).
+    """
+    cfg = FidelityConfig.from_dict(cfg)
+    budget = cfg.budget(precision_class)
+    max16 = cfg.budget("16-bit").weight
+    ref_bits = precision_bits(cfg.reference_backend) or 16
+    names = linear_names(reference_policy.model)
+    targeted = targeted_names(names, targets)
+    acc = _Acc()
+    calls = split_calls(len(probes), cfg.check_calls)
+    checks: list[FidelityCheck] = []
+    raised = None
+    for k, idx in enumerate(calls):
+        batch = ObsBatch([probes.observations[i] for i in idx])
+        try:
+            _compare_call(k, batch, int(cfg.probe_noise_seed) + k, reference_policy, candidate_policy, set(names),
+                          denoise_steps, acc)
+        except Exception as e:  # a candidate that crashes on an observation would crash the episode too
+            raised = f"call {k} ({len(batch)} probes) raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            break
+    checks.append(_check("calls", len(calls) if raised is None else k, len(calls), FAIL if raised else PASS,
+                         raised or f"{len(probes)} held-out probes in {len(calls)} predict calls of sizes "
+                                   f"{[len(c) for c in calls]} (reversed order), every call compared"))
+
+    a50, amin = quantiles_db(acc.action_db)
+    if acc.action_db:
         checks.append(_check(
-            "silent_fallback", len(problems), 0, FAIL if problems else PASS,
-            ("; ".join(problems[:4]) + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")) if problems
-            else f"{len(claimed)} modules claim < {ref_bits} bits and store the claimed dtype; outputs differ from the reference",
-        ))
-
-    # denoise steps: the expert ran exactly denoise_steps times in one predict
-    want = denoise_steps if denoise_steps is not None else getattr(candidate_policy, "denoise_steps", None)
-    if want is None:
-        checks.append(_check("denoise_steps", None, None, SKIP, "skipped: the policy has no denoise_steps"))
+            "action_sqnr", amin, budget.action_min,
+            FAIL if (a50 < budget.action_p50 or amin < budget.action_min) else PASS,
+            f"action chunk SQNR per probe over {len(acc.action_db)} probes: p50 {a50:.1f} dB, min {amin:.1f} dB "
+            f"(budget p50 >= {budget.action_p50:.1f}, min >= {budget.action_min:.1f}); cosine min "
+            f"{min(acc.action_cos):.5f}"))
     else:
-        if before is not None and after is not None:
-            ran, src = after - before, "policy.model.expert_calls"
-        elif "expert" in cand_stacks and len(cand_stacks["expert"]):
-            ran, src = cand_calls.get("expert.layers.0", 0), "forward calls of expert.layers.0"
-        else:
-            ran, src = None, ""
-        if ran is None:
-            checks.append(_check("denoise_steps", None, int(want), SKIP, "skipped: no expert_calls counter and no expert stack"))
-        else:
-            checks.append(_check("denoise_steps", int(ran), int(want), PASS if ran == want else FAIL,
-                                 f"expert ran {ran} times in one predict (from {src}); configured {want}"))
+        checks.append(_check("action_sqnr", None, budget.action_min, FAIL if raised else SKIP, "no call completed"))
 
+    cand_stacks = candidate_policy.transformer_stacks()
+    lchecks, layers, first = _layer_checks(acc, budget, cand_stacks)
+    checks += lchecks
+    checks.append(_check("execution_order", len(acc.order_problems), 0, FAIL if acc.order_problems else PASS,
+                         acc.order_problems[0] + (f" (+{len(acc.order_problems) - 1} more calls)" if len(acc.order_problems) > 1 else "")
+                         if acc.order_problems else "modules ran in the reference's order in every call"))
+    if not any(n.startswith("expert.layers.") for n in acc.ref_calls):
+        checks.append(_check("denoise_steps", None, denoise_steps, SKIP, "skipped: the policy has no expert stack"))
+    else:
+        per = acc.cand_calls.get("expert.layers.0", 0) / max(len(calls), 1)
+        checks.append(_check("denoise_steps", per, denoise_steps, FAIL if acc.step_problems else PASS,
+                             "; ".join(acc.step_problems[:3]) if acc.step_problems else
+                             f"every expert layer ran {per:g} times per predict (forward hooks), as the reference and "
+                             f"the configured {denoise_steps}; the model's counter agrees"))
+
+    wchecks, wsq, identical = _weight_checks(reference_policy, candidate_policy, names, targeted, acc, budget, max16,
+                                             precision_class, ref_bits)
+    checks += wchecks
+    checks.append(_fallback_check(reference_policy, candidate_policy, targeted, acc, identical, precision_class,
+                                  ref_bits, backend_report))
     return FidelityReport(
         checks=checks,
-        reference_backend=str(getattr(cfg, "reference_backend", "")),
+        reference_backend=cfg.reference_backend,
         candidate_backend=str(getattr(backend_report, "backend", "")),
         probes=len(probes),
         layers=layers,
-        first_divergent_layer=first.layer if first else None,
+        first_divergent_layer=first,
+        precision_class=precision_class,
+        class_source=class_source,
+        budget=budget.__dict__.copy(),
+        calls=len(calls),
+        action_cosine_min=min(acc.action_cos) if acc.action_cos else None,
+        weight_sqnr_db=wsq,
     )

@@ -1,15 +1,21 @@
-"""The fidelity stage of a run (before rollouts): build the reference, load the probes, run every check."""
+"""The fidelity stage of a run (before rollouts): calibration data for the backend, then the reference policy,
+the held-out check probes and every check."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from evalkit.fidelity.probes import load_probes
+from evalkit.errors import BadInput
+from evalkit.fidelity.budgets import class_of_backend
+from evalkit.fidelity.config import FidelityConfig
+from evalkit.fidelity.probes import load_check_probes, load_probes
 from evalkit.fidelity.report import FidelityReport
 from evalkit.fidelity.run import run_fidelity
-from evalkit.gate.config import GateConfig
+from evalkit.policies.base import ObsBatch
 
 # Outside the repo so it survives checkouts (the nightly runner renders once); EVALKIT_CACHE moves it.
 DEFAULT_PROBE_CACHE = Path(os.environ.get("EVALKIT_CACHE", Path.home() / ".cache" / "evalkit")) / "probes"
@@ -18,6 +24,44 @@ DEFAULT_PROBE_CACHE = Path(os.environ.get("EVALKIT_CACHE", Path.home() / ".cache
 def fidelity_applies(policy) -> bool:
     """Fidelity compares torch models layer by layer: only policies with a model and transformer stacks."""
     return getattr(policy, "model", None) is not None and bool(getattr(policy, "transformer_stacks", lambda: {})())
+
+
+@dataclass
+class CalibrationSet:
+    """What a backend that calibrates is given (`Backend.apply(model, calib)`): zero-argument callables, each running
+    the policy on one batch of observations, and a description of where they came from (recorded in the run)."""
+
+    items: list[Callable[[], Any]]
+    source: str  # e.g. "probes: libero_spatial_quick tasks (0, 1, 2) x init states 0..1 at t=0"
+    observations: int
+    digest: str  # sha1 of the observations' states: two runs calibrated on the same data share it
+
+
+def calibration_set(policy, spec, fidelity: FidelityConfig | dict | None = None, source: str = "probes",
+                    cache_dir: str | Path = DEFAULT_PROBE_CACHE, make_env: Callable | None = None) -> CalibrationSet:
+    """`backend.calib=probes`: each task's first init states at t = 0 (disjoint from the held-out check probes), one
+    predict call per task. Other sources are resolved by evalkit.calibration (demos, a path)."""
+    cfg = FidelityConfig.from_dict(fidelity)
+    if source != "probes":
+        raise BadInput(f"backend.calib={source!r}: this function serves 'probes' only")
+    batch = load_probes(spec, cache_dir, per_task=cfg.calib_init_states, make_env=make_env,
+                        images=bool(getattr(policy, "needs_images", True)))
+    return calibration_from_observations(policy, batch, group=cfg.calib_init_states, seed=cfg.probe_noise_seed,
+                                         source=f"probes: {spec.name} tasks {tuple(spec.task_ids)} x init states "
+                                                f"0..{cfg.calib_init_states - 1} at t=0")
+
+
+def calibration_from_observations(policy, batch: ObsBatch, group: int, seed: int, source: str) -> CalibrationSet:
+    obs = batch.observations
+    h = hashlib.sha1()
+    for o in obs:
+        h.update(o.state.tobytes())
+        h.update(o.instruction.encode())
+    items = []
+    for s in range(0, len(obs), max(1, group)):
+        chunk = ObsBatch(obs[s : s + group])
+        items.append(lambda chunk=chunk: policy.predict(chunk, noise_seed=seed))
+    return CalibrationSet(items, source, len(obs), h.hexdigest()[:12])
 
 
 def build_reference(policy_cfg: dict[str, Any], device, reference_backend: str):
@@ -34,24 +78,37 @@ def build_reference(policy_cfg: dict[str, Any], device, reference_backend: str):
     return ref
 
 
+def check_probes(spec, cfg: FidelityConfig, images: bool, cache_dir: str | Path = DEFAULT_PROBE_CACHE,
+                 make_env: Callable | None = None, actor_factory=None, actor_id: str = "") -> ObsBatch:
+    return load_check_probes(spec, cache_dir, init_states=cfg.check_init_states, steps=list(cfg.check_steps),
+                             images=images, actor_factory=actor_factory, actor_id=actor_id, make_env=make_env)
+
+
 def fidelity_for_run(
     policy_cfg: dict[str, Any],
     device,
     candidate_policy,
+    backend,
     backend_report,
     suite_spec,
-    gate_cfg: GateConfig | dict | None = None,
+    fidelity: FidelityConfig | dict | None = None,
+    denoise_steps: int | None = None,
     cache_dir: str | Path = DEFAULT_PROBE_CACHE,
     make_env: Callable | None = None,
 ) -> FidelityReport | None:
-    """None when the policy has no torch layers to compare (noop, scripted, remote)."""
-    cfg = GateConfig.from_dict(gate_cfg)
+    """None when the policy has no torch layers to compare (noop, scripted, remote).
+
+    backend: the Backend object the run applied (its declared precision class and `targets` decide the budgets);
+    denoise_steps: the run's configured steps (what the expert must really run, whatever the model says).
+    """
+    cfg = FidelityConfig.from_dict(fidelity)
     if not fidelity_applies(candidate_policy):
         return None
-    probes = load_probes(suite_spec, cache_dir, per_task=cfg.probe_init_states, make_env=make_env)
+    probes = check_probes(suite_spec, cfg, bool(getattr(candidate_policy, "needs_images", True)), cache_dir, make_env)
+    cls, source = class_of_backend(backend)
     reference = build_reference(policy_cfg, device, cfg.reference_backend)
     try:
-        return run_fidelity(reference, candidate_policy, probes, backend_report, cfg,
-                            denoise_steps=getattr(candidate_policy, "denoise_steps", None))
+        return run_fidelity(reference, candidate_policy, probes, backend_report, cfg, precision_class=cls,
+                            class_source=source, denoise_steps=denoise_steps, targets=getattr(backend, "targets", None))
     finally:
         del reference  # free the second copy of the weights before rollouts

@@ -1,7 +1,10 @@
 """`python -m evalkit.gate candidate=RUN baseline=RUN [gate.max_drop=0.1] [tracking_uri=...] [json=out.json]`
+`python -m evalkit.gate plan baseline=RUN [margin=0.05] [alpha=0.05] [power=0.8] [family_size=1] [tracking_uri=...]`
 
-Re-judges stored runs without re-running them. RUN: MLflow run id, run directory, `latest`
-(baseline only), or a references key (ref:policy/backend/suite/steps). Exit 0 pass, 1 regression, 2 bad input.
+Re-judges stored runs without re-running them; `plan` prints how many episodes a candidate needs against a
+baseline. RUN: MLflow run id, run directory, `latest` (baseline only), or a references key
+(ref:policy/backend/suite/steps). Exit 0 pass or inconclusive (1 with gate.fail_inconclusive=true),
+1 regression, 2 bad input.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from evalkit.errors import EXIT_BAD_INPUT, BadInput
+from evalkit.errors import EXIT_BAD_INPUT, EXIT_PASS, BadInput
 from evalkit.gate.config import GateConfig
 from evalkit.gate.judge import judge
+from evalkit.gate.plan import format_plan, plan
 from evalkit.gate.render import print_gate
 from evalkit.gate.runs import DEFAULT_TRACKING_URI, load_run
 
 USAGE = "usage: python -m evalkit.gate candidate=RUN baseline=RUN [gate.<field>=VALUE ...] [tracking_uri=URI] [json=PATH]"
+PLAN_USAGE = ("usage: python -m evalkit.gate plan baseline=RUN [margin=0.05] [alpha=0.05] [power=0.8] [family_size=1] "
+              "[tracking_uri=URI]")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], GateConfig]:
@@ -40,6 +46,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], GateConfig]:
     except OmegaConfBaseException as e:
         raise BadInput(f"bad gate override: {str(e).splitlines()[0]}") from None
     cfg: GateConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    cfg.validate()
     if "candidate" not in opts:
         raise BadInput(f"candidate=RUN is required; {USAGE}")
     opts.setdefault("baseline", cfg.baseline or "")
@@ -48,9 +55,44 @@ def parse_args(argv: list[str]) -> tuple[dict[str, str], GateConfig]:
     return opts, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_plan_args(argv: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for a in argv:
+        k, sep, v = a.partition("=")
+        if not sep or k not in ("baseline", "margin", "alpha", "power", "family_size", "tracking_uri"):
+            raise BadInput(f"bad plan argument '{a}'; {PLAN_USAGE}")
+        opts[k] = v
+    if not opts.get("baseline"):
+        raise BadInput(f"baseline=RUN is required; {PLAN_USAGE}")
     try:
-        opts, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        nums = {k: float(opts[k]) for k in ("margin", "alpha", "power") if k in opts}
+        size = int(opts.get("family_size", 1))
+    except ValueError:
+        raise BadInput(f"margin/alpha/power must be numbers and family_size an integer; {PLAN_USAGE}") from None
+    for k, lo, hi in (("margin", 0, 1), ("alpha", 0, 0.5), ("power", 0, 1)):
+        if k in nums and not lo < nums[k] < hi:
+            raise BadInput(f"{k}={opts[k]} must be in ({lo}, {hi}); {PLAN_USAGE}")
+    if size < 1:
+        raise BadInput(f"family_size must be >= 1; {PLAN_USAGE}")
+    return opts
+
+
+def main_plan(argv: list[str]) -> int:
+    d = GateConfig()
+    opts = parse_plan_args(argv)
+    base = load_run(opts["baseline"], opts.get("tracking_uri", DEFAULT_TRACKING_URI))
+    p = plan(base, float(opts.get("margin", d.max_drop)), float(opts.get("alpha", d.alpha)),
+             float(opts.get("power", d.power)), int(opts.get("family_size", 1)))
+    print(format_plan(p))
+    return EXIT_PASS
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "plan":
+            return main_plan(argv[1:])
+        opts, cfg = parse_args(argv)
         uri = opts.get("tracking_uri", DEFAULT_TRACKING_URI)
         cand = load_run(opts["candidate"], uri)
         base = load_run(opts["baseline"], uri, like=cand.params, exclude_run_id=cand.ref)

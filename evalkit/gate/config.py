@@ -2,41 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from evalkit.errors import BadInput
+from evalkit.fidelity.config import FidelityConfig
 
 
 @dataclass
 class GateConfig:
-    # --- fidelity (before rollouts) ---
-    reference_backend: str = "bf16"  # the reference the candidate's outputs are compared to (fp32 also available)
-    action_cosine_min: float = 0.99  # min over probes of the cosine between action chunks
-    # 17 dB is the error budget that cosine 0.99 allows when the error is uncorrelated with the signal
-    # (cos = 1/sqrt(1 + 1/SNR) -> SNR = 49 = 17 dB). SQNR is checked as well because cosine is blind to
-    # scale: a quantization scale applied wrongly by a factor k leaves cosine ~1 but gives
-    # SQNR = -20 log10|k - 1| (k = 1.15 already fails).
-    sqnr_min_db: float = 17.0
-    # Hidden states are checked on every layer of deep stacks where rounding error accumulates, so
-    # slightly looser than the action cosine. bf16 vs fp32 stays >= 0.999; the faults this must catch
-    # (shared weights, a dropped residual branch) drop it far below 0.9.
-    layer_cosine_min: float = 0.98
-    # Each layer's effective (dequantized) weights vs its own reference layer. int4 per-group gives
-    # ~ 20 dB, fp8 ~ 30 dB; a wrong scale (x2) gives 0 dB, another layer's weights ~ -3 dB.
-    weight_sqnr_min_db: float = 12.0
+    # --- fidelity (before rollouts): budgets by precision class, evalkit/fidelity/config.py ---
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     always_rollout: bool = False  # run episodes even when fidelity fails (the run still exits 1)
-    probe_init_states: int = 1  # probes per task of the suite (init states 0..k-1)
-    probe_noise_seed: int = 0  # flow-matching noise shared by reference and candidate
     # --- success and latency (after rollouts) ---
-    alpha: float = 0.05  # false-alarm rate of the success test on an unchanged policy
-    power: float = 0.8  # 1 - beta: probability of catching a drop of the reported detectable size
-    max_drop: float = 0.05  # the success drop the gate must be able to catch; warns when it cannot
+    # Success verdict: pass / regression / inconclusive (docs/gate_statistics.md has every test's error rates).
+    alpha: float = 0.05  # false-alarm rate on an unchanged policy (family-wise when several cells are judged together)
+    power: float = 0.8  # 1 - beta: the detectable drop reported, and `plan`, use this power
+    # Non-inferiority margin: "pass" needs the drop shown < max_drop (one-sided, level alpha); a drop shown > 0
+    # but not < max_drop is a regression; neither shown is inconclusive.
+    max_drop: float = 0.05
+    sequential: bool = False  # anytime-valid sequential test on paired episodes, can stop a run early (nightly: on)
+    family_method: str = "holm"  # holm | bh | bonferroni | none: adjustment of regression p-values over a family
+    family_size: int = 1  # comparisons judged together (nightly sets it); a cell judged alone uses alpha / family_size
+    fail_inconclusive: bool = False  # exit 1 instead of 0 on an inconclusive verdict (strict: true)
     max_latency_ratio: float = 1.10  # candidate p50 / baseline p50, same device only
     # A ratio above the maximum fails only if p50 also grew by more than this: sub-millisecond policies on a
     # shared CPU jitter by tens of percent (0.09 -> 0.11 ms), which says nothing about the policy.
     latency_min_delta_ms: float = 0.2
     baseline: Optional[str] = None  # mlflow run id | latest | run dir | references key ("ref:policy/backend/suite/steps")
+    allow_sim_mismatch: bool = False  # judge runs made with different mujoco/robosuite/LIBERO versions (evalkit/gate/compat.py)
 
     @classmethod
     def from_dict(cls, d: "dict[str, Any] | GateConfig | None") -> "GateConfig":
@@ -48,4 +42,19 @@ class GateConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise BadInput(f"unknown gate fields {unknown}; valid: {sorted(known)}")
+        d["fidelity"] = FidelityConfig.from_dict(d.get("fidelity"))
         return cls(**d)
+
+    def validate(self) -> "GateConfig":
+        """Bad statistics settings are bad input (exit 2), named with their valid range."""
+        from evalkit.stats import FAMILY_METHODS
+
+        if self.family_method not in FAMILY_METHODS:
+            raise BadInput(f"gate.family_method={self.family_method!r}; valid: {', '.join(FAMILY_METHODS)}")
+        for name, lo, hi in (("alpha", 0.0, 0.5), ("power", 0.0, 1.0), ("max_drop", 0.0, 1.0)):
+            v = getattr(self, name)
+            if not lo < v < hi:
+                raise BadInput(f"gate.{name}={v} must be in ({lo}, {hi})")
+        if int(self.family_size) < 1:
+            raise BadInput(f"gate.family_size={self.family_size} must be >= 1")
+        return self

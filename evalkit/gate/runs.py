@@ -1,7 +1,9 @@
 """Load a stored run for the gate: an MLflow run id, `latest` baseline, a run directory, or a reference entry.
 
 MLflow (its client and `mlflow.artifacts`) reads the tracking store; pandas reads the episode table;
-PyYAML reads reference files. Nothing here judges anything.
+PyYAML reads reference files. Nothing here judges anything. `latency_calls.json` (written by
+`write_latency_calls`, one entry per batched policy call) lets the gate judge latency from the raw call
+times instead of two stored quantiles.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -23,6 +26,7 @@ REFERENCES_DIR = Path(__file__).resolve().parents[2] / "references"
 BASELINE_TAG = "evalkit.baseline"
 MATCH_PARAMS = ("policy", "suite", "denoise_steps", "device")  # what `latest` must share with the candidate
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+LATENCY_CALLS = "latency_calls.json"  # raw policy call times of a run (ms), an artifact next to summary.json
 
 
 @dataclass
@@ -33,6 +37,7 @@ class StoredRun:
     tags: dict[str, str] = field(default_factory=dict)
     ref: str = ""  # how it was named (for messages)
     source: str = "dict"  # mlflow | dir | reference | dict
+    latency_calls: np.ndarray | None = None  # ms per policy call, warm-up calls removed (None: not recorded)
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any], ref: str = "summary") -> "StoredRun":
@@ -74,6 +79,38 @@ def load_run(
     )
 
 
+# --- raw latency -----------------------------------------------------------------------------
+
+
+def write_latency_calls(run_dir: str | Path, call_s: list[float], batch_sizes: list[int] | None = None,
+                        warmup_calls: int = 1) -> Path:
+    """Write a run's raw policy call times (seconds in, ms stored) as latency_calls.json in run_dir.
+
+    The first `warmup_calls` calls are stored but marked: they are excluded from the gate's latency
+    comparison, as they are from the run's latency_ms_* quantiles (evalkit.results.summary.latency_summary).
+    """
+    path = Path(run_dir) / LATENCY_CALLS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"unit": "ms", "warmup_calls": int(warmup_calls) if len(call_s) > 1 else 0,
+           "call_ms": [round(float(x) * 1e3, 6) for x in call_s],
+           "batch_sizes": [int(b) for b in (batch_sizes or [])]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def read_latency_calls(folder: str | Path) -> np.ndarray | None:
+    """The call times (ms) of latency_calls.json in folder without the warm-up calls; None when absent."""
+    f = Path(folder) / LATENCY_CALLS
+    if not f.exists():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+        calls = np.asarray(doc["call_ms"], dtype=float)[int(doc.get("warmup_calls", 0)):]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{f} is not a latency_calls file: {e}") from None
+    return calls if calls.size else None
+
+
 # --- run directories -------------------------------------------------------------------------
 
 
@@ -90,7 +127,8 @@ def _load_dir(path: Path) -> StoredRun:
     if not f.exists():
         raise BadInput(f"run directory {path} has no summary.json")
     summary = json.loads(f.read_text())
-    return StoredRun(summary, _read_episodes(path), dict(summary.get("params") or {}), {}, str(path), "dir")
+    return StoredRun(summary, _read_episodes(path), dict(summary.get("params") or {}), {}, str(path), "dir",
+                     read_latency_calls(path))
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -117,7 +155,7 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
     summary: dict[str, Any] | None = None
     episodes = None
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("summary.json", "episodes.parquet", "episodes.csv"):
+        for name in ("summary.json", "episodes.parquet", "episodes.csv", LATENCY_CALLS):
             if name in names:
                 mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=tracking_uri
@@ -125,6 +163,7 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
         if (Path(tmp) / "summary.json").exists():
             summary = json.loads((Path(tmp) / "summary.json").read_text())
         episodes = _read_episodes(Path(tmp))
+        calls = read_latency_calls(tmp)
     if summary is None:  # older runs: rebuild what the gate needs from metrics
         m = run.data.metrics
         if "success_rate" not in m:
@@ -134,7 +173,7 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
         if episodes is not None:
             summary["episodes"], summary["successes"] = len(episodes), int(episodes["success"].sum())
     summary.setdefault("params", params)
-    return StoredRun(summary, episodes, params or dict(summary.get("params") or {}), tags, run_id, "mlflow")
+    return StoredRun(summary, episodes, params or dict(summary.get("params") or {}), tags, run_id, "mlflow", calls)
 
 
 def _load_latest(tracking_uri: str, like: dict[str, Any], exclude_run_id: str | None) -> StoredRun:

@@ -1,4 +1,5 @@
-"""Build the nightly/comparison report: per-run gate verdicts, per-task Wilson table, Pareto plot."""
+"""Build the nightly/comparison report: per-run gate verdicts (pass / regression / inconclusive, raw and
+family-adjusted p-values), per-task Wilson table, Pareto plot."""
 
 from __future__ import annotations
 
@@ -48,7 +49,18 @@ def _verdict(run: ReportRun) -> str:
         return "REGRESSION"  # a failed fidelity check is a regression even when no baseline judged the run
     if not run.gate:
         return "not judged"
-    return "PASS" if run.gate.get("passed") else "REGRESSION"
+    v = run.gate.get("verdict")  # gates written before the three-way verdict only have `passed`
+    return v.upper() if v else ("PASS" if run.gate.get("passed") else "REGRESSION")
+
+
+def _p_text(gate: dict[str, Any] | None) -> str:
+    """Regression p-value, raw and family-adjusted ("—" when not judged)."""
+    fam = (gate or {}).get("family") or {}
+    if "p_raw" not in fam:
+        return "—"
+    raw, adj = fam["p_raw"], fam["p_adjusted"]
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, (int, float)) else str(x)  # noqa: E731
+    return fmt(raw) if fam.get("size", 1) <= 1 else f"{fmt(raw)} / {fmt(adj)}"
 
 
 def _failed_checks(run: ReportRun) -> list[str]:
@@ -115,13 +127,26 @@ def _run_rows(runs: list[ReportRun]) -> list[list[str]]:
         warn = "; ".join((r.gate or {}).get("warnings", []))
         rows.append([
             r.label, str(p.get("backend", "")), str(p.get("suite", "")), str(p.get("denoise_steps", "")),
-            _fmt_rate(_rate(r.summary)), _fmt_ms(r.summary.get("latency") or {}), _verdict(r),
+            _fmt_rate(_rate(r.summary)), _fmt_ms(r.summary.get("latency") or {}), _verdict(r), _p_text(r.gate),
             ", ".join(_failed_checks(r)) or (r.error or ""), warn,
         ])
     return rows
 
 
-RUN_HEAD = ["run", "backend", "suite", "steps", "success [95% Wilson]", "latency ms p50", "gate", "failed checks", "warnings"]
+RUN_HEAD = ["run", "backend", "suite", "steps", "success [95% Wilson]", "latency ms p50", "gate",
+            "regression p (raw / adjusted)", "failed checks", "warnings"]
+
+
+def _banner(runs: list[ReportRun]) -> tuple[str, str]:
+    """(word, counts): FAIL on any regression/error; INCONCLUSIVE when some cell could not be decided; else PASS."""
+    verdicts = [_verdict(r) for r in runs]
+    bad = [r.label for r, v in zip(runs, verdicts) if v in ("REGRESSION", "ERROR")]
+    unsure = [r.label for r, v in zip(runs, verdicts) if v == "INCONCLUSIVE"]
+    word = "FAIL" if bad else ("INCONCLUSIVE" if unsure else "PASS")
+    counts = f"{len(runs)} runs, {len(bad)} regressions/errors" + (f" ({', '.join(bad)})" if bad else "")
+    if unsure:
+        counts += f", {len(unsure)} inconclusive ({', '.join(unsure)}): too few episodes to show a drop or non-inferiority"
+    return word, counts
 
 
 def _task_table(runs: list[ReportRun]) -> tuple[list[str], list[list[str]]]:
@@ -149,9 +174,9 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(runs: list[ReportRun], title: str = "evalkit report", notes: list[str] | None = None) -> str:
-    bad = [r.label for r in runs if _verdict(r) in ("REGRESSION", "ERROR")]
+    word, counts = _banner(runs)
     out = [f"# {title}", ""]
-    out.append(f"**{'FAIL' if bad else 'PASS'}**: {len(runs)} runs, {len(bad)} regressions/errors" + (f" ({', '.join(bad)})" if bad else ""))
+    out.append(f"**{word}**: {counts}")
     out += ["", *[f"- {n}" for n in notes or []], "", "## Gate verdicts", "", _md_table(RUN_HEAD, _run_rows(runs)), ""]
     head, rows = _task_table(runs)
     if rows:
@@ -169,7 +194,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:left;vertical-align:top}
 th{background:#f6f8fa}.PASS{color:#1a7f37;font-weight:600}.REGRESSION,.ERROR,.FAIL{color:#cf222e;font-weight:600}
+.INCONCLUSIVE{color:#9a6700;font-weight:600}
 .banner{padding:.6rem 1rem;border-radius:6px;display:inline-block}.banner.PASS{background:#dafbe1}.banner.FAIL{background:#ffebe9}
+.banner.INCONCLUSIVE{background:#fff8c5}
 .plot svg{max-width:100%;height:auto}small{color:#57606a}
 """
 
@@ -188,16 +215,14 @@ def _html_table(head: list[str], rows: list[list[str]], verdict_col: int | None 
 
 def render_html(runs: list[ReportRun], title: str = "evalkit report", notes: list[str] | None = None) -> str:
     """One self-contained page: inline CSS, inline SVG, no scripts, no external resources."""
-    bad = [r.label for r in runs if _verdict(r) in ("REGRESSION", "ERROR")]
-    verdict = "FAIL" if bad else "PASS"
+    verdict, counts = _banner(runs)
     head, rows = _task_table(runs)
     svg = pareto_svg(_points(runs), title="success vs latency (Pareto front in blue, regressions in red)")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p class='banner {verdict}'><b>{verdict}</b>: {len(runs)} runs, {len(bad)} regressions/errors"
-        + (f" ({html.escape(', '.join(bad))})" if bad else "") + "</p>",
+        f"<p class='banner {verdict}'><b>{verdict}</b>: {html.escape(counts)}</p>",
         "".join(f"<p><small>{html.escape(n)}</small></p>" for n in notes or []),
         "<h2>Gate verdicts</h2>", _html_table(RUN_HEAD, _run_rows(runs), verdict_col=6),
     ]

@@ -35,6 +35,14 @@ class RolloutOptions:
     video_dir: str | None = None
     # Optional per-stage timer (evalkit.latency.timer.StageTimer): passed to `policy.predict(batch, timer=...)`
     stage_timer: object | None = None
+    # Optional stop rule (e.g. evalkit.gate.sequential.sequential_stop_rule): called with every finished record
+    # once before scheduling (resumed ones) and after each episode; once it returns a reason, no new episode
+    # starts, the ones in flight finish and are kept.
+    stop_rule: Callable[[list[EpisodeRecord]], str | None] | None = None
+    # "task": each task's episodes together (env reuse). "interleave": round by round, every task's init state 0,
+    # then 1, ... (a worker still prefers its current task within the oldest round): what a sequential stop rule
+    # needs for early rounds to stand for the whole suite.
+    order: str = "task"
 
 
 @dataclass
@@ -45,6 +53,8 @@ class RolloutResult:
     wall_s: float = 0.0
     resumed: int = 0  # episodes taken from the journal
     stage_ms: list[dict[str, list[float]]] = field(default_factory=list)  # per call: stage -> ms of each occurrence
+    stop_reason: str | None = None  # why the stop rule ended the run early (None: every episode ran)
+    not_run: int = 0  # episodes never started because of the stop rule
 
 
 class _LocalWorker:
@@ -146,12 +156,15 @@ def _order_for_reuse(todo: list[tuple[int, int]]) -> deque:
     return deque(sorted(todo))
 
 
-def _next_episode(queue: deque, prefer_task: int | None) -> tuple[int, int] | None:
-    """Pop the next episode, preferring the worker's current task so its env is reused."""
+def _next_episode(queue: deque, prefer_task: int | None, same_round: bool = False) -> tuple[int, int] | None:
+    """Pop the next episode, preferring the worker's current task so its env is reused (same_round: only
+    among the episodes of the oldest round, the head's init state id)."""
     if not queue:
         return None
     if prefer_task is not None:
-        for i, (t, _) in enumerate(queue):
+        for i, (t, init) in enumerate(queue):
+            if same_round and init != queue[0][1]:
+                break
             if t == prefer_task:
                 item = queue[i]
                 del queue[i]
@@ -172,20 +185,29 @@ def run_rollouts(
     wanted = spec.episodes()
     done = {k: r for k, r in done.items() if k in set(wanted)}
     resumed = len(done)
+    if options.order not in ("task", "interleave"):
+        raise ValueError(f"RolloutOptions.order={options.order!r}; valid: task, interleave")
     queue = _order_for_reuse([k for k in wanted if k not in done])
+    interleave = options.order == "interleave"
+    if interleave:
+        queue = deque(sorted(queue, key=lambda k: (k[1], k[0])))
     videos_used: dict[int, int] = {}
     for r in done.values():
         if r.video_path:
             videos_used[r.task_id] = videos_used.get(r.task_id, 0) + 1
 
     result = RolloutResult(records=[], resumed=resumed)
+    if options.stop_rule is not None and done:
+        result.stop_reason = options.stop_rule(list(done.values()))
+    if result.stop_reason:
+        result.not_run, queue = len(queue), deque()
     n_workers = min(options.workers, len(queue)) if options.workers > 0 else 1
     ctx = mp.get_context("spawn")  # fork + an initialised torch/OpenGL parent is not safe
     make = (lambda: _LocalWorker(spec)) if options.workers == 0 else (lambda: _ProcessWorker(spec, ctx))
     slots = [_Slot(make()) for _ in range(n_workers)] if queue else []
 
     def start(slot: _Slot, prefer: int | None) -> None:
-        item = _next_episode(queue, prefer)
+        item = None if result.stop_reason else _next_episode(queue, prefer, interleave)
         if item is None:
             slot.ep, slot.state = None, "idle"
             return
@@ -212,6 +234,10 @@ def run_rollouts(
         done[rec.key] = rec
         if on_record:
             on_record(rec)
+        if options.stop_rule is not None and not result.stop_reason:
+            result.stop_reason = options.stop_rule(list(done.values()))
+            if result.stop_reason:
+                result.not_run = len(queue)
         prev = slot.ep.task_id
         start(slot, prev)
 

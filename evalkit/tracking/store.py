@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from evalkit.tracking.bundle import RunBundle, read_bundle, sync_state_path
+from evalkit.tracking.bundle import read_bundle, sync_state_path
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 SWEEP_TAG = "evalkit.sweep_key"

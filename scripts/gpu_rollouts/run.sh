@@ -14,35 +14,7 @@ exec > >(tee "$OUT/run_log.txt") 2>&1
 POLICY=${POLICY:-noop}
 SUITE=${SUITE:-libero_spatial}
 WORKERS=${WORKERS:-$(nproc)}
-B=.carry/gpu_bundle
-SITE=/tmp/evalkit_site
-t0=$(date +%s)
-
-# 1. EGL: the machine has the NVIDIA driver but not the GL vendor-neutral loaders (device README).
-for f in .carry/gl/*.deb; do dpkg -x "$f" /; done
-ldconfig
-export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
-[ -f "$__EGL_VENDOR_LIBRARY_FILENAMES" ] || unset __EGL_VENDOR_LIBRARY_FILENAMES
-
-# 2. The bundle: pure-Python packages + the suite's assets, and cp312 wheels for what is compiled.
-mkdir -p "$SITE"
-tar -xJf "$B/site.tar.xz" -C "$SITE" || { echo "bundle: cannot unpack"; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .carry/whl/*.whl || exit 2
-# After the interpreter's own site-packages: its numpy, scipy, Pillow and torch win; the bundle fills gaps.
-PURELIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$SITE" > "$PURELIB/zz_evalkit_bundle.pth"
-export PYTHONPATH=$PWD MUJOCO_GL=egl PYOPENGL_PLATFORM=egl PYTHONUNBUFFERED=1
-echo "setup: $(( $(date +%s) - t0 )) s; python $(python3 -V 2>&1); $(nproc) cores"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 - <<'EOF' || exit 2
-import importlib
-for m in ("numpy", "scipy", "PIL", "torch", "mujoco", "robosuite", "libero.libero", "hydra", "pandas", "pyarrow"):
-    try:
-        mod = importlib.import_module(m)
-        print(f"  {m:14s} {getattr(mod, '__version__', '')}  {getattr(mod, '__file__', '')}")
-    except Exception as e:
-        print(f"  {m:14s} MISSING ({type(e).__name__}: {e})")
-EOF
+source scripts/gpu_rollouts/setup.sh || exit 2  # EGL loaders, the bundle, PYTHONPATH; prints versions
 
 # 3. Rendering smoke test: one env with both cameras through EGL.
 python3 - <<'EOF' || { echo "EGL/LIBERO smoke test failed"; exit 3; }

@@ -7,6 +7,7 @@ denoise (one per Euler step), post. With CUDA graphs: encode, prefill, and one d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -103,6 +104,16 @@ class Pi05Policy(TorchPolicy):
 
         self._resolve_decode_attention(graphs=True)  # before the capture's warm-up runs (they recompile if needed)
         self._graphs = GraphedSampler(self.model, self.device)
+
+    @contextmanager
+    def eager(self):
+        """Run `predict` eagerly for the duration (module by module, so forward hooks fire: the fidelity checks).
+        The weights are the same objects; CUDA-graph replays resume afterwards."""
+        graphs, self._graphs = self._graphs, None
+        try:
+            yield self
+        finally:
+            self._graphs = graphs
 
     def _resolve_decode_attention(self, graphs: bool) -> None:
         self.model.decode_impl = resolve_impl(self.decode_attention, self.device, self.cfg.expert.head_dim,

@@ -1,0 +1,338 @@
+"""Calibration of the gate's success tests by simulation: false alarms, power, episodes to a decision.
+
+    python bench/gate_calibration.py                   # full table (a few minutes on 2 cores), writes JSON
+    python bench/gate_calibration.py --quick           # the seeded mini version the tests run
+
+Model (what a LIBERO suite looks like to the gate): 10 tasks with heterogeneous success rates around a
+suite mean mu (mu +- 0.9 min(mu, 1 - mu), evenly spread), n = 10 x trials paired episodes. Baseline
+episode i succeeds when U_i < p_task; the candidate reuses U_i with probability rho (correlated outcomes:
+the same seed mostly gives the same outcome) or draws a fresh uniform, and succeeds when it is
+< p_task - drop. rho = 0: independent outcomes. Unpaired rows draw the baseline and the candidate
+independently (the baseline with n_base episodes: a reference run only reports a count).
+
+What is measured uses the project's own decision functions, not re-implementations:
+evalkit.stats (mcnemar_p, noninferiority_p_paired, fisher_worse_p, noninferiority_p_unpaired,
+adjust_pvalues, detectable_drop_paired, discordance_upper), evalkit.gate.judge.success_verdicts and
+evalkit.gate.sequential.decide_paths (the rule the stop rule and the judge apply to a run's blocks).
+tests/test_gate_calibration.py checks that judge() on simulated runs gives the same verdicts.
+
+Columns: false alarm = P(verdict regression | drop 0); power@d = P(regression | drop d); pass@0 =
+P(pass | drop 0); false pass = P(pass | drop = margin); reg@margin/2 = P(regression | drop = margin/2);
+episodes = mean paired (or candidate) episodes used, at drop 0 and at drop 0.20. Family rows: 28 unchanged
+cells judged together (Holm), P(any cell called a regression).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evalkit import stats as S  # noqa: E402
+from evalkit.gate import sequential as SEQ  # noqa: E402
+from evalkit.gate.config import GateConfig  # noqa: E402
+from evalkit.gate.judge import success_verdicts  # noqa: E402
+
+TASKS = 10
+PASS_, REG, INC = 0, 1, 2
+DROPS = (0.05, 0.10, 0.20)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    n: int  # paired episodes (10 tasks x trials)
+    mu: float  # suite mean success of the baseline
+    rho: float  # probability the candidate reuses the baseline's uniform (0: independent)
+
+
+def task_rates(mu: float) -> np.ndarray:
+    s = 0.9 * min(mu, 1 - mu)
+    return mu + s * np.linspace(-1, 1, TASKS)
+
+
+def simulate_pairs(sc: Scenario, drop: float, reps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes (reps, blocks, tasks) of baseline and candidate; block r = every task's init state r."""
+    trials = sc.n // TASKS
+    p = task_rates(sc.mu)[None, None, :]
+    u = rng.random((reps, trials, TASKS))
+    v = np.where(rng.random((reps, trials, TASKS)) < sc.rho, u, rng.random((reps, trials, TASKS)))
+    return u < p, v < np.clip(p - drop, 0.0, 1.0)
+
+
+def simulate_counts(n: int, mu: float, drop: float, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Successes of `reps` independent stratified samples of n episodes (n/10 per task)."""
+    p = np.clip(task_rates(mu) - drop, 0.0, 1.0)
+    return rng.binomial(n // TASKS, p, size=(reps, TASKS)).sum(axis=1)
+
+
+# --- the tests, as the gate applies them ------------------------------------------------------
+
+
+def paired_fixed(base: np.ndarray, cand: np.ndarray, cfg: GateConfig, family: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(verdicts, p_regression) of the fixed paired tests on many runs (family: Bonferroni-free raw p)."""
+    n = base.shape[1] * base.shape[2]
+    b = (base & ~cand).sum(axis=(1, 2))
+    c = (~base & cand).sum(axis=(1, 2))
+    p = S.mcnemar_p(b, c)
+    ni = S.noninferiority_p_paired(b, c, n, cfg.max_drop) <= cfg.alpha
+    return ni, p
+
+
+def paired_sequential(base: np.ndarray, cand: np.ndarray, cfg: GateConfig, chunk: int = 1000) -> SEQ.Paths:
+    """decide_paths over the runs' block paths, `chunk` runs at a time (its arrays are runs x blocks x bets)."""
+    d = base.astype(np.int8) - cand.astype(np.int8)
+    cum_b = np.cumsum((d > 0).sum(axis=2), axis=1)
+    cum_c = np.cumsum((d < 0).sum(axis=2), axis=1)
+    cum_n = np.cumsum(np.full(d.shape[1], d.shape[2]))[None, :].repeat(d.shape[0], 0)
+    parts = [SEQ.decide_paths(cum_b[i:i + chunk], cum_c[i:i + chunk], cum_n[i:i + chunk], cum_b[i:i + chunk, -1],
+                              cum_c[i:i + chunk, -1], cfg, n_all=d.shape[1] * d.shape[2])
+             for i in range(0, d.shape[0], chunk)]
+    return SEQ.Paths(*(np.concatenate([getattr(p, f) for p in parts]) for f in SEQ.Paths.__dataclass_fields__))
+
+
+def unpaired_fixed(xc: np.ndarray, nc: int, xb: np.ndarray, nb: int, cfg: GateConfig) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(S.fisher_worse_p(xc, nc, xb, nb))
+    ni = S.noninferiority_p_unpaired(xc, nc, xb, nb, cfg.max_drop) <= cfg.alpha
+    return ni, p
+
+
+def verdicts(ni, p, cfg: GateConfig, family_size: int = 1) -> np.ndarray:
+    """Per-cell verdicts; a cell alone in a family of K uses alpha / K (as judge does)."""
+    return success_verdicts(ni, np.minimum(1.0, family_size * np.asarray(p)), cfg.alpha)
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+def mc_se(p: float, reps: int) -> float:
+    return math.sqrt(max(p * (1 - p), 1e-12) / reps)
+
+
+def row_paired(sc: Scenario, cfg: GateConfig, reps: int, rng: np.random.Generator, sequential: bool) -> dict:
+    out = {"test": "paired sequential" if sequential else "paired fixed", "n": sc.n, "mu": sc.mu, "rho": sc.rho, "reps": reps}
+    drops = {"0": 0.0, "margin/2": cfg.max_drop / 2, "margin": cfg.max_drop, **{f"{d:.2f}": d for d in DROPS}}
+    for key, d in drops.items():
+        base, cand = simulate_pairs(sc, d, reps, rng)
+        if sequential:
+            paths = paired_sequential(base, cand, cfg)
+            v = np.where(paths.kind == 1, PASS_, np.where(paths.kind == 2, REG, success_verdicts(
+                np.zeros(reps, bool), paths.p_regression, SEQ.thresholds(cfg)[0])))
+            eps = np.where(paths.index >= 0, (paths.index + 1) * TASKS, sc.n)
+        else:
+            ni, p = paired_fixed(base, cand, cfg)
+            v = verdicts(ni, p, cfg)
+            eps = np.full(reps, sc.n)
+        out[f"reg@{key}"] = float(np.mean(v == REG))
+        out[f"pass@{key}"] = float(np.mean(v == PASS_))
+        out[f"episodes@{key}"] = float(np.mean(eps))
+    return out
+
+
+def row_unpaired(n: int, n_base: int, mu: float, cfg: GateConfig, reps: int, rng: np.random.Generator) -> dict:
+    out = {"test": "unpaired fixed", "n": n, "n_base": n_base, "mu": mu, "rho": None, "reps": reps}
+    drops = {"0": 0.0, "margin/2": cfg.max_drop / 2, "margin": cfg.max_drop, **{f"{d:.2f}": d for d in DROPS}}
+    for key, d in drops.items():
+        xb = simulate_counts(n_base, mu, 0.0, reps, rng)
+        xc = simulate_counts(n, mu, d, reps, rng)
+        ni, p = unpaired_fixed(xc, n, xb, n_base, cfg)
+        v = verdicts(ni, p, cfg)
+        out[f"reg@{key}"] = float(np.mean(v == REG))
+        out[f"pass@{key}"] = float(np.mean(v == PASS_))
+        out[f"episodes@{key}"] = float(n)
+    return out
+
+
+def unpaired_exact_false_alarm(n: int, n_base: int, alpha: float) -> dict:
+    """Exact false-alarm rate of the Fisher rule at a common rate p, worst case over p (no simulation)."""
+    crit = S.fisher_critical(n, n_base, alpha)
+    grid = np.linspace(0.0, 1.0, 2001)
+    fa = []
+    for p in grid:
+        w_b = np.exp(_binom_logpmf(np.arange(n_base + 1), n_base, p))
+        fa.append(float(np.sum(w_b * np.where(crit >= 0, _binom_cdf(crit, n, p), 0.0))))
+    i = int(np.argmax(fa))
+    return {"n": n, "n_base": n_base, "worst_false_alarm": fa[i], "at_rate": float(grid[i])}
+
+
+def _binom_logpmf(k, n, p):
+    from scipy import stats
+
+    return stats.binom.logpmf(k, n, p)
+
+
+def _binom_cdf(k, n, p):
+    from scipy import stats
+
+    return stats.binom.cdf(k, n, p)
+
+
+def family_row(sc: Scenario, cfg: GateConfig, cells: int, reps: int, rng: np.random.Generator, sequential: bool) -> dict:
+    """P(any of `cells` unchanged cells called a regression) with the family adjustment of the nightly."""
+    fam_cfg = GateConfig(alpha=cfg.alpha, max_drop=cfg.max_drop, family_size=cells, family_method=cfg.family_method)
+    nis, ps = [], []
+    for i in range(0, reps, 100):  # 100 nights at a time: bounded memory
+        k = min(100, reps - i)
+        base, cand = simulate_pairs(sc, 0.0, k * cells, rng)
+        if sequential:
+            paths = paired_sequential(base, cand, fam_cfg)
+            nis.append(paths.kind == 1)
+            ps.append(paths.p_regression)
+        else:
+            ni_, p_ = paired_fixed(base, cand, cfg)
+            nis.append(ni_)
+            ps.append(p_)
+    ni, p = np.concatenate(nis).reshape(reps, cells), np.concatenate(ps).reshape(reps, cells)
+    adj = np.stack([S.adjust_pvalues(row, cfg.family_method) for row in p])
+    v = success_verdicts(ni, adj, cfg.alpha)
+    unadj = success_verdicts(ni, p, cfg.alpha)
+    return {"test": f"family of {cells}, paired {'sequential' if sequential else 'fixed'}", "n": sc.n, "mu": sc.mu,
+            "rho": sc.rho, "reps": reps, "family_false_alarm": float(np.mean((v == REG).any(axis=1))),
+            "family_false_alarm_unadjusted": float(np.mean((unadj == REG).any(axis=1))),
+            "pass_cells": float(np.mean(v == PASS_))}
+
+
+def honest_power_row(sc: Scenario, cfg: GateConfig, reps: int, rng: np.random.Generator) -> dict:
+    """Detectable-drop claims on unchanged runs: plug-in discordance (the old gate) vs the conservative bound,
+    and the real power (simulated) of the fixed McNemar test at the 10th percentile of each claim."""
+    base, cand = simulate_pairs(sc, 0.0, reps, rng)
+    n = sc.n
+    c = (~base & cand).sum(axis=(1, 2))
+    rate = base.mean(axis=(1, 2))
+    out = {"test": "detectable drop claims (paired fixed)", "n": n, "mu": sc.mu, "rho": sc.rho, "reps": reps}
+    for name, psi_of in (("plug-in 2c/n", lambda c: min(2 * c / n, 1.0)), ("conservative", lambda c: S.discordance_upper(c, n))):
+        cache: dict[int, float] = {}
+        claims = np.array([cache.setdefault(int(ci), S.detectable_drop_paired(n, cfg.alpha, cfg.power, psi_of(int(ci)),
+                                                                              baseline_rate=float(np.median(rate))))
+                           for ci in c])
+        q10 = float(np.quantile(claims, 0.1))
+        if math.isfinite(q10):
+            bb, cc = simulate_pairs(sc, q10, reps, rng)
+            bl = (bb & ~cc).sum(axis=(1, 2))
+            cl = (~bb & cc).sum(axis=(1, 2))
+            real = float(np.mean(S.mcnemar_p(bl, cl) <= cfg.alpha))
+        else:
+            real = math.nan
+        out[name] = {"claim_p10": q10, "real_power_at_claim_p10": real}
+    return out
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def run(quick: bool, seed: int, reps: int | None) -> dict:
+    cfg = GateConfig()
+    rng = np.random.default_rng(seed)
+    ns = (30, 100) if quick else (30, 100, 500)
+    mus = (0.6, 0.9)
+    rhos = (0.0, 0.9)
+    reps = reps or (600 if quick else 4000)
+    rows, fam, honest = [], [], []
+    t0 = time.time()
+    for n in ns:
+        for mu in mus:
+            for rho in rhos:
+                sc = Scenario(n, mu, rho)
+                rows.append(row_paired(sc, cfg, reps, rng, sequential=False))
+                rows.append(row_paired(sc, cfg, reps, rng, sequential=True))
+            for nb in sorted({n, 500}):
+                rows.append(row_unpaired(n, nb, mu, cfg, reps, rng))
+    fam_ns = (100,) if quick else (100, 500)
+    for n in fam_ns:
+        for mu in mus:
+            for seq in (False, True):
+                fam.append(family_row(Scenario(n, mu, 0.9), cfg, 28, max(reps // 4, 200) if quick else 2000, rng, seq))
+                if not quick:
+                    fam.append(family_row(Scenario(n, mu, 0.0), cfg, 28, 2000, rng, seq))
+    if not quick:
+        for n in (100, 500):
+            for mu in mus:
+                honest.append(honest_power_row(Scenario(n, mu, 0.9), cfg, reps, rng))
+    exact = [unpaired_exact_false_alarm(30, 500, cfg.alpha)] + ([] if quick else [
+        unpaired_exact_false_alarm(100, 100, cfg.alpha), unpaired_exact_false_alarm(500, 500, cfg.alpha)])
+    return {"rows": rows, "family": fam, "honest_power": honest, "unpaired_exact": exact, "seconds": time.time() - t0,
+            "alpha": cfg.alpha, "margin": cfg.max_drop, "power": cfg.power, "reps": reps, "seed": seed}
+
+
+def table(res: dict) -> str:
+    head = ("| test | n | n_base | mu | rho | false alarm | power@0.05 | power@0.10 | power@0.20 | pass@0 | false pass "
+            "(drop = margin) | reg@margin/2 | episodes@0 | episodes@0.20 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['test']} | {r['n']} | {r.get('n_base', r['n'])} | {r['mu']} | {'—' if r['rho'] is None else r['rho']} | "
+            f"{r['reg@0']:.3f} | {r['reg@0.05']:.3f} | {r['reg@0.10']:.3f} | {r['reg@0.20']:.3f} | {r['pass@0']:.3f} | "
+            f"{r['pass@margin']:.3f} | {r['reg@margin/2']:.3f} | {r['episodes@0']:.0f} | {r['episodes@0.20']:.0f} |")
+    lines += ["", "| family | n | mu | rho | family false alarm (Holm) | without adjustment | cells passing |", "|---|---|---|---|---|---|---|"]
+    for r in res["family"]:
+        lines.append(f"| {r['test']} | {r['n']} | {r['mu']} | {r['rho']} | {r['family_false_alarm']:.3f} | "
+                     f"{r['family_false_alarm_unadjusted']:.3f} | {r['pass_cells']:.3f} |")
+    if res["honest_power"]:
+        lines += ["", "| detectable drop claims | n | mu | rho | plug-in: claim p10 | real power | conservative: claim p10 | real power |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["honest_power"]:
+            a, b = r["plug-in 2c/n"], r["conservative"]
+            lines.append(f"| unchanged, paired fixed | {r['n']} | {r['mu']} | {r['rho']} | {a['claim_p10']:.4f} | "
+                         f"{a['real_power_at_claim_p10']:.3f} | {b['claim_p10']:.4f} | {b['real_power_at_claim_p10']:.3f} |")
+    lines += ["", "| unpaired Fisher, exact | n | n_base | worst false alarm | at rate |", "|---|---|---|---|---|"]
+    for r in res["unpaired_exact"]:
+        lines.append(f"| one-sided Fisher | {r['n']} | {r['n_base']} | {r['worst_false_alarm']:.4f} | {r['at_rate']:.3f} |")
+    return "\n".join(lines)
+
+
+def violations(res: dict, z: float = 3.0) -> list[str]:
+    """Rates above their bound by more than z Monte-Carlo standard errors."""
+    bad = []
+    a = res["alpha"]
+    for r in res["rows"]:
+        reps = r["reps"]
+        for key, bound in (("reg@0", a), ("pass@margin", a)):
+            if r[key] > bound + z * mc_se(bound, reps):
+                bad.append(f"{r['test']} n={r['n']} mu={r['mu']} rho={r['rho']}: {key} = {r[key]:.4f} > {bound}")
+    for r in res["family"]:
+        if r["family_false_alarm"] > a + z * mc_se(a, r["reps"]):
+            bad.append(f"{r['test']} n={r['n']} mu={r['mu']}: family false alarm {r['family_false_alarm']:.4f} > {a}")
+    for r in res["unpaired_exact"]:
+        if r["worst_false_alarm"] > a + 1e-9:
+            bad.append(f"unpaired exact n={r['n']} vs {r['n_base']}: {r['worst_false_alarm']:.4f} > {a}")
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the seeded mini version (n <= 100, fewer replicates)")
+    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gate_calibration.json"))
+    args = ap.parse_args(argv)
+    res = run(args.quick, args.seed, args.reps)
+    print(table(res))
+    bad = violations(res)
+    print(f"\n{len(bad)} rate(s) above their bound by more than 3 Monte-Carlo SE" + "".join(f"\n  {b}" for b in bad))
+    print(f"{res['seconds']:.0f} s")
+    if not args.quick:
+        from evalkit.provenance import git_sha, package_versions
+
+        import scipy
+
+        sha, dirty = git_sha()
+        doc = {"benchmark": "gate_calibration", "command": "python bench/gate_calibration.py " + " ".join(argv or sys.argv[1:]),
+               "device": f"cpu ({platform.processor() or platform.machine()})", "host": platform.node(),
+               "versions": {**package_versions(), "scipy": scipy.__version__, "python": platform.python_version()},
+               "git_sha": sha, "git_dirty": dirty, **res, "violations": bad, "table_markdown": table(res)}
+        Path(args.out).write_text(json.dumps(doc, indent=2))
+        print(f"wrote {args.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Issue 18 acceptance on the trained reference policy (its actions depend on what it observes, unlike a random
+pi05_tiny): every fault class fails the fidelity gate naming the check and the first divergent layer or module;
+every healthy backend passes under the default and the strict gate. Probes are the real held-out check probes
+(LIBERO rollouts of the reference policy) and the real calibration probes, cached like a run's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backends.int8 import Int8WeightOnlyBackend
+from backends.registry import backend_from_config
+from evalkit.fidelity.budgets import class_of_backend
+from evalkit.fidelity.config import FidelityConfig
+from evalkit.fidelity.run import run_fidelity
+from evalkit.fidelity.stage import DEFAULT_PROBE_CACHE, build_reference, calibration_set, check_probes
+from evalkit.policies.registry import build_policy
+from suites.specs import customize, get_suite
+from tests.custom_backends import UserNoise
+
+SPEC = customize(get_suite("libero_spatial_quick"), tasks=[0, 1])  # 2 tasks x 3 steps = 6 probes: calls 1, 1, 2, 2
+POLICY = {"kind": "reference", "name": "reference", "denoise_steps": 10}
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return check_probes(SPEC, FidelityConfig(), images=False, cache_dir=DEFAULT_PROBE_CACHE)
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {ref: build_reference(dict(POLICY), "cpu", ref) for ref in ("bf16", "fp32")}
+
+
+def judge(references, probes, backend_cfg: dict, strict: bool = False, backend=None):
+    cfg = FidelityConfig(reference_backend="fp32", margin_db=2.0) if strict else FidelityConfig()
+    cand = build_policy(dict(POLICY), "cpu")
+    backend = backend or backend_from_config({"targets": "prefix_mlp", **backend_cfg})
+    calib = calibration_set(cand, SPEC, cfg, cache_dir=DEFAULT_PROBE_CACHE)
+    report = backend.apply(cand.model, calib.items)
+    cls, src = class_of_backend(backend)
+    return run_fidelity(references[cfg.reference_backend], cand, probes, report, cfg, cls, src, denoise_steps=10,
+                        targets=backend.targets)
+
+
+class ScalesTenPercentHigh(Int8WeightOnlyBackend):
+    """int8 weight-only whose every scale is 10 % too large (weight SQNR ~ 20 dB: passed the old 12 dB floor)."""
+
+    name = "int8_scales_high"
+
+    def make_module(self, name, linear, device):
+        mod = super().make_module(name, linear, device)
+        mod.wscale.mul_(1.1)
+        return mod
+
+
+QUANTIZED = [{"name": "int8"}, {"name": "int4"}, {"name": "fp8", "engine": "emulated"}, {"name": "nvfp4", "engine": "emulated"}]
+HEALTHY = [(c, False) for c in [{"name": "bf16"}, {"name": "fp32"}, {"name": "fp16"}, {"name": "int8_weight_only"}] + QUANTIZED]
+HEALTHY += [(c, True) for c in QUANTIZED]  # the strict gate: fp32 reference, every budget 2 dB higher
+
+
+@pytest.mark.parametrize("cfg,strict", HEALTHY, ids=[c["name"] + ("-strict" if s else "") for c, s in HEALTHY])
+def test_healthy_backends_pass(references, probes, cfg, strict):
+    fr = judge(references, probes, cfg, strict)
+    assert fr.passed, [(c.name, c.detail) for c in fr.failed()]
+    assert fr.calls == 4 and fr.check("denoise_steps").value == 10
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_user_backend_with_relative_noise_passes(references, probes, strict):
+    fr = judge(references, probes, {}, strict, backend=UserNoise(targets="prefix_mlp"))
+    assert fr.passed, [(c.name, c.detail) for c in fr.failed()]
+    assert fr.precision_class == "16-bit" and fr.class_source.startswith("default")
+
+
+def test_int8_scales_ten_percent_off_fail(references, probes):
+    fr = judge(references, probes, {}, backend=ScalesTenPercentHigh(targets="prefix_mlp"))
+    assert fr.precision_class == "8-bit" and "weight_match" in {c.name for c in fr.failed()}
+    assert 18 < fr.check("weight_match").value < 22  # -20 log10(0.1): what the driving measured
+
+
+# fault -> checks that must fail, first divergent layer (None: not a layer-level fault)
+FAULTS = {
+    "fault_shared_layer_weights": ({"weight_distinct", "weight_match", "layer_cosine"}, "prefix.layers.1"),
+    "fault_drop_mlp_residual": ({"layer_cosine", "action_sqnr"}, "prefix.layers.0"),
+    "fault_ignored_scale": ({"weight_match", "layer_cosine"}, "prefix.layers.0"),
+    "fault_silent_fallback": ({"silent_fallback"}, None),
+    "fault_state_across_calls": ({"layer_states", "action_sqnr"}, None),
+    "fault_calibration_ranges": ({"action_sqnr", "layer_states"}, None),
+    "fault_layer_order": ({"execution_order", "layer_states"}, "prefix.layers.1"),
+    "fault_uncounted_denoise": ({"denoise_steps", "execution_order"}, None),
+    "fault_scale_axis": ({"weight_match", "layer_cosine"}, "prefix.layers.0"),
+    "fault_rope_offset": ({"layer_cosine", "layer_states"}, None),
+    "fault_drop_attn_residual": ({"layer_cosine", "layer_states"}, "prefix.layers.0"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_every_fault_class_fails_naming_the_check(references, probes, fault):
+    must_fail, first = FAULTS[fault]
+    fr = judge(references, probes, {"name": fault})
+    failed = {c.name for c in fr.failed()}
+    assert not fr.passed and must_fail <= failed, (failed, [(c.name, c.detail) for c in fr.failed()])
+    if first:
+        assert fr.first_divergent_layer == first
+    if fault == "fault_layer_order":
+        assert "reference ran prefix.layers.1, candidate ran prefix.layers.2" in fr.check("execution_order").detail
+    if fault == "fault_uncounted_denoise":
+        assert "counter says 10 steps, hooks saw expert.layers.0 run 1 times" in fr.check("denoise_steps").detail
+
+
+def test_faults_do_not_need_their_notes(references, probes):
+    """The gate measures: a fault whose report carries no FAULT note is caught the same way."""
+    backend = backend_from_config({"name": "fault_layer_order", "targets": "prefix_mlp"})
+    plain_apply = backend.apply
+
+    def apply(model, calib=None):
+        rep = plain_apply(model, calib)
+        rep.notes = []
+        rep.backend = "bf16"
+        return rep
+
+    backend.apply = apply
+    fr = judge(references, probes, {}, backend=backend)
+    assert "execution_order" in {c.name for c in fr.failed()}
+
+
+def test_budgets_follow_the_class(references, probes):
+    fr = judge(references, probes, {"name": "int4"})
+    assert fr.precision_class == "4-bit" and fr.budget["weight"] < FidelityConfig().budget("8-bit").weight
+    assert math.isfinite(fr.check("weight_match").value) and fr.check("weight_match").value < 25  # int4: ~20 dB
