@@ -1,4 +1,4 @@
-"""The backend contract (DESIGN.md): `apply(model, calib) -> BackendReport`.
+"""The backend contract (docs/architecture.md): `apply(model, calib) -> BackendReport`.
 
 A backend transforms a policy's nn.Module in place, declares what it needs up front
 (`check_requirements` raises CapabilityError with one clear line) and reports, per module,

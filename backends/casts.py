@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-
-from backends.base import Backend, BackendReport, ModuleReport, module_weight_bytes
+from evalkit.backends.base import (
+    Backend,
+    BackendReport,
+    ModuleReport,
+    module_weight_bytes,
+)
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

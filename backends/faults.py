@@ -27,11 +27,16 @@ import types
 from typing import Any, Iterable
 
 import torch
+from evalkit.backends.base import (
+    Backend,
+    BackendReport,
+    ModuleReport,
+    module_weight_bytes,
+)
+from evalkit.backends.quant import QuantLinear, describe_model
+from evalkit.backends.targets import decoder_layers, select_linears
 from torch import nn
 
-from backends.base import Backend, BackendReport, ModuleReport, module_weight_bytes
-from backends.quant import QuantLinear, describe_model
-from backends.targets import decoder_layers, select_linears
 from evalkit.errors import BadInput
 
 
@@ -41,7 +46,9 @@ class FaultBackend(Backend):
 
     def __init__(self, targets: str = "prefix_mlp", inner: str | None = None, engine: str = "native", **options: Any) -> None:
         super().__init__(targets=targets, **options)
-        from backends.registry import get_backend  # late: the registry imports this module's names by path
+        from evalkit.backends.registry import (
+            get_backend,  # late: the registry imports this module's names by path
+        )
 
         self.inner_name = inner or self.default_inner
         if self.inner_name.startswith("fault_"):
@@ -187,7 +194,7 @@ class CalibrationRangesFault(FaultBackend):
         return super().apply(model, calib)
 
     def inject(self, model: nn.Module, report: BackendReport) -> str:
-        from backends.quant import run_calibration
+        from evalkit.backends.quant import run_calibration
 
         if self._calib is None:
             raise BadInput(f"backend '{self.name}' calibrates: it needs calibration data")

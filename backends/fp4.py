@@ -11,9 +11,7 @@ activations the same way, then multiplies the dequantized tensors in fp32.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from backends.quant import (
+from evalkit.backends.quant import (
     FP8_MAX,
     QuantBackend,
     QuantLinear,
@@ -24,6 +22,8 @@ from backends.quant import (
     pack_nibbles,
     unpack_nibbles,
 )
+from torch import nn
+
 from evalkit.errors import CapabilityError
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -113,7 +113,7 @@ class W4A8Linear(QuantLinear):
 
 class _Fp4ClassBackend(QuantBackend):
     engines = ("native", "emulated")
-    known_options = ("group_size",)
+    known_options: tuple[str, ...] = ()
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":
@@ -125,7 +125,7 @@ class _Fp4ClassBackend(QuantBackend):
 
 class NVFP4Backend(_Fp4ClassBackend):
     name = "nvfp4"
-    precision_class = "fp4"
+    precision_class = "fp4"  # block size fixed at 16 by the format: no options
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
         check_group(name, linear.in_features, NVFP4_BLOCK)
@@ -135,6 +135,7 @@ class NVFP4Backend(_Fp4ClassBackend):
 class W4A8Backend(_Fp4ClassBackend):
     name = "w4a8"
     precision_class = "4-bit"
+    known_options = ("group_size",)
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
         group = int(self.options.get("group_size", 128))

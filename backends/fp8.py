@@ -8,7 +8,7 @@ activation (the preceding norm or GeGLU) rather than calling our kernel as an op
 fake-quantizes activations per token in torch, multiplying in fp32: accuracy studies only.
 
 At M <= 16 (the action expert's denoise GEMMs) the native engine also times our CUDA kernel
-(`backends/mma_small_m.cu:fp8_mma_gemm`: W8A8 with x quantized to e4m3 inside the kernel, one scale per token
+(`kernels/mma_small_m.cu:fp8_mma_gemm`: W8A8 with x quantized to e4m3 inside the kernel, one scale per token
 and per warp K slice -- finer than per token, so no less accurate -- `mma.sync` e4m3 with fp32 accumulation)
 against `_scaled_mm`, once per shape (each candidate checked against its own exact math), and keeps the faster; it reads a fragment-ordered copy of the weights (`mma_words`), made for the
 action expert's layers (`options.mma_layers=expert`, default; `all` | `none`).
@@ -17,13 +17,26 @@ action expert's layers (`options.mma_layers=expert`, default; `all` | `none`).
 from __future__ import annotations
 
 import torch
+from evalkit.backends import fused_qkv, fusions
+from evalkit.backends.quant import (
+    QuantBackend,
+    QuantLinear,
+    capability_line,
+    choose_kernel,
+    fake_quant_fp8_rows,
+    linear_fp32,
+    quant_fp8_rows,
+    wants_packing,
+)
+from evalkit.backends.targets import is_geglu_mlp, replace_module
+from evalkit.kernels import mma_small_m
+from evalkit.kernels.triton_kernels import (
+    geglu_quant_fp8,
+    rowwise_quant,
+    triton_available,
+)
 from torch import nn
 
-from backends import fused_qkv, l2_prefetch, mma_small_m
-from backends.quant import (QuantBackend, QuantLinear, capability_line, choose_kernel, fake_quant_fp8_rows, linear_fp32,
-                            quant_fp8_rows)
-from backends.targets import replace_module
-from backends.triton_kernels import geglu_quant_fp8, rowwise_quant, triton_available
 from evalkit.errors import BadInput, CapabilityError
 
 
@@ -48,8 +61,8 @@ def _(g, u):
 def geglu_quant_act_fp8(g: torch.Tensor, u: torch.Tensor, compiled: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
     """gelu_tanh(g) * u quantized per row (h is never written). Eagerly our one-pass Triton kernel (the row in
     registers); under torch.compile the same kernel as an opaque custom op (`compiled="triton"`), or torch ops
-    for inductor to fuse (`"inductor"`): inductor's version of this row reduction took 35 µs per prefix layer
-    at M = 545 on an H200 (pi05_kernel_profile), about 3x the bytes it moves."""
+    for inductor to fuse (`"inductor"`): inductor's version of this row reduction moves its bytes several times
+    slower than ours at the prefix's M (docs/backends.md), hence the default."""
     if torch.compiler.is_compiling():
         if compiled == "triton":
             return _geglu_quant_fp8_op(g, u)
@@ -59,7 +72,7 @@ def geglu_quant_act_fp8(g: torch.Tensor, u: torch.Tensor, compiled: str = "trito
 
 
 class Fp8Linear(QuantLinear):
-    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by the mma kernel (backends/l2_prefetch.py)
+    l2_next: tuple = (None, None)  # L2 prefetch hint the mma kernel accepts; no backend sets it (it measured slower)
     weight_format = "e4m3, per-channel fp32 scales"
     scale_buffers = ("wscale",)
     activation_precision = "fp8_e4m3 (dynamic per-token)"
@@ -164,7 +177,7 @@ class Fp8GemmaMLP(nn.Module):
     once; if a child's tensor is replaced (fault injection, `ignore_scales`), the stack is rebuilt from the
     children on the next call, so what runs is always what the children hold."""
 
-    l2_next: tuple = (None, None)  # what the fused mma launch prefetches into L2 (backends/l2_prefetch.py)
+    l2_next: tuple = (None, None)  # L2 prefetch hint (unset, as Fp8Linear.l2_next)
 
     def __init__(self, gate_proj: Fp8Linear, up_proj: Fp8Linear, down_proj: Fp8Linear) -> None:
         super().__init__()
@@ -172,7 +185,6 @@ class Fp8GemmaMLP(nn.Module):
         acc = ", fast_accum)" if gate_proj.fast_accum else ")"
         self.mma = bool(gate_proj.mma_configs and up_proj.mma_configs)
         self.compiled_geglu_quant = "triton"  # or "inductor" (backend.options.compiled_geglu_quant)
-        self.whole_mlp = False  # also time fp8_mma_mlp (backend.options.whole_mlp; bench/fp8_mlp_probe.py: slower)
         gate_proj.kernel = up_proj.kernel = ("triton:rowwise_quant_fp8 (x quantized once) + torch._scaled_mm(rowwise" + acc
                                              + " over stacked gate|up weights"
                                              + (f"; M<={mma_small_m.MAX_M}: the faster (timed once, checked, cached) of that and "
@@ -204,11 +216,6 @@ class Fp8GemmaMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         choice = self._small_m_choice(x2)
-        if choice.startswith("mlp_mma:"):
-            d = self.down_proj
-            y = mma_small_m.fp8_mma_mlp(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1], d.mma_words,
-                                        d.wscale, choice.partition(":")[2], self.gate_proj.pdl)
-            return d._finish(y, shape)
         if choice != "scaled_mm":
             h = mma_small_m.fp8_mma_geglu(x2, self.gate_proj.mma_words, self.up_proj.mma_words, self._gu[1],
                                           choice.partition(":")[2], self.gate_proj.pdl, self.l2_next)
@@ -225,15 +232,6 @@ class Fp8GemmaMLP(nn.Module):
             cands[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(mma_small_m.fp8_mma_geglu(
                 x2, g.mma_words, self.up_proj.mma_words, self._gu[1], cfg, g.pdl))
             refs[f"fused_mma:{cfg}"] = lambda cfg=cfg: self.down_proj(self._geglu_reference(x2, cfg))
-        d = self.down_proj
-        if self.whole_mlp and d.mma_configs and d.bias is None:
-            for cfg in mma_small_m.FP8_MLP_CONFIGS:
-                if mma_small_m.fp8_mlp_plan(g.in_features, g.out_features, cfg) is None:
-                    continue
-                cfg1, cfg2 = mma_small_m.fp8_mlp_configs(g.in_features, g.out_features, cfg)
-                cands[f"mlp_mma:{cfg}"] = lambda cfg=cfg: mma_small_m.fp8_mma_mlp(
-                    x2, g.mma_words, self.up_proj.mma_words, self._gu[1], d.mma_words, d.wscale, cfg, g.pdl)
-                refs[f"mlp_mma:{cfg}"] = lambda c1=cfg1, c2=cfg2: d.mma_reference(self._geglu_reference(x2, c1), c2)
         # Each fused candidate against its own math (x scaled per K slice, h rounded to bf16, then the same
         # down_proj): 2e-2 leaves room for fp32 summation order and tanh, while a dropped scale or wrong
         # layout is off by ~100 %. The GPU tests check both paths against fp32 math.
@@ -264,41 +262,31 @@ class FP8Backend(QuantBackend):
     name = "fp8"
     precision_class = "8-bit"
     engines = ("native", "emulated")
-    known_options = ("fast_accum", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "compiled_geglu_quant", "whole_mlp",
-                     "fuse_norms", "l2_prefetch")
+    known_options = ("fast_accum", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "compiled_geglu_quant",
+                     "fuse_norms")
 
     def post_replace(self, model: nn.Module) -> None:
         """Fuse each GemmaMLP whose three projections are native Fp8Linear (options.fuse_mlp, default true); stack
         q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
-        self._fused = self._fused_qkv = self._chained = self._fused_norms = 0
+        self._fused = self._fused_qkv = self._fused_norms = 0
         if self.engine != "native":
             return
         if self.options.get("fuse_qkv", True):
             self._fused_qkv = fused_qkv.install(model, "fp8", lambda p: isinstance(p, Fp8Linear) and not p.emulated)
         if self.options.get("fuse_mlp", True):
             self._fuse_mlps(model)
-        # after both fusions above (it needs the stacked q|k|v and gate|up); on by default since the expert's attention
-        # launches as a programmatic dependent too (the whole layer is then one PDL chain): denoise 7.24 vs 7.35 ms
-        if self.options.get("fuse_norms", True):
-            from backends import fused_expert_layer
-
-            self._fused_norms = fused_expert_layer.install(model)
-        if self.options.get("l2_prefetch", False):  # measured slower end to end: off (backends/l2_prefetch.py)
-            self._chained = l2_prefetch.chain(model)
+        # after both fusions above (it needs the stacked q|k|v and gate|up); on by default because, with the expert's
+        # attention launched as a programmatic dependent too, the whole layer is one PDL chain and faster (docs/backends.md)
+        if self.options.get("fuse_norms", True):  # the policy's own fusions (π0.5: norms into the expert's mma launches)
+            self._fused_norms = fusions.apply("fp8", model)
 
     def _fuse_mlps(self, model: nn.Module) -> None:
         for name, mod in list(model.named_modules()):
-            if type(mod).__name__ != "GemmaMLP":
+            if not is_geglu_mlp(mod):
                 continue
             parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
             if all(isinstance(p, Fp8Linear) and not p.emulated for p in parts):
                 fused = Fp8GemmaMLP(*parts)
-                # one-launch MLP kernel (grid barrier): measured slower than two PDL launches, so only on request
-                fused.whole_mlp = bool(self.options.get("whole_mlp", False))
-                if fused.whole_mlp and fused.mma:
-                    note = "; M<=16 also timed: cuda:fp8_mma_mlp (the whole MLP in one launch: GeGLU, grid barrier, down)"
-                    for p in parts:
-                        p.kernel += note
                 fused.compiled_geglu_quant = self.options.get("compiled_geglu_quant", "triton")
                 if fused.compiled_geglu_quant not in ("triton", "inductor"):
                     raise BadInput(f"fp8 options.compiled_geglu_quant={fused.compiled_geglu_quant!r}; valid: triton, inductor")
@@ -309,9 +297,8 @@ class FP8Backend(QuantBackend):
         n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
         return ([f"fused {n} GeGLU MLPs (gate+up as one fp8 GEMM; gelu*up fused with the down_proj input quantization)"] if n else []) + (
             [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else []) + (
-            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else []) + (
             [f"{self._fused_norms} expert layers may run with their adaRMS norms and gated residual adds folded into the mma launches "
-             f"(M <= {mma_small_m.MAX_M}, batch 1, where checked and faster: backends/fused_expert_layer.py)"] if getattr(self, "_fused_norms", 0) else [])
+             f"(M <= {mma_small_m.MAX_M}, batch 1, where checked and faster: evalkit/policies/pi05/fused_layer.py)"] if getattr(self, "_fused_norms", 0) else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":
@@ -324,7 +311,7 @@ class FP8Backend(QuantBackend):
         self.capability_notes.append(capability_line(True, f"triton {ver} (fused per-token fp8 quantization)"))
 
     def make_module(self, name: str, linear: nn.Linear, device: torch.device) -> nn.Module:
-        mma_pack = mma_small_m.wants_packing(name, self.options.get("mma_layers", "expert"))
+        mma_pack = wants_packing(name, self.options.get("mma_layers", "expert"))
         mod = Fp8Linear(linear.to(device), self.base_dtype, emulated=self.engine == "emulated",
                         fast_accum=bool(self.options.get("fast_accum", True)), mma_pack=mma_pack)
         mod.pdl = bool(self.options.get("pdl", True))

@@ -2,14 +2,14 @@
 
 At M = 10 each of the expert's GEMMs costs a fixed few microseconds of launch, dependency wait and grid
 completion, whatever its size; q (N = 2048), k and v (N = 256 each) read the same x. Stacking their weights
-along N makes one launch of our mma kernel (`backends/mma_small_m.cu`) with N = 2560 instead of three.
+along N makes one launch of our mma kernel (`kernels/mma_small_m.cu`) with N = 2560 instead of three.
 
 The stack is built from the three projections' own fragment-ordered tensors (`mma_words`, plus `mma_sz` for
 int4 or `wscale` for fp8); those become views of it, so no byte is stored twice, and if a projection's tensor
 is replaced (a fault backend's unit scales, say) the stack is rebuilt from the projections on the next call:
 what runs is always what they hold. Whether the fused launch runs is decided like every kernel choice here:
 timed once per shape against the three projections' own chosen kernels, each candidate first checked against
-its exact math (`backends.quant.choose_kernel`).
+its exact math (`evalkit.backends.quant.choose_kernel`).
 
 Installed by the backends' `post_replace` as `GemmaAttention.qkv` (a plain attribute, not a submodule, so
 the model's modules and state_dict are unchanged).
@@ -20,10 +20,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from evalkit.backends.quant import choose_kernel
+from evalkit.kernels import mma_small_m
 from torch import nn
-
-from backends import mma_small_m
-from backends.quant import choose_kernel
 
 # per kind: the projection tensors to stack, the launch, the configs that tile [N, K]
 _KINDS: dict[str, tuple[tuple[str, ...], Callable, Callable]] = {
@@ -39,7 +38,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], Callable, Callable]] = {
 class FusedQKV:
     """Callable x -> (q, k, v): one mma launch over the stacked q|k|v weights where that measures faster."""
 
-    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by the launch (backends/l2_prefetch.py)
+    l2_next: tuple = (None, None)  # L2 prefetch hint the launch accepts; no backend sets it
 
     def __init__(self, kind: str, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module) -> None:
         self.kind, self.parts = kind, (q_proj, k_proj, v_proj)

@@ -9,7 +9,7 @@ and caching the winner for the process (all layers of one shape share the choice
   in-kernel reduction (one launch), tile config timed per shape; the GeGLU variant runs gate + up + gelu in
   one launch;
 - `triton_w4a16` large-M tiles (M > 64, the prefill): the same kernel with 64-128-row tiles;
-- `cuda_mma` (M <= 16): our CUDA kernel (`backends/mma_small_m.cu`, compiled by NVRTC at first use): every
+- `cuda_mma` (M <= 16): our CUDA kernel (`kernels/mma_small_m.cu`, compiled by NVRTC at first use): every
   weight load issued up front, nibbles dequantized straight into tensor-core fragments (`mma.sync` bf16);
   its GeGLU variant runs gate + up + gelu in one launch. It reads a third packing of the weights
   (`mma_words`/`mma_sz`), made on CUDA for the action expert's layers (`options.mma_layers=expert`, default;
@@ -25,30 +25,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from backends import fused_qkv, l2_prefetch, mma_small_m
-from backends.quant import (
+from evalkit.backends import fused_qkv
+from evalkit.backends.quant import (
     QuantBackend,
     QuantLinear,
     capability_line,
     check_group,
+    choose_kernel,
     dequant_int4_groups,
     int4_pack,
     linear_fp32,
     unpack_nibbles,
+    wants_packing,
 )
-from backends.quant import choose_kernel
-from backends.targets import replace_module
-from backends.triton_kernels import (
+from evalkit.backends.targets import is_geglu_mlp, replace_module
+from evalkit.kernels import mma_small_m
+from evalkit.kernels.triton_kernels import (
     W4A16_CONFIGS,
     W4A16_LARGE_M_CONFIGS,
     int4_dequant,
     triton_available,
     w4a16_config_fits,
-    w4a16_gemm,
     w4a16_geglu,
+    w4a16_gemm,
 )
+from torch import nn
+
 from evalkit.errors import BadInput
 
 CANDIDATES = ("tinygemm", "dequant_cublas", "triton_w4a16", "cuda_mma")  # triton_w4a16 / cuda_mma may name a config: triton_w4a16:n32k256s4
@@ -69,7 +71,7 @@ INNER_K_TILES = 8
 class Int4Linear(QuantLinear):
     weight_store = "qweight"
     activation_precision = "bf16"
-    l2_next: tuple = (None, None)  # the next GEMM's weights, prefetched into L2 by cuda_mma (backends/l2_prefetch.py)
+    l2_next: tuple = (None, None)  # L2 prefetch hint cuda_mma accepts; no backend sets it (it measured slower)
 
     def __init__(self, linear: nn.Linear, out_dtype: torch.dtype, group: int, mode: str, device: torch.device,
                  mma_pack: bool = True) -> None:
@@ -205,7 +207,7 @@ class Int4GemmaMLP(nn.Module):
     `fused_mma` (the same in one launch of our CUDA mma kernel, M <= 16) and `per_linear` (each projection's
     own chosen kernel, torch gelu/mul)."""
 
-    l2_next: tuple = (None, None)  # what the fused mma launch prefetches into L2 (backends/l2_prefetch.py)
+    l2_next: tuple = (None, None)  # L2 prefetch hint (unset, as Int4Linear.l2_next)
 
     def __init__(self, gate_proj: Int4Linear, up_proj: Int4Linear, down_proj: Int4Linear) -> None:
         super().__init__()
@@ -255,32 +257,29 @@ class Int4Backend(QuantBackend):
     name = "int4"
     precision_class = "4-bit"
     engines = ("native", "emulated")
-    known_options = ("group_size", "kernel", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp", "l2_prefetch")
+    known_options = ("group_size", "kernel", "pdl", "mma_layers", "fuse_qkv", "fuse_mlp")
 
     def post_replace(self, model: nn.Module) -> None:
         """Wrap each GemmaMLP whose three projections are CUDA Int4Linear (options.fuse_mlp, default true); stack
         q|k|v where they carry the mma packing (options.fuse_qkv, default true; backends/fused_qkv.py)."""
-        self._fused = self._fused_qkv = self._chained = 0
+        self._fused = self._fused_qkv = 0
         if self.engine != "native":
             return
         if self.options.get("fuse_qkv", True):
             self._fused_qkv = fused_qkv.install(model, "int4", lambda p: isinstance(p, Int4Linear) and p.mode == "cuda")
         if self.options.get("fuse_mlp", True) and triton_available():
             for name, mod in list(model.named_modules()):
-                if type(mod).__name__ != "GemmaMLP":
+                if not is_geglu_mlp(mod):
                     continue
                 parts = [getattr(mod, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
                 if all(isinstance(p, Int4Linear) and p.mode == "cuda" for p in parts):
                     replace_module(model, name, Int4GemmaMLP(*parts))
                     self._fused += 1
-        if self.options.get("l2_prefetch", False):  # measured slower end to end: off (backends/l2_prefetch.py)
-            self._chained = l2_prefetch.chain(model)
 
     def extra_notes(self) -> list[str]:
         n, nq = getattr(self, "_fused", 0), getattr(self, "_fused_qkv", 0)
         return ([f"{n} GeGLU MLPs may run gate+up+gelu as one Triton kernel where it is faster (M <= {TRITON_MAX_M})"] if n else []) + (
-            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else []) + (
-            [f"{self._chained} expert mma launches each prefetch the next one's weights into L2"] if getattr(self, "_chained", 0) else [])
+            [f"{nq} attention layers may run q|k|v as one mma launch where it is faster (M <= {mma_small_m.MAX_M})"] if nq else [])
 
     def check_engine(self, device: torch.device) -> None:
         if self.engine == "emulated":
@@ -301,7 +300,7 @@ class Int4Backend(QuantBackend):
         if mode == "cuda" and linear.in_features % (INNER_K_TILES * 16):
             raise BadInput(f"{name}: tinygemm needs in_features % {INNER_K_TILES * 16} == 0, got {linear.in_features}")
         # the mma kernel's packing is one more copy of the weights: only where M <= 16 is expected
-        mma_pack = mma_small_m.wants_packing(name, self.options.get("mma_layers", "expert"),
+        mma_pack = wants_packing(name, self.options.get("mma_layers", "expert"),
                                              forced=str(self.options.get("kernel", "auto")).startswith("cuda_mma"))
         mod = Int4Linear(linear.to(device), self.base_dtype, group, mode, device, mma_pack=mma_pack)
         mod.pdl = bool(self.options.get("pdl", True))

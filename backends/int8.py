@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from evalkit.backends.quant import (
+    QuantBackend,
+    QuantLinear,
+    capability_line,
+    choose_kernel,
+    quant_int8_rows,
+)
+from evalkit.kernels.triton_kernels import rowwise_quant, triton_available
 from torch import nn
 
-from backends.quant import QuantBackend, QuantLinear, capability_line, choose_kernel, quant_int8_rows
-from backends.triton_kernels import rowwise_quant, triton_available
 from evalkit.errors import CapabilityError
 
 

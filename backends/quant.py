@@ -8,17 +8,28 @@ them), names the buffer that holds the weights (`weight_store`), says what its m
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from evalkit.backends.base import (
+    Backend,
+    BackendReport,
+    ModuleReport,
+    module_weight_bytes,
+)
+from evalkit.backends.targets import model_device, replace_module, select_linears
+from evalkit.kernels.formats import (  # noqa: F401 (re-exported)
+    FP8_MAX,
+    fake_quant_fp8_rows,
+    quant_fp8_rows,
+    unpack_nibbles,
+)
 from torch import nn
 
-from backends.base import Backend, BackendReport, ModuleReport, module_weight_bytes
-from backends.targets import model_device, replace_module, select_linears
 from evalkit.errors import BadInput, CapabilityError
 
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 DTYPE_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ENGINES = ("native", "emulated", "fake_quant")
 
@@ -78,19 +89,6 @@ class QuantLinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ math
-def quant_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric e4m3 per row: q [R, C] float8_e4m3fn, scale [R] fp32 with t ≈ q * scale."""
-    t32 = t.float()
-    scale = (t32.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
-    q = (t32 / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def fake_quant_fp8_rows(x: torch.Tensor) -> torch.Tensor:
-    q, s = quant_fp8_rows(x)
-    return q.float() * s[..., None]
-
-
 def quant_int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: q int8 [R, C], scale [R] fp32 with t ≈ q * scale."""
     t32 = t.float()
@@ -130,13 +128,18 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
 
 
-def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p >> 4, p & 0xF], dim=-1).reshape(p.shape[0], -1)
-
-
 def check_group(name: str, k: int, group: int) -> None:
     if k % group:
         raise BadInput(f"{name}: in_features {k} is not a multiple of group size {group}; set backend.options.group_size")
+
+
+def wants_packing(layer_name: str, mma_layers: str, forced: bool = False) -> bool:
+    """Whether a quantized layer keeps the M <= 16 kernels' fragment copy of its weights: `options.mma_layers`
+    = expert (default: the action expert's layers, which run at M = horizon x batch) | all | none, or a
+    forced small-M kernel."""
+    if mma_layers not in ("expert", "all", "none"):
+        raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
+    return forced or mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", layer_name) is not None)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from backends.base import Backend
+from evalkit.backends.base import Backend
+
 from evalkit.errors import BadInput
 from evalkit.imports import import_object
 
 BACKENDS: dict[str, str] = {
-    "bf16": "backends.casts:BF16Backend",
-    "fp16": "backends.casts:FP16Backend",
-    "fp32": "backends.casts:FP32Backend",
-    "fp8": "backends.fp8:FP8Backend",
-    "fp8_weight_only": "backends.fp8:FP8WeightOnlyBackend",
-    "int8": "backends.int8:Int8Backend",
-    "int8_weight_only": "backends.int8:Int8WeightOnlyBackend",
-    "int4": "backends.int4:Int4Backend",
-    "sparse24": "backends.sparse24:Sparse24Backend",
-    "torch_trt_fp8": "backends.torch_trt_fp8:TorchTRTFP8Backend",
-    "nvfp4": "backends.fp4:NVFP4Backend",
-    "w4a8": "backends.fp4:W4A8Backend",
-    "fault_shared_layer_weights": "backends.faults:SharedLayerWeightsFault",
-    "fault_drop_mlp_residual": "backends.faults:DropMLPResidualFault",
-    "fault_ignored_scale": "backends.faults:IgnoredScaleFault",
-    "fault_silent_fallback": "backends.faults:SilentFallbackFault",
-    "fault_state_across_calls": "backends.faults:StateAcrossCallsFault",
-    "fault_calibration_ranges": "backends.faults:CalibrationRangesFault",
-    "fault_layer_order": "backends.faults:LayerOrderFault",
-    "fault_uncounted_denoise": "backends.faults:UncountedDenoiseFault",
-    "fault_scale_axis": "backends.faults:ScaleAxisFault",
-    "fault_rope_offset": "backends.faults:RopeOffsetFault",
-    "fault_drop_attn_residual": "backends.faults:DropAttnResidualFault",
+    "bf16": "evalkit.backends.casts:BF16Backend",
+    "fp16": "evalkit.backends.casts:FP16Backend",
+    "fp32": "evalkit.backends.casts:FP32Backend",
+    "fp8": "evalkit.backends.fp8:FP8Backend",
+    "fp8_weight_only": "evalkit.backends.fp8:FP8WeightOnlyBackend",
+    "int8": "evalkit.backends.int8:Int8Backend",
+    "int8_weight_only": "evalkit.backends.int8:Int8WeightOnlyBackend",
+    "int4": "evalkit.backends.int4:Int4Backend",
+    "sparse24": "evalkit.backends.sparse24:Sparse24Backend",
+    "torch_trt_fp8": "evalkit.backends.torch_trt_fp8:TorchTRTFP8Backend",
+    "nvfp4": "evalkit.backends.fp4:NVFP4Backend",
+    "w4a8": "evalkit.backends.fp4:W4A8Backend",
+    "fault_shared_layer_weights": "evalkit.backends.faults:SharedLayerWeightsFault",
+    "fault_drop_mlp_residual": "evalkit.backends.faults:DropMLPResidualFault",
+    "fault_ignored_scale": "evalkit.backends.faults:IgnoredScaleFault",
+    "fault_silent_fallback": "evalkit.backends.faults:SilentFallbackFault",
+    "fault_state_across_calls": "evalkit.backends.faults:StateAcrossCallsFault",
+    "fault_calibration_ranges": "evalkit.backends.faults:CalibrationRangesFault",
+    "fault_layer_order": "evalkit.backends.faults:LayerOrderFault",
+    "fault_uncounted_denoise": "evalkit.backends.faults:UncountedDenoiseFault",
+    "fault_scale_axis": "evalkit.backends.faults:ScaleAxisFault",
+    "fault_rope_offset": "evalkit.backends.faults:RopeOffsetFault",
+    "fault_drop_attn_residual": "evalkit.backends.faults:DropAttnResidualFault",
 }
 
 
@@ -46,7 +47,7 @@ def backend_class(name: str, target_path: str | None = None) -> type[Backend]:
         raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend.target=pkg.module.Class)")
     cls = import_object(path)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BadInput(f"'{path}' is not a backends.base.Backend subclass")
+        raise BadInput(f"'{path}' is not a evalkit.backends.base.Backend subclass")
     return cls
 
 

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from evalkit.backends.quant import (
+    QuantBackend,
+    QuantLinear,
+    capability_line,
+    linear_fp32,
+    quant_int8_rows,
+)
+from evalkit.kernels.triton_kernels import rowwise_quant, triton_available
 from torch import nn
 
-from backends.quant import QuantBackend, QuantLinear, capability_line, linear_fp32, quant_int8_rows
-from backends.triton_kernels import rowwise_quant, triton_available
 from evalkit.errors import BadInput, CapabilityError
 
 DTYPES = ("bf16", "int8")

@@ -70,3 +70,9 @@ def model_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def is_geglu_mlp(mod: nn.Module) -> bool:
+    """A module computing down(gelu_tanh(gate_proj(x)) * up_proj(x)), as it declares with mlp_kind = "geglu_tanh"
+    (the policies' contract, evalkit/policies/base.py); backends may fuse its three projections."""
+    return getattr(mod, "mlp_kind", None) == "geglu_tanh"

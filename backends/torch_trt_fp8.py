@@ -19,10 +19,10 @@ import types
 from typing import Any, Iterable
 
 import torch
+from evalkit.backends.quant import QuantBackend, capability_line, run_calibration
+from evalkit.backends.targets import replace_module
 from torch import nn
 
-from backends.quant import QuantBackend, capability_line, run_calibration
-from backends.targets import replace_module
 from evalkit.errors import BadInput, CapabilityError
 
 FP8_CFG = {"num_bits": (4, 3), "axis": None}

@@ -4,10 +4,9 @@ modules do not hold. Used by the tests and available to the CLI (print the probl
 from __future__ import annotations
 
 import torch
+from evalkit.backends.base import BackendReport, module_weight_bytes
+from evalkit.backends.quant import describe_model
 from torch import nn
-
-from backends.base import BackendReport, module_weight_bytes
-from backends.quant import describe_model
 
 
 def storage_tensor(mod: nn.Module) -> torch.Tensor | None:

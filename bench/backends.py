@@ -24,17 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.registry import get_backend  # noqa: E402
-from backends.quant import CHOICE_LOG, KERNEL_CHOICE  # noqa: E402
-from backends.verify import verify_report  # noqa: E402
-from bench.gemm_sweep import graph_ms, read_bytes  # noqa: E402
+from evalkit.backends.quant import CHOICE_LOG, KERNEL_CHOICE  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
+from evalkit.backends.verify import verify_report  # noqa: E402
+from md_tables import gpu_stages_ms  # noqa: E402  (bench/, this script's folder: e2e without the host stages)
+
+from bench.gpu_timing import graph_ms, read_bytes  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
 from evalkit.errors import CapabilityError  # noqa: E402
 from evalkit.latency import measure  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402
 from evalkit.policies.pi05.cost import pi05_work  # noqa: E402
 from evalkit.policies.pi05.policy import build  # noqa: E402
-from md_tables import gpu_stages_ms  # noqa: E402  (bench/, this script's folder: e2e without the host stages)
 
 # label -> (backend, options incl. targets)
 VARIANTS = {
@@ -59,10 +60,8 @@ VARIANTS = {
     # A/B variants of this session's fp8/int4 options (run by name with --backends)
     "fp8[prefix mlp+expert] no qkv fusion": ("fp8", {"targets": "prefix_mlp,expert", "fuse_qkv": False}),
     "fp8[prefix mlp+expert] inductor geglu quant": ("fp8", {"targets": "prefix_mlp,expert", "compiled_geglu_quant": "inductor"}),
-    "fp8[prefix mlp+expert] L2 prefetch": ("fp8", {"targets": "prefix_mlp,expert", "l2_prefetch": True}),
-    "int4[expert] L2 prefetch": ("int4", {"targets": "expert", "l2_prefetch": True}),
     # the expert layers' adaRMS norms and gated residual adds as separate kernels (fuse_norms=false; the default folds
-    # them into the mma launches, backends/fused_expert_layer.py)
+    # them into the mma launches, evalkit/policies/pi05/fused_layer.py)
     "fp8[prefix mlp+expert] unfused norms": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": False}),
     "fp8[prefix mlp+expert] unfused norms no pdl": ("fp8", {"targets": "prefix_mlp,expert", "fuse_norms": False, "pdl": False}),
     "fp8[prefix mlp+expert] no pdl": ("fp8", {"targets": "prefix_mlp,expert", "pdl": False}),
@@ -211,7 +210,7 @@ def main() -> int:
                 "graph_vs_eager_rel_err": float(np.linalg.norm(actions - first) / (np.linalg.norm(first) + 1e-30)),
                 "report_problems": problems, "by_precision": report.summary_by_precision(), "notes": report.notes,
                 "latency_representative": report.latency_representative,
-                # fused expert layer (backends/fused_expert_layer.py): installed where, chosen or not, its timing log
+                # fused expert layer (evalkit/policies/pi05/fused_layer.py): installed where, chosen or not, its timing log
                 "fused_expert_layers": sum(getattr(m, "fused", None) is not None for m in policy.model.modules()),
                 "fused_layer_choice": {str(k): {"choice": v, "log": CHOICE_LOG.get(k)} for k, v in KERNEL_CHOICE.items()
                                        if k[0] == "fp8layer"},
@@ -235,7 +234,7 @@ def main() -> int:
             traceback.print_exc()
             result["errors"].append({"backend": label, "error": repr(e)[:1000]})
         finally:
-            del policy
+            policy = None  # frees the model before the next variant
             torch.cuda.empty_cache()
             save()
     save()  # a backend skipped for the time budget comes after the last per-row save

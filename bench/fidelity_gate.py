@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backends.registry import BACKENDS  # noqa: E402
+from evalkit.backends.registry import BACKENDS  # noqa: E402
+
 from evalkit.provenance import git_sha, package_versions  # noqa: E402
 
 HEALTHY = ["bf16", "int8", "int4"]

@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(bad)} rate(s) above their bound by more than 3 Monte-Carlo SE" + "".join(f"\n  {b}" for b in bad))
     print(f"{res['seconds']:.0f} s")
     if not args.quick:
-        from evalkit.provenance import git_sha, package_versions
-
         import scipy
+
+        from evalkit.provenance import git_sha, package_versions
 
         sha, dirty = git_sha()
         doc = {"benchmark": "gate_calibration", "command": "python bench/gate_calibration.py " + " ".join(argv or sys.argv[1:]),

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.registry import get_backend  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
+
 from evalkit.bench import synthetic_batch  # noqa: E402
 from evalkit.latency import measure  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402

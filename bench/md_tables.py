@@ -1,9 +1,9 @@
 """Markdown tables for docs/backends.md from the committed result files (no GPU needed).
 
-    python bench/md_tables.py stacked bench/results/gemm_sweep_stacked.json
+    python bench/md_tables.py stacked research/results/gemm_sweep_stacked.json
     python bench/md_tables.py pi05 bench/results/backends.json
 
-`stacked`: bench/gemm_sweep.py's stacked-MLP part; `pi05`: bench/backends.py. The docs paste these tables
+`stacked`: research/probes/gemm_sweep.py's stacked-MLP part; `pi05`: bench/backends.py. The docs paste these tables
 as printed, so a table and its JSON cannot drift apart.
 """
 
@@ -13,7 +13,6 @@ import argparse
 import ast
 import json
 from pathlib import Path
-
 
 # backends whose kernel is chosen per shape at run time -> the chooser kinds they record
 AUTO_KINDS = {"int4": ("int4", "int4mlp", "int4qkv"), "int8_weight_only": ("int8wo",), "fp8": ("fp8", "fp8mlp", "fp8qkv")}

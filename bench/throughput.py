@@ -92,9 +92,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    from evalkit.suites.specs import customize, get_suite
+
     from evalkit.policies.noop import NoopPolicy
     from evalkit.provenance import device_name, package_versions
-    from suites.specs import customize, get_suite
 
     spec = customize(get_suite(args.suite), tasks=args.tasks, trials=args.trials, max_steps=args.max_steps)
     if args.policy == "noop":

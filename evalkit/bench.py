@@ -1,6 +1,6 @@
 """python -m evalkit.bench: latency only, no simulator.
 
-    python -m evalkit.bench --policy pi05_tiny --backend bf16 --denoise-steps 1,3,10 --views 1,2 --batch 1 --calls 50
+    python -m evalkit.bench policy=pi05_tiny backend=bf16 denoise_steps=[1,3,10] views=[1,2] batch=1 calls=50
 
 Any policy config under conf/policy/ x backend x denoise_steps x views x batch. Synthetic observations
 (random 224x224 views, random state, a fixed instruction) go through the policy's full `predict`, so
@@ -9,30 +9,41 @@ host pre/post-processing is part of end-to-end. Prints a table, writes JSON, log
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from evalkit.cli_args import opt, parse, split_group
+from evalkit.config import CONF_DIR
 from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
 from evalkit.latency import LatencyReport, measure
-from evalkit.policies.base import Observation, ObsBatch
+from evalkit.policies.base import ObsBatch, Observation
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "policy"
+CONF = CONF_DIR / "policy"
 INSTRUCTION = "put the black bowl on the plate"
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise BadInput(f"expected comma-separated integers, got '{s}'") from None
+@dataclass
+class BenchOptions:
+    policy: str = opt("pi05_tiny", "a conf/policy/<name>.yaml")
+    backend: str = opt("bf16", "a conf/backend/<name>.yaml (or registered backend)")
+    denoise_steps: list[int] = opt([10], "denoise steps to time, e.g. [1,3,10]")
+    views: list[int] = opt([2], "camera views to time, e.g. [1,2]")
+    batch: int = opt(1, "observations per policy call")
+    calls: int = opt(50, "timed calls per row (< 50: percentiles above p90 are rough)")
+    warmup: int = opt(5, "untimed calls before timing")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = opt(False, "torch.compile the policy after the backend (CUDA only)")
+    cuda_graph: bool = opt(False, "capture the policy in CUDA graphs (CUDA only)")
+    out: Optional[str] = opt(None, "JSON path (default bench/results/bench_<policy>_<backend>.json)")
+    mlflow: bool = opt(True, "log one MLflow run per row")
 
 
 def load_policy_cfg(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -72,21 +83,23 @@ def time_policy(policy, obs: ObsBatch, device: torch.device, calls: int, warmup:
     return measure(whole, device, calls, warmup, notes=["policy exposes no stages: one 'predict' stage"])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from backends.registry import get_backend
+def run(args: BenchOptions, policy_overrides: list[str] | None = None) -> dict[str, Any]:
+    from evalkit.backends.registry import get_backend
     from evalkit.policies.registry import build_policy
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {args.device} but no CUDA GPU is visible")
-    steps_list, views_list = _ints(args.denoise_steps), _ints(args.views)
-    cfg = load_policy_cfg(args.policy, args.set or [])
+        raise BadInput(f"device={args.device} but no CUDA GPU is visible")
+    steps_list, views_list = list(args.denoise_steps), list(args.views)
+    if not steps_list or not views_list:
+        raise BadInput("denoise_steps and views need at least one value each")
+    cfg = load_policy_cfg(args.policy, policy_overrides or [])
     cfg["denoise_steps"] = steps_list[0]
     # compile / graphs are switched on after the backend has rewritten the model
     want_compile = bool(cfg.pop("compile", False)) or args.compile
     want_graph = bool(cfg.pop("cuda_graph", False)) or args.cuda_graph
     if (want_compile or want_graph) and device.type != "cuda":
-        raise CapabilityError(f"--compile/--cuda-graph need a CUDA GPU; device is {device}")
+        raise CapabilityError(f"compile/cuda_graph need a CUDA GPU; device is {device}")
     policy = build_policy(cfg, device)
     if not isinstance(getattr(policy, "model", None), torch.nn.Module):
         raise BadInput(f"policy '{args.policy}' has no torch model for backend '{args.backend}' to transform")
@@ -147,28 +160,17 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evalkit.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--policy", default="pi05_tiny", help="a conf/policy/<name>.yaml")
-    ap.add_argument("--backend", default="bf16")
-    ap.add_argument("--denoise-steps", default="10", help="comma list, e.g. 1,3,10")
-    ap.add_argument("--views", default="2", help="comma list of camera views, e.g. 1,2")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--cuda-graph", action="store_true")
-    ap.add_argument("--set", nargs="*", help="policy config overrides, e.g. init=random variant=full")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_<policy>_<backend>.json)")
-    ap.add_argument("--no-mlflow", action="store_true")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        rest, policy_overrides = split_group(argv, "policy")
+        args = parse(BenchOptions, rest, prog="python -m evalkit.bench", about="latency only, no simulator",
+                     extra=[("policy.KEY", "override a key of the policy's yaml, e.g. policy.init=random")])
         if args.calls < 50:
-            print(f"[evalkit.bench] note: --calls {args.calls} < 50; percentiles above p90 are rough")
+            print(f"[evalkit.bench] note: calls={args.calls} < 50; percentiles above p90 are rough")
         if args.batch < 1:
-            raise BadInput("--batch must be >= 1")
+            raise BadInput("batch must be >= 1")
         t0 = time.time()
-        result = run(args)
+        result = run(args, policy_overrides)
         result["wall_s"] = time.time() - t0
     except (BadInput, CapabilityError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2))
     print_table(result)
     print(f"wrote {out}")
-    if not args.no_mlflow:
+    if args.mlflow:
         try:
             from evalkit.tracking import log_bench_run
         except ImportError as e:  # the tracking module is optional for a latency-only run
@@ -195,4 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from evalkit.errors import exit_with
+
+    exit_with(main)

@@ -1,5 +1,8 @@
 """`python -m evalkit [overrides]`: Hydra composes the run, `evalkit.run.execute` runs it.
 
+`evalkit` (the console script) is the same command; `evalkit TOOL key=value ...` runs `python -m evalkit.TOOL`
+with the same arguments (TOOLS below; every tool takes key=value overrides, evalkit/cli_args.py).
+
 Exit codes: 0 pass, 1 regression, 2 bad input/config (one clear line, no traceback),
 3 internal error (a bug: traceback printed). In a multirun the worst job decides.
 """
@@ -24,6 +27,16 @@ EXIT_INTERNAL = 3
 INT_KNOBS = ("denoise_steps", "workers", "seed", "videos_per_task", "suite.trials", "suite.max_steps")
 _job_codes: list[int] = []
 CODES_ENV = "EVALKIT_JOB_CODES_FILE"  # where launcher jobs in other processes write their exit codes
+TOOLS = {  # subcommand -> (module with main(argv) -> int, what it does)
+    "bench": ("evalkit.bench", "latency only, no simulator"),
+    "gate": ("evalkit.gate.__main__", "re-judge stored runs; `gate plan`: episodes a candidate needs"),
+    "merge": ("evalkit.merge", "join the shards of a run into one result"),
+    "sync": ("evalkit.sync", "upload offline run bundles to MLflow"),
+    "nightly": ("evalkit.nightly", "run the nightly matrix, judge every cell, report"),
+    "serve": ("evalkit.serve", "serve an evalkit policy over openpi's websocket protocol"),
+    "demos": ("evalkit.demos", "record scripted-expert demonstrations"),
+    "train": ("evalkit.train", "train the small reference policy on demonstrations"),
+}
 
 
 def prevalidate(argv: list[str]) -> str | None:
@@ -73,7 +86,7 @@ def run_from_config(cfg: DictConfig) -> int:
         return EXIT_INTERNAL
 
 
-# An absolute path: the config tree lives at the repo root (DESIGN.md), beside the packages.
+# An absolute path: the config tree lives at the repo root (docs/architecture.md), beside the packages.
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> int:
     code = run_from_config(cfg)
@@ -96,7 +109,36 @@ def _launcher_codes(path: str) -> list[int]:
             os.unlink(path)
 
 
+def tools_help() -> str:
+    width = max(map(len, TOOLS))
+    rows = [f"  evalkit {name:<{width}}  {about}" for name, (_, about) in TOOLS.items()]
+    return "\n".join(["usage: evalkit [key=value ...]          run (as python -m evalkit; options below)",
+                      "       evalkit TOOL [key=value ...]     a tool (as python -m evalkit.TOOL; TOOL --help)", "",
+                      "tools:", *rows, "", "exit codes: 0 pass, 1 regression, 2 bad input (docs/cli.md)", "", ""])
+
+
+def run_tool(name: str, args: list[str]) -> None:
+    """`evalkit TOOL ...`: the tool's main with only its own arguments (sys.argv too: some tools read it)."""
+    import importlib
+
+    from evalkit.errors import exit_with
+
+    module = importlib.import_module(TOOLS[name][0])
+    sys.argv = [f"{sys.argv[0]} {name}", *args]
+    exit_with(lambda: module.main(args))
+
+
 def main() -> None:
+    """The console script and `python -m evalkit`: a tool when the first argument names one, else the run."""
+    args = sys.argv[1:]
+    if args and args[0] in TOOLS:
+        run_tool(args[0], args[1:])
+    if any(a in ("-h", "--help") for a in args):
+        print(tools_help(), end="")
+    run_main()
+
+
+def run_main() -> None:
     register()
     problem = prevalidate(sys.argv[1:])
     if problem:

@@ -16,9 +16,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from evalkit.errors import BadInput
-from suites.specs import SUITES, SuiteSpec, customize
+from evalkit.policies.base import DEFAULT_DENOISE_STEPS, check_denoise_steps
+from evalkit.suites.specs import SUITES, SuiteSpec, customize
+from evalkit.tracking.store import DEFAULT_URI
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ at the checkout's root; an installed wheel carries it as evalkit/conf (pyproject's package-dir).
+_CHECKOUT_CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = _CHECKOUT_CONF if _CHECKOUT_CONF.is_dir() else Path(__file__).resolve().parent / "conf"
 GROUPS = ("policy", "backend", "suite", "gate", "tracking", "experiment")
 
 
@@ -60,7 +64,7 @@ class SuiteConfig:
 @dataclass
 class TrackingConfig:
     mode: TrackingMode = TrackingMode.online
-    uri: str = "sqlite:///mlruns/mlflow.db"
+    uri: str = DEFAULT_URI
     experiment: str = "evalkit"
     log_videos: bool = True
     tag_baseline: bool = False  # tag the run evalkit.baseline=true (what `baseline=latest` looks for)
@@ -73,7 +77,7 @@ class RunConfig:
     suite: SuiteConfig = MISSING
     gate: Any = MISSING
     tracking: TrackingConfig = MISSING
-    denoise_steps: int = 10
+    denoise_steps: int = DEFAULT_DENOISE_STEPS
     seed: int = 7
     device: str = "auto"  # auto: cuda if present, else cpu
     workers: int = 2  # env worker processes; 0 runs envs in the main process
@@ -88,7 +92,9 @@ class RunConfig:
 
 
 def _registered_backends() -> list[str]:
-    from backends.registry import BACKENDS  # a name table only: imports no backend module
+    from evalkit.backends.registry import (
+        BACKENDS,  # a name table only: imports no backend module
+    )
 
     return sorted(BACKENDS)
 
@@ -154,8 +160,7 @@ def validate(cfg) -> RunSettings:
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if c["denoise_steps"] < 1:
-        raise BadInput(f"denoise_steps={c['denoise_steps']}: must be >= 1 (Euler steps of the flow-matching sampler)")
+    check_denoise_steps(c["denoise_steps"])
     if c["workers"] < 0:
         raise BadInput(f"workers={c['workers']}: must be >= 0 (0 runs envs in the main process)")
     if c["videos_per_task"] < 0:

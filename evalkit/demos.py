@@ -28,16 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
+from evalkit.cli_args import parse
 from evalkit.errors import BadInput
 
 
 @dataclass
 class DemoConfig:
-    suite: str = "libero_spatial"
-    episodes_per_task: int = 20
-    workers: int = 1
-    out: str = ""
-    tasks: tuple[int, ...] | None = None
+    suite: str = "libero_spatial"  # a suite name (suites/specs.py)
+    episodes_per_task: int = 20  # successful episodes to keep per task
+    workers: int = 1  # worker processes (one task each at a time)
+    out: str = ""  # output folder (default data/demos/<suite>)
+    tasks: tuple[int, ...] | None = None  # task ids, e.g. [1,3] (null: all of the suite's tasks)
     seed: int = 100_000  # demo seed namespace (evaluation uses the official init states)
     max_attempts_factor: float = 2.0  # give up on a task after this many attempts per wanted episode
     round_size: int = 0  # >0: fill every task up to k*round_size episodes, round by round (a run stopped early stays balanced)
@@ -130,8 +131,8 @@ def run_task(args: tuple[DemoConfig, int, int]) -> dict:
     cfg, task_id, wanted = args
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     from evalkit.policies.scripted import ScriptedPolicy
-    from suites.env import LiberoEnv
-    from suites.specs import get_suite
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import get_suite
 
     spec = get_suite(cfg.suite)
     out = Path(cfg.out)
@@ -159,21 +160,10 @@ def run_task(args: tuple[DemoConfig, int, int]) -> dict:
 
 
 def parse_args(argv: list[str]) -> DemoConfig:
-    cfg = DemoConfig()
-    for arg in argv:
-        if "=" not in arg:
-            raise BadInput(f"argument '{arg}': expected key=value (keys: suite, episodes_per_task, workers, out, tasks, seed)")
-        k, v = arg.split("=", 1)
-        if k == "tasks":
-            cfg.tasks = tuple(int(x) for x in v.strip("[]").split(",") if x.strip())
-        elif k in ("episodes_per_task", "workers", "seed", "round_size"):
-            setattr(cfg, k, int(v))
-        elif k == "max_attempts_factor":
-            cfg.max_attempts_factor = float(v)
-        elif k in ("suite", "out"):
-            setattr(cfg, k, v)
-        else:
-            raise BadInput(f"unknown key '{k}' (keys: suite, episodes_per_task, workers, out, tasks, seed, max_attempts_factor)")
+    cfg = parse(DemoConfig, argv, prog="python -m evalkit.demos",
+                about="demonstrations from the scripted expert (successful episodes, random placements)")
+    if cfg.tasks is not None:
+        cfg.tasks = tuple(cfg.tasks)  # OmegaConf gives a list
     if cfg.episodes_per_task < 1 or cfg.workers < 1:
         raise BadInput("episodes_per_task and workers must be >= 1")
     if not cfg.out:
@@ -182,7 +172,7 @@ def parse_args(argv: list[str]) -> DemoConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from suites.specs import get_suite
+    from evalkit.suites.specs import get_suite
 
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     spec = get_suite(cfg.suite)

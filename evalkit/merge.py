@@ -1,4 +1,4 @@
-"""`python -m evalkit.merge RUN_DIR... [--out DIR] [--uri URI] [--allow-partial]`: shards -> one result.
+"""`python -m evalkit.merge runs=[RUN_DIR,...] [out=DIR] [uri=URI] [allow_partial=true]`: shards -> one result.
 
 Each RUN_DIR is a run directory (holding run_key.json) or a folder above several (a multirun sweep
 dir): every run found below it is merged. The merge
@@ -6,29 +6,40 @@ dir): every run found below it is merged. The merge
 - keeps one record per episode (task, init state): a re-run episode counts once, the latest journal
   line wins (lines of one journal in file order; across run dirs, the journal written last wins);
 - checks coverage: every episode of the full suite exactly once, else it lists the missing ones and
-  exits 2 (unless --allow-partial, which marks the result partial);
+  exits 2 (unless allow_partial=true, which marks the result partial);
 - writes a merged run dir (episodes.jsonl/csv/parquet, summary.json with the Wilson interval,
   run_key.json without the shard) and logs ONE MLflow run for the whole (tag evalkit.merged_from).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
+from evalkit.cli_args import opt, parse
 from evalkit.errors import EXIT_BAD_INPUT, BadInput
-from evalkit.results.summary import build_summary, episodes_frame, write_results
+from evalkit.results.summary import (
+    RunSummary,
+    build_summary,
+    episodes_frame,
+    write_results,
+)
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EpisodeRecord
-from evalkit.tracking.bundle import RunBundle, read_bundle, sync_state_path, write_bundle
-from suites.specs import SuiteSpec, customize, get_suite
+from evalkit.suites.specs import SuiteSpec, customize, get_suite
+from evalkit.tracking.bundle import (
+    RunBundle,
+    read_bundle,
+    sync_state_path,
+    write_bundle,
+)
 
 MERGE_MARKER = "merge.json"
 MAX_LISTED = 20
@@ -39,7 +50,7 @@ class ShardRun:
     path: Path
     key: dict
     records: list[EpisodeRecord]  # the journal, deduplicated within the run (last line wins)
-    summary: dict = field(default_factory=dict)
+    summary: RunSummary = field(default_factory=RunSummary)  # empty when the shard wrote no summary.json
     journal_mtime: float = 0.0
 
 
@@ -67,7 +78,7 @@ def read_run(path: Path) -> ShardRun:
         raise BadInput(f"{path}: no episodes.jsonl (did this run start any episode?)")
     records = [r for r in Journal(journal).load() if r.suite == key.get("suite")]
     summary_path = path / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = RunSummary.from_dict(json.loads(summary_path.read_text())) if summary_path.exists() else RunSummary()
     return ShardRun(path, key, records, summary, journal.stat().st_mtime)
 
 
@@ -140,11 +151,16 @@ def _fmt_missing(missing: list[tuple[int, int]]) -> str:
     return shown + more
 
 
+def _shard_latency(r: ShardRun) -> dict:
+    lat = r.summary.latency
+    kept = (("latency_ms_p50", lat.p50_ms), ("latency_ms_p90", lat.p90_ms), ("latency_ms_p99", lat.p99_ms),
+            ("latency_ms_mean", lat.mean_ms), ("calls", lat.calls), ("mean_batch", lat.mean_batch))
+    return {"run_dir": str(r.path), **{k: v for k, v in kept if v is not None}}
+
+
 def merged_latency(runs: list[ShardRun]) -> dict:
     """Percentiles cannot be merged without the raw call times: keep each shard's, merge only the mean."""
-    shards = [{"run_dir": str(r.path), **{k: v for k, v in (r.summary.get("latency") or {}).items()
-                                          if k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
-                                                   "latency_ms_mean", "calls", "mean_batch")}} for r in runs]
+    shards = [_shard_latency(r) for r in runs]
     with_calls = [s for s in shards if s.get("calls") and s.get("latency_ms_mean") is not None]
     if not with_calls:
         return {}
@@ -159,10 +175,10 @@ def wall_span(runs: list[ShardRun]) -> float:
     ends, starts = [], []
     for r in runs:
         p = r.path / "summary.json"
-        if p.exists() and r.summary.get("wall_time_s") is not None:
+        if p.exists() and r.summary.wall_time_s is not None:
             end = p.stat().st_mtime
             ends.append(end)
-            starts.append(end - float(r.summary["wall_time_s"]))
+            starts.append(end - float(r.summary.wall_time_s))
     return (max(ends) - min(starts)) if ends else 0.0
 
 
@@ -179,7 +195,7 @@ def _common(values: list, what: str, notes: list[str]):
 def prepare_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MERGE_MARKER).exists():
-            raise BadInput(f"--out {out} exists and is not an earlier merge output; pick an empty or new folder")
+            raise BadInput(f"out={out} exists and is not an earlier merge output; pick an empty or new folder")
         # Re-merging replaces the result: its MLflow state belongs to the old content.
         state = sync_state_path(out)
         if state.exists():
@@ -187,7 +203,7 @@ def prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> tuple[Path, dict]:
+def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> tuple[Path, RunSummary]:
     run_dirs = find_runs(paths)
     runs = [read_run(p) for p in run_dirs]
     key = check_same_config(runs)
@@ -196,31 +212,31 @@ def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> t
     m = merge_records(runs, wanted)
     if m.missing and not allow_partial:
         raise BadInput(f"merged runs miss {len(m.missing)} of {len(wanted)} episodes ({_fmt_missing(m.missing)}); "
-                       f"run the missing shard(s) or pass --allow-partial")
+                       f"run the missing shard(s) or pass allow_partial=true")
     out = Path(out) if out else run_dirs[0].parent / "merged"
     if out.resolve() in run_dirs:
-        raise BadInput(f"--out {out} is one of the runs being merged")
+        raise BadInput(f"out={out} is one of the runs being merged")
     prepare_out(out)
 
     notes: list[str] = []
     summaries = [r.summary for r in runs]
-    params = dict(summaries[0].get("params") or {"policy": key["policy"].get("name"), "suite": key["suite"]})
+    params = summaries[0].params.to_dict() or {"policy": key["policy"].get("name"), "suite": key["suite"]}
     params.pop("shard", None)
-    params["git_sha"] = _common([s.get("params", {}).get("git_sha") for s in summaries], "git_sha", notes)
-    versions = _common([s.get("versions") for s in summaries], "package versions", notes)
-    device = _common([s.get("device_name") for s in summaries], "device", notes)
+    params["git_sha"] = _common([s.params.git_sha for s in summaries], "git_sha", notes)
+    versions = _common([s.versions for s in summaries], "package versions", notes)
+    device = _common([s.device_name for s in summaries], "device", notes)
     df = episodes_frame(m.records)
     span = wall_span(runs)
     summary = build_summary(
         df, params, spec.protocol(), merged_latency(runs), span,
         extra={
-            "git_dirty": any(bool(s.get("git_dirty")) for s in summaries),
+            "git_dirty": any(bool(s.git_dirty) for s in summaries),
             "versions": versions, "device_name": device,
-            "backend_report": summaries[0].get("backend_report"),
+            "backend_report": summaries[0].backend_report,
             "merged_from": [str(r.path) for r in runs],
             "shards": [{"run_dir": str(r.path), "shard": "/".join(map(str, r.key.get("shard", [0, 1]))),
-                        "episodes": len(r.records), "wall_time_s": r.summary.get("wall_time_s"),
-                        "episodes_per_min": r.summary.get("episodes_per_min")} for r in runs],
+                        "episodes": len(r.records), "wall_time_s": r.summary.wall_time_s,
+                        "episodes_per_min": r.summary.episodes_per_min} for r in runs],
             "duplicates_dropped": m.duplicates,
             "missing_episodes": [list(k) for k in m.missing],
             "partial": bool(m.missing),
@@ -244,36 +260,34 @@ def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> t
     return out, summary
 
 
-def write_merged_bundle(out: Path, runs: list[ShardRun], summary: dict) -> RunBundle:
-    from evalkit.run import metrics_from_summary
-
+def write_merged_bundle(out: Path, runs: list[ShardRun], summary: RunSummary) -> RunBundle:
     try:
         first = read_bundle(runs[0].path)
         params, experiment, tags = dict(first.params), first.experiment, dict(first.tags)
     except BadInput:  # a shard that never wrote its bundle: params from the summary alone
-        params, experiment, tags = dict(summary["params"]), "evalkit", {}
+        params, experiment, tags = summary.params.to_dict(), "evalkit", {}
     params.pop("shard", None)
-    params["git_sha"] = summary["params"].get("git_sha")
+    params["git_sha"] = summary.params.git_sha
     params["merged_shards"] = len(runs)
     tags.update({
         "evalkit.run_dir": str(out), "evalkit.role": "merged",
         "evalkit.merged_from": ",".join(str(r.path) for r in runs)[:5000],
-        "evalkit.partial": str(summary["partial"]).lower(),
-        "evalkit.git_dirty": str(summary["git_dirty"]).lower(),
+        "evalkit.partial": str(summary.partial).lower(),
+        "evalkit.git_dirty": str(summary.git_dirty).lower(),
     })
     artifacts = [a for a in ("summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml",
                              "backend_report.json", MERGE_MARKER) if (out / a).exists()]
     bundle = RunBundle(experiment=experiment, run_name=f"merged {out.name}", params=params,
-                       metrics=metrics_from_summary(summary), tags=tags, artifacts=artifacts,
+                       metrics=summary.metrics(), tags=tags, artifacts=artifacts,
                        table="episodes.parquet")
     write_bundle(out, bundle)
     return bundle
 
 
 def tracking_target(run_dir: Path, uri: str | None) -> tuple[str | None, str]:
-    """(uri, why): --uri wins; else the shards' own tracking config; None when they ran offline."""
+    """(uri, why): uri= wins; else the shards' own tracking config; None when they ran offline."""
     if uri:
-        return uri, "--uri"
+        return uri, "uri="
     cfg_path = run_dir / "resolved_config.yaml"
     if cfg_path.exists():
         tracking = (yaml.safe_load(cfg_path.read_text()) or {}).get("tracking") or {}
@@ -283,24 +297,30 @@ def tracking_target(run_dir: Path, uri: str | None) -> tuple[str | None, str]:
     return None, "no tracking config found"
 
 
+@dataclass
+class MergeOptions:
+    runs: list[str] = opt(help="run dirs (or folders above them, e.g. a multirun sweep dir): runs=DIR or runs=[A,B]")
+    out: Optional[str] = opt(None, "merged run dir (default: <first run's parent>/merged)")
+    uri: Optional[str] = opt(None, "MLflow tracking URI (default: the shards' tracking.uri)")
+    allow_partial: bool = opt(False, "merge even if episodes are missing (marked partial)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evalkit.merge", description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run dirs (or folders above them, e.g. a multirun sweep dir)")
-    ap.add_argument("--out", type=Path, default=None, help="merged run dir (default: <first run's parent>/merged)")
-    ap.add_argument("--uri", default=None, help="MLflow tracking URI (default: the shards' tracking.uri)")
-    ap.add_argument("--allow-partial", action="store_true", help="merge even if episodes are missing (marked partial)")
-    args = ap.parse_args(argv)
     try:
-        out, summary = merge(args.runs, args.out, args.allow_partial)
+        args = parse(MergeOptions, sys.argv[1:] if argv is None else argv, prog="python -m evalkit.merge",
+                     about=__doc__.splitlines()[0].split(": ", 1)[1])
+        if not args.runs:
+            raise BadInput("runs=[...] needs at least one run dir")
+        out, summary = merge([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.allow_partial)
     except BadInput as e:
         print(f"evalkit.merge: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    n, k = summary["episodes"], summary["successes"]
-    print(f"merged {len(summary['merged_from'])} runs -> {out}: {n} of {summary['suite_episodes']} episodes, "
-          f"success {k}/{n} = {summary['success_rate']:.3f} "
-          f"[{summary['success_ci_low']:.3f}, {summary['success_ci_high']:.3f}] (Wilson 95%), "
-          f"{summary['duplicates_dropped']} duplicate records dropped" + (" (PARTIAL)" if summary["partial"] else ""))
-    for note in summary["merge_notes"]:
+    n, k = summary.episodes, summary.successes
+    print(f"merged {len(summary.merged_from)} runs -> {out}: {n} of {summary.suite_episodes} episodes, "
+          f"success {k}/{n} = {summary.success_rate:.3f} "
+          f"[{summary.success_ci_low:.3f}, {summary.success_ci_high:.3f}] (Wilson 95%), "
+          f"{summary.duplicates_dropped} duplicate records dropped" + (" (PARTIAL)" if summary.partial else ""))
+    for note in summary.merge_notes:
         print(f"note: {note}")
     sync_merged(out, args.uri)
     return 0
@@ -311,12 +331,12 @@ def sync_merged(out: Path, uri: str | None) -> str | None:
 
     target, why = tracking_target(out, uri)
     if target is None:
-        print(f"tracking: {why}; bundle written. Upload with: python -m evalkit.sync {out} --uri URI")
+        print(f"tracking: {why}; bundle written. Upload with: python -m evalkit.sync runs={out} uri=URI")
         return None
     resolved = resolve_uri(target)
     ok, reason = reachable(resolved)
     if not ok:
-        print(f"tracking store {resolved} unreachable ({reason}); upload later: python -m evalkit.sync {out} --uri {target}")
+        print(f"tracking store {resolved} unreachable ({reason}); upload later: python -m evalkit.sync runs={out} uri={target}")
         return None
     run_id = sync_bundle(out, resolved)
     print(f"MLflow run {run_id} in {resolved}")

@@ -26,31 +26,35 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evalkit.cli_args import parse
+from evalkit.config import CONF_DIR
 from evalkit.errors import EXIT_BAD_INPUT, EXIT_PASS, EXIT_REGRESSION, BadInput
 from evalkit.gate.config import GateConfig
 from evalkit.gate.family import judge_family
 from evalkit.gate.runs import StoredRun, load_run
+from evalkit.policies.base import DEFAULT_DENOISE_STEPS
 from evalkit.report import ReportRun, write_report
+from evalkit.tracking.store import DEFAULT_URI
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "conf" / "experiment" / "nightly.yaml"
+DEFAULT_CONFIG = CONF_DIR / "experiment" / "nightly.yaml"
 
 
 @dataclass
 class NightlyConfig:
-    policy: str = "pi05"
-    baseline_backend: str = "bf16"
-    baseline_denoise_steps: int = 10
+    policy: str = "pi05"  # the policy every cell runs
+    baseline_backend: str = "bf16"  # backend of each suite's baseline cell (baseline=matrix)
+    baseline_denoise_steps: int = DEFAULT_DENOISE_STEPS  # denoise steps of each suite's baseline cell (baseline=matrix)
     baseline: str = "matrix"  # matrix | latest | ref:<key>
-    backends: list = field(default_factory=lambda: ["bf16"])
-    suites: list = field(default_factory=lambda: ["libero_spatial_quick"])
-    denoise_steps: list = field(default_factory=lambda: [10])
-    overrides: list = field(default_factory=list)
-    output_dir: str = "outputs/nightly"
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "evalkit-nightly"
-    timeout_s: int = 14400
-    gate: dict = field(default_factory=dict)
+    backends: list[str] = field(default_factory=lambda: ["bf16"])  # matrix: candidate backends
+    suites: list[str] = field(default_factory=lambda: ["libero_spatial_quick"])  # matrix: suites
+    denoise_steps: list[int] = field(default_factory=lambda: [DEFAULT_DENOISE_STEPS])  # matrix: denoise steps
+    overrides: list[str] = field(default_factory=list)  # extra overrides of every cell's run, e.g. [suite.trials=2]
+    output_dir: str = "outputs/nightly"  # the night's folder <output_dir>/<timestamp> (cells, report)
+    tracking_uri: str = DEFAULT_URI  # MLflow store of the cells and the parent run
+    experiment: str = "evalkit-nightly"  # MLflow experiment of the parent run
+    timeout_s: int = 14400  # per cell
+    gate: dict = field(default_factory=dict)  # gate overrides (conf/gate fields), e.g. gate.alpha=0.01
 
 
 @dataclass(frozen=True)
@@ -85,20 +89,8 @@ Runner = Callable[[Cell, Path, list], int]  # (cell, run_dir, overrides) -> exit
 
 def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> NightlyConfig:
     """nightly.yaml merged with key=value overrides (config=<file> picks another file), validated by the dataclass."""
-    over = [a for a in argv if not a.startswith("config=")]
-    for a in argv:
-        if a.startswith("config="):
-            path = Path(a.split("=", 1)[1])
-    bad = [a for a in over if "=" not in a]
-    if bad:
-        raise BadInput(f"nightly arguments must be key=value, got {bad}")
-    if not path.exists():
-        raise BadInput(f"nightly config {path} not found")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(NightlyConfig), OmegaConf.load(path), OmegaConf.from_dotlist(over))
-        cfg: NightlyConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise BadInput(f"nightly config: {str(e).splitlines()[0]}") from None
+    cfg = parse(NightlyConfig, argv, prog="python -m evalkit.nightly", config=path,
+                about="run the nightly matrix, judge every cell, report, exit 1 on regression")
     if not cfg.backends or not cfg.suites or not cfg.denoise_steps:
         raise BadInput("nightly matrix is empty: backends, suites and denoise_steps need at least one value each")
     return cfg
@@ -189,8 +181,8 @@ def judge_cells(results: dict[Cell, CellResult], base: dict[str, Cell], cfg: Nig
             res.is_baseline = True
             if res.run is None:
                 continue
-            fid = res.run.summary.get("fidelity") or {}
-            if fid and not fid.get("passed", True):
+            fid = res.run.summary.fidelity
+            if fid and not fid.passed:
                 res.error = "baseline failed its own fidelity checks"
             continue
         if res.run is None:
@@ -262,7 +254,7 @@ def finish_parent(cfg: NightlyConfig, rid: str, root: Path, results: dict[Cell, 
     for f in ("report.md", "report.html", "nightly.json"):
         client.log_artifact(rid, str(root / f))
     for res in results.values():  # link children whose run id the CLI recorded in summary.json
-        child = res.run.summary.get("mlflow_run_id") if res.run else None
+        child = res.run.summary.mlflow_run_id if res.run else None
         if child:
             try:
                 client.set_tag(child, "mlflow.parentRunId", rid)

@@ -1,4 +1,4 @@
-"""One evaluation run, stage by stage (DESIGN.md data flow). Each stage is a plain function;
+"""One evaluation run, stage by stage (the data flow of docs/architecture.md). Each stage is a plain function;
 this module only wires them and owns the run directory.
 
 config -> policy -> backend.apply -> fidelity -> rollouts -> results -> tracking -> gate -> exit code
@@ -20,7 +20,15 @@ from evalkit.errors import EXIT_PASS, EXIT_REGRESSION, BadInput
 from evalkit.gate.config import GateConfig
 from evalkit.progress import RunProgress
 from evalkit.provenance import device_name, git_sha, package_versions
-from evalkit.results.summary import build_summary, episodes_frame, latency_summary, write_results
+from evalkit.results.summary import (
+    RolloutStop,
+    RunSummary,
+    build_summary,
+    episodes_frame,
+    latency_summary,
+    write_results,
+    write_summary,
+)
 from evalkit.results.table import print_summary
 from evalkit.rollout.engine import RolloutOptions, run_rollouts
 from evalkit.rollout.journal import Journal
@@ -76,7 +84,7 @@ def find_resume_dir(resume: str | None, fresh_dir: Path, key: dict, outputs_root
 def build_policy_and_backend(s: RunSettings):
     import torch
 
-    from backends.registry import backend_from_config
+    from evalkit.backends.registry import backend_from_config
     from evalkit.policies.registry import build_policy
 
     device = torch.device(s.device)
@@ -113,7 +121,7 @@ class LazyCalibration:
 
 
 def apply_backend(policy, backend, device, calib=None):
-    from backends.base import BackendReport
+    from evalkit.backends.base import BackendReport
 
     model = getattr(policy, "model", None)
     if model is None:
@@ -133,45 +141,21 @@ def print_backend_report(report) -> None:
         console.print(f"  note: {n}")
 
 
-def metrics_from_summary(summary: dict) -> dict[str, float]:
-    m = {k: summary[k] for k in ("success_rate", "success_ci_low", "success_ci_high", "episodes_per_min") if summary.get(k) is not None}
-    for name, r in summary["per_task"].items():
-        m[f"success_rate/{name}"] = r["success_rate"]
-    lat = summary.get("latency") or {}
-    for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "hz"):
-        if lat.get(k) is not None:
-            m[k] = lat[k]
-    for stage, v in (lat.get("stages") or {}).items():
-        if isinstance(v, dict) and v.get("p50") is not None:
-            m[f"latency_ms/{stage}"] = v["p50"]
-    fid = summary.get("fidelity") or {}
-    for k in ("action_cosine_min", "layer_cosine_min"):
-        if fid.get(k) is not None:
-            m[k] = fid[k]
-    for k, v in (summary.get("policy_timing") or {}).items():  # a remote policy's client/server timing, kept apart
-        if isinstance(v, dict) and v.get("p50") is not None:
-            m[f"policy_timing_ms/{k}"] = v["p50"]
-    bk = summary.get("backend_report") or {}
-    if bk.get("weight_bytes_after"):
-        m["weight_bytes"] = bk["weight_bytes_after"]
-    return m
-
-
-def track(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_key: str | None) -> str | None:
+def track(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None) -> str | None:
     from evalkit.tracking.callbacks import PARENT_ENV
     from evalkit.tracking.store import reachable, resolve_uri, sync_bundle
 
-    p = summary["params"]
-    params = {**p, "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids), "suite.trials": s.suite.trials}
+    params = {**summary.params.to_dict(), "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids),
+              "suite.trials": s.suite.trials}
     # provenance: a custom backend's run must not look like plain bf16 (its class path, engine, options, class)
-    params.update({f"backend.{k}": v for k, v in (summary.get("backend_provenance") or {}).items() if k != "name"})
-    if summary.get("calibration"):
-        params.update({f"calibration.{k}": v for k, v in summary["calibration"].items()})
-    params.update({f"protocol.{k}": v for k, v in summary["protocol"].items()})
+    params.update({f"backend.{k}": v for k, v in (summary.backend_provenance or {}).items() if k != "name"})
+    if summary.calibration:
+        params.update({f"calibration.{k}": v for k, v in summary.calibration.items()})
+    params.update({f"protocol.{k}": v for k, v in summary.protocol.items()})
     params.update({f"version.{k}": v for k, v in versions.items()})
-    tags = {"evalkit.run_dir": str(run_dir), "evalkit.git_dirty": str(summary["git_dirty"]).lower(),
-            "evalkit.verdict": str(summary.get("verdict") or "unjudged"),
-            "evalkit.device_name": summary["device_name"]}
+    tags = {"evalkit.run_dir": str(run_dir), "evalkit.git_dirty": str(summary.git_dirty).lower(),
+            "evalkit.verdict": str(summary.verdict or "unjudged"),
+            "evalkit.device_name": summary.device_name}
     if s.tracking.get("tag_baseline"):
         tags["evalkit.baseline"] = "true"
     artifacts = ["summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml", "backend_report.json",
@@ -180,25 +164,25 @@ def track(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_ke
         artifacts.append("videos")
     bundle = RunBundle(
         experiment=s.tracking.get("experiment", "evalkit"),
-        run_name=run_dir.name, params=params, metrics=metrics_from_summary(summary), tags=tags,
+        run_name=run_dir.name, params=params, metrics=summary.metrics(), tags=tags,
         artifacts=artifacts, table="episodes.parquet", sweep_key=sweep_key,
         parent_run_id=os.environ.get(PARENT_ENV) if sweep_key else None,
     )
     write_bundle(run_dir, bundle)
     if s.tracking.get("mode") == "offline":
-        console.print(f"tracking offline: bundle written; upload with [bold]python -m evalkit.sync {run_dir}[/]")
+        console.print(f"tracking offline: bundle written; upload with [bold]python -m evalkit.sync runs={run_dir}[/]")
         return None
     uri = resolve_uri(s.tracking.get("uri"))
     ok, why = reachable(uri)
     if not ok:
         console.print(f"[yellow]tracking store {uri} unreachable ({why}); run kept offline. "
-                      f"Upload later: python -m evalkit.sync {run_dir} --uri {s.tracking.get('uri')}[/]")
+                      f"Upload later: python -m evalkit.sync runs={run_dir} uri={s.tracking.get('uri')}[/]")
         return None
     try:
         run_id = sync_bundle(run_dir, uri)
     except Exception as e:  # the results are safe on disk; say how to finish the upload
         console.print(f"[yellow]MLflow upload failed ({type(e).__name__}: {e}); "
-                      f"retry: python -m evalkit.sync {run_dir} --uri {s.tracking.get('uri')}[/]")
+                      f"retry: python -m evalkit.sync runs={run_dir} uri={s.tracking.get('uri')}[/]")
         return None
     console.print(f"MLflow run {run_id} in {uri}")
     return run_id
@@ -253,8 +237,8 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     if fidelity is not None and not fidelity.passed and not gate_cfg.always_rollout:
         df = episodes_frame([])
         summary = build_summary(df, params, spec.protocol(), {}, 0.0, extra={**extra, "skipped_rollouts": True})
-        summary["gate"] = fidelity_verdict(fidelity)
-        summary["verdict"], summary["baseline"] = "regression", baseline.how
+        summary.gate = fidelity_verdict(fidelity)
+        summary.verdict, summary.baseline = "regression", baseline.how
         write_results(run_dir, df, summary)
         finish_tracking(s, run_dir, summary, versions, sweep_key)
         console.print("[bold red]REGRESSION[/] caught by fidelity before rollouts: "
@@ -279,7 +263,9 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
 
     df = episodes_frame(result.records)
     latency = latency_summary(result.policy_call_s, result.policy_batch_sizes, result.stage_ms)
-    from evalkit.gate.runs import write_latency_calls  # raw call times: the gate bootstraps the p50 ratio from them
+    from evalkit.gate.runs import (
+        write_latency_calls,  # raw call times: the gate bootstraps the p50 ratio from them
+    )
 
     write_latency_calls(run_dir, result.policy_call_s, result.policy_batch_sizes)
     new_eps = len(result.records) - result.resumed
@@ -289,7 +275,7 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
                   "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None})
     summary = build_summary(df, params, spec.protocol(), latency, result.wall_s, extra=extra)
     if result.stop_reason:  # recorded for people; the judge re-derives the decision from the episodes
-        summary["rollout_stop"] = {"reason": result.stop_reason, "not_run": result.not_run}
+        summary.rollout_stop = RolloutStop(result.stop_reason, result.not_run)
         console.print(f"sequential gate stopped the rollouts: {result.stop_reason} ({result.not_run} episodes not run)")
     print_summary(summary, console)
 
@@ -297,18 +283,18 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     code = EXIT_PASS
     if fidelity is not None and not fidelity.passed:
         code = EXIT_REGRESSION
-        summary["gate"] = fidelity_verdict(fidelity)
+        summary.gate = fidelity_verdict(fidelity)
     verdict = "regression" if code else "unjudged"
     if baseline.run is not None:
         from evalkit.gate import gate_run
         from evalkit.gate.render import print_gate
 
         gate = gate_run(summary, df, baseline.run, gate_cfg, run_dir=run_dir)
-        summary["gate"] = {**gate.to_dict(), "passed": gate.passed and code == EXIT_PASS}
+        summary.gate = {**gate.to_dict(), "passed": gate.passed and code == EXIT_PASS}
         print_gate(gate, console)
         code = max(code, gate.exit_code)
-        verdict = "regression" if code else str(summary["gate"].get("verdict") or "pass")
-    summary["verdict"], summary["baseline"] = verdict, baseline.how
+        verdict = "regression" if code else str(gate.verdict or "pass")
+    summary.verdict, summary.baseline = verdict, baseline.how
     print_verdict(verdict, baseline.how)
     write_results(run_dir, df, summary)
     finish_tracking(s, run_dir, summary, versions, sweep_key)
@@ -380,8 +366,8 @@ def run_fidelity_stage(s: RunSettings, policy, backend, report, device, gate_cfg
     return fid
 
 
-def finish_tracking(s: RunSettings, run_dir: Path, summary: dict, versions: dict, sweep_key: str | None) -> None:
+def finish_tracking(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None) -> None:
     run_id = track(s, run_dir, summary, versions, sweep_key)
     if run_id:  # local copy only: lets the nightly and `evalkit.gate` find this run in MLflow
-        summary["mlflow_run_id"] = run_id
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        summary.mlflow_run_id = run_id
+        write_summary(run_dir, summary)

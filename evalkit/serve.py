@@ -18,16 +18,18 @@ import logging
 import sys
 import time
 import traceback
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from evalkit.cli_args import opt, parse, split_group
+from evalkit.config import CONF_DIR
 from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
 from evalkit.policies.base import ObsBatch, Observation
 from evalkit.policies.remote import EPISODE_KEY, NOISE_SEED_KEY
 
-CONF_POLICY = Path(__file__).resolve().parent.parent / "conf" / "policy"
+CONF_POLICY = CONF_DIR / "policy"
 log = logging.getLogger("evalkit.serve")
 
 
@@ -42,8 +44,7 @@ def load_policy_config(name: str, overrides: list[str]) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
     if c.get("kind") == "remote":
         raise BadInput("evalkit.serve cannot serve policy=remote (it would call itself)")
-    c.setdefault("name", name)
-    c.setdefault("denoise_steps", 10)
+    c.setdefault("name", name)  # denoise_steps left unset: the policy's default
     return c
 
 
@@ -127,56 +128,47 @@ class PolicyServer:
             await server.serve_forever()
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], list[str]]:
-    opts = {"host": "127.0.0.1", "port": "8000", "device": "cpu"}
-    policy, overrides = None, []
-    for a in argv:
-        if "=" not in a:
-            raise BadInput(f"argument {a!r}: expected key=value (policy=NAME, port=P, host=H, device=D, policy.KEY=V)")
-        k, v = a.split("=", 1)
-        if k == "policy":
-            policy = v
-        elif k.startswith("policy."):
-            overrides.append(f"{k[len('policy.'):]}={v}")
-        elif k in opts:
-            opts[k] = v
-        else:
-            raise BadInput(f"unknown option {k!r}; valid: policy, policy.KEY, host, port, device")
-    if not policy:
-        raise BadInput("policy=NAME is required (a file under conf/policy/)")
-    try:
-        opts["port"] = int(opts["port"])
-    except ValueError:
-        raise BadInput(f"port={opts['port']!r} is not an integer") from None
-    return policy, opts, overrides
+@dataclass
+class ServeOptions:
+    policy: str = opt(help="the policy to serve: a conf/policy/<name>.yaml (not remote)")
+    host: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(8000, "port to listen on (0: any free port)")
+    device: str = opt("cpu", "auto | cpu | cuda | cuda:N")
+
+
+def parse_args(argv: list[str]) -> tuple[ServeOptions, list[str]]:
+    """(options, policy overrides "KEY=VALUE" from policy.KEY=VALUE)."""
+    rest, overrides = split_group(argv, "policy")
+    opts = parse(ServeOptions, rest, prog="python -m evalkit.serve",
+                 about="serve an evalkit policy over openpi's websocket protocol",
+                 extra=[("policy.KEY", "override a key of the policy's yaml, e.g. policy.denoise_steps=5")])
+    return opts, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     try:
-        name, opts, overrides = parse_args(argv)
+        opts, overrides = parse_args(argv)
+        name = opts.policy
         cfg = load_policy_config(name, overrides)
         import torch
 
         from evalkit.config import resolve_device
         from evalkit.policies.registry import build_policy
 
-        device = resolve_device(opts["device"])
+        device = resolve_device(opts.device)
         policy = build_policy(cfg, torch.device(device))
     except (BadInput, CapabilityError) as e:
         print(f"evalkit.serve: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    server = PolicyServer(policy, opts["host"], opts["port"], metadata={"device": device, "evalkit_config": name})
+    server = PolicyServer(policy, opts.host, opts.port, metadata={"device": device, "evalkit_config": name})
     try:
         asyncio.run(server.run())
     except KeyboardInterrupt:
         pass
     except OSError as e:  # port in use, bad host
-        print(f"evalkit.serve: error: cannot listen on {opts['host']}:{opts['port']}: {e}", file=sys.stderr)
+        print(f"evalkit.serve: error: cannot listen on {opts.host}:{opts.port}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

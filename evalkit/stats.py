@@ -490,6 +490,18 @@ def _smallest_drop(power_at, hi: float, target: float, tol: float = 1e-4) -> flo
 # ---------------------------------------------------------------------------------------------
 
 
+def sample_stats(values) -> dict[str, float | int]:
+    """n, mean, std, p50/p90/p99 (numpy's linear interpolation), min and max of a latency sample.
+
+    The one latency summary: a run's summary.json (evalkit.results.summary) and a LatencyReport
+    (evalkit.latency.report) both use it. std is the population spread (ddof=0), as summary.json always had.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "min": float(a.min()), "max": float(a.max())}
+
+
 @dataclass
 class RatioEstimate:
     ratio: float  # candidate / baseline

@@ -1,4 +1,4 @@
-"""`python -m evalkit.sync DIR [DIR ...] [--uri URI]`: upload offline run bundles to MLflow.
+"""`python -m evalkit.sync runs=[DIR,...] [uri=URI]`: upload offline run bundles to MLflow.
 
 DIR is a run directory (holding mlflow_bundle/) or any folder above run directories (a multirun
 sweep dir, outputs/): every bundle found below it is synced. Already-synced runs are skipped.
@@ -6,10 +6,11 @@ sweep dir, outputs/): every bundle found below it is synced. Already-synced runs
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from evalkit.cli_args import opt, parse
 from evalkit.errors import EXIT_BAD_INPUT, BadInput
 from evalkit.tracking.bundle import BUNDLE_DIR
 from evalkit.tracking.store import DEFAULT_URI, reachable, resolve_uri, sync_bundle
@@ -21,19 +22,30 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(p.parent.parent for p in root.rglob(f"{BUNDLE_DIR}/run.json"))
 
 
+@dataclass
+class SyncOptions:
+    runs: list[str] = opt(help="run dirs, or folders above them (a sweep dir, outputs/): runs=DIR or runs=[A,B]")
+    uri: str = opt(DEFAULT_URI, "MLflow tracking URI")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evalkit.sync", description=__doc__.splitlines()[0])
-    ap.add_argument("dirs", nargs="+", type=Path)
-    ap.add_argument("--uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
-    args = ap.parse_args(argv)
+    try:
+        args = parse(SyncOptions, sys.argv[1:] if argv is None else argv, prog="python -m evalkit.sync",
+                     about=__doc__.splitlines()[0].split(": ", 1)[1])
+        if not args.runs:
+            raise BadInput("runs=[...] needs at least one directory")
+    except BadInput as e:
+        print(f"evalkit.sync: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    dirs = [Path(d) for d in args.runs]
     uri = resolve_uri(args.uri)
     ok, why = reachable(uri)
     if not ok:
         print(f"evalkit.sync: tracking store {uri} unreachable ({why}); nothing uploaded", file=sys.stderr)
         return EXIT_BAD_INPUT
-    runs = [r for d in args.dirs for r in find_run_dirs(d)]
+    runs = [r for d in dirs for r in find_run_dirs(d)]
     if not runs:
-        print(f"evalkit.sync: no run bundles under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        print(f"evalkit.sync: no run bundles under {', '.join(map(str, dirs))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for r in runs:
         try:

@@ -18,44 +18,55 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import yaml
 
+from evalkit.cli_args import opt, parse
+from evalkit.config import CONF_DIR
 from evalkit.errors import BadInput
 
-DEFAULT_CONFIG = "conf/train/reference.yaml"
+DEFAULT_CONFIG = CONF_DIR / "train" / "reference.yaml"
 
 
 # ----------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """The keys of a train config (conf/train/*.yaml, which documents them and holds the values). Required keys
+    have no default here; null leaves a key to the trainer's own default."""
+
+    data: list[str] = opt(help="episode folders written by `python -m evalkit.demos`")
+    packed: str = opt(help="packed training arrays + norm stats (built from `data` when missing)")
+    repack: Optional[bool] = opt(None, "rebuild `packed` even if it exists")
+    pack_only: Optional[bool] = opt(None, "only build `packed`, no training")
+    out: str = opt(help="checkpoint folder")
+    seed: int = opt(help="one seed for weights, batch order, noise and flow times")
+    device: Optional[str] = opt(None, "auto | cpu | cuda")
+    horizon: int = opt(help="action chunk length H")
+    model: dict = opt(help="overrides of pi05 tiny_config, e.g. model.prefix.width=128")
+    steps: int = opt(help="optimizer steps (the lr schedule spans them)")
+    batch_size: int = opt(help="samples per step")
+    lr: float = opt(help="peak learning rate")
+    warmup: Optional[int] = opt(None, "linear warmup steps")
+    weight_decay: Optional[float] = opt(None, "AdamW weight decay")
+    val_fraction: Optional[float] = opt(None, "fraction of episodes held out for validation loss")
+    log_every: Optional[int] = opt(None, "steps between validation logs")
+    max_seconds: Optional[float] = opt(None, ">0: stop after this many seconds (steps_done recorded)")
+    stop_after: Optional[int] = opt(None, ">0: stop after this many steps, schedule still laid out for `steps`")
+    action_min_half_range: Optional[float] = opt(None, "floor on each action dim's quantile half-range")
+    action_clip: Optional[float] = opt(None, "clip normalized action targets to +-this (0: none)")
+    steps_done: Optional[int] = opt(None, "written by a run into its train_config.yaml; ignored as input")
+
+
 def load_config(argv: list[str]) -> dict[str, Any]:
-    """YAML config + `key=value` / `a.b=value` overrides (values parsed as YAML)."""
-    path = DEFAULT_CONFIG
-    overrides = []
-    for a in argv:
-        if "=" not in a:
-            raise BadInput(f"argument '{a}': expected key=value")
-        k, v = a.split("=", 1)
-        if k == "config":
-            path = v
-        else:
-            overrides.append((k, yaml.safe_load(v)))
-    try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise BadInput(f"train config {path}: {e}") from None
-    for k, v in overrides:
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        if last not in node and not head:
-            raise BadInput(f"unknown train config key '{k}'; valid: {sorted(cfg)}")
-        node[last] = v
-    return cfg
+    """A train config file (config=PATH, default conf/train/reference.yaml) + `key=value` / `a.b=value` overrides."""
+    cfg = parse(TrainConfig, argv, prog="python -m evalkit.train", config=DEFAULT_CONFIG,
+                about="flow-matching behaviour cloning of a small pi0.5 on scripted demonstrations")
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------- packing

@@ -10,8 +10,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, replace
 
+from evalkit.suites.seeding import SEED_MODES
+
 from evalkit.errors import BadInput
-from suites.seeding import SEED_MODES
 
 # openpi examples/libero/main.py: max steps per suite (longest training demo + margin).
 BASE_MAX_STEPS = {

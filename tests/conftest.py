@@ -10,13 +10,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def quant_linear_reference(mod, x):
-    """What a quantized Linear (backends.quant.QuantLinear) must compute for fp32 input x, rebuilt from its
+    """What a quantized Linear (evalkit.backends.quant.QuantLinear) must compute for fp32 input x, rebuilt from its
     stored tensors independently of its kernel: dequantized weights times x under the module's declared
     activation quantization. Shared by the CPU and GPU backend tests."""
     import torch
     import torch.nn.functional as F
-
-    from backends.quant import fake_quant_fp8_rows, quant_int8_rows
+    from evalkit.backends.quant import fake_quant_fp8_rows, quant_int8_rows
 
     act = mod.activation_precision
     if act.startswith("fp8"):
@@ -25,7 +24,7 @@ def quant_linear_reference(mod, x):
         q, s = quant_int8_rows(x)
         xq = q.float() * s[:, None]
     elif act.startswith("nvfp4"):
-        from backends.fp4 import fake_quant_nvfp4
+        from evalkit.backends.fp4 import fake_quant_nvfp4
 
         xq = fake_quant_nvfp4(x)
     else:

@@ -4,9 +4,8 @@ plain Backend subclasses that declare no precision class and write no notes."""
 from __future__ import annotations
 
 import torch
-
-from backends.base import Backend, BackendReport
-from backends.casts import describe_leaf_modules
+from evalkit.backends.base import Backend, BackendReport
+from evalkit.backends.casts import describe_leaf_modules
 
 
 class UserNoise(Backend):

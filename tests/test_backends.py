@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from evalkit.backends.base import Backend, BackendReport, module_weight_bytes
+from evalkit.backends.quant import QuantLinear, describe_model
+from evalkit.backends.registry import BACKENDS, backend_from_config, get_backend
+from evalkit.backends.targets import select_linears
+from evalkit.backends.verify import verify_report
 from torch import nn
 
-from backends.base import Backend, BackendReport, module_weight_bytes
-from backends.quant import QuantLinear, describe_model
-from backends.registry import BACKENDS, backend_from_config, get_backend
-from backends.targets import select_linears
-from backends.verify import verify_report
 from evalkit.errors import BadInput, CapabilityError
-from evalkit.policies.base import Observation, ObsBatch
+from evalkit.policies.base import ObsBatch, Observation
 from tests.conftest import quant_linear_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,20 +347,31 @@ def test_custom_backend_by_import_path():
     assert torch.equal(p.model.expert.layers[0].mlp.up_proj.weight, w0 * 0.5) and r.notes == ["weights halved"]
     b2 = backend_from_config({"name": "mine", "targets": "attn", "target": f"{__name__}.HalvedWeights", "options": {}})
     assert isinstance(b2, HalvedWeights) and b2.targets == "attn"
-    with pytest.raises(BadInput, match="not a backends.base.Backend"):
+    with pytest.raises(BadInput, match="not a evalkit.backends.base.Backend"):
         get_backend("x", target_path=f"{__name__}.rel")
 
 
-def test_every_backend_config_builds_with_uniform_keys():
-    files = sorted((ROOT / "conf/backend").glob("*.yaml"))
-    mine = [f for f in files if f.stem not in ("bf16", "fp16", "fp32")]
-    assert {f.stem for f in mine} >= {n for n in BACKENDS if n not in ("bf16", "fp16", "fp32")}
-    for f in mine:
+def test_every_backend_is_a_config_option_and_its_yaml_holds_only_what_differs():
+    """Every registered backend composes as `backend=<name>` (conf/backend/<name>.yaml, or the schema alone when
+    the backend needs nothing else) and builds; a YAML holds only keys that differ from the schema's defaults."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+
+    from evalkit.config import CONF_DIR, BackendConfig, group_options, register
+
+    defaults = dataclasses.asdict(BackendConfig(name="?"))
+    for f in sorted((ROOT / "conf/backend").glob("*.yaml")):
         cfg = yaml.safe_load(f.read_text())
-        assert set(cfg) == {"name", "targets", "engine", "inner", "target", "options"}, f
-        assert cfg["name"] == f.stem
-        b = backend_from_config(cfg)
-        assert b.name == cfg["name"]
+        assert cfg["name"] == f.stem and set(cfg) <= set(defaults), f
+        assert all(v != defaults[k] for k, v in cfg.items() if k != "name"), f"{f} repeats a schema default"
+    assert set(group_options("backend")) >= set(BACKENDS)
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for name in BACKENDS:
+            cfg = compose("config", overrides=[f"backend={name}"]).backend
+            assert cfg.name == name
+            assert backend_from_config(dict(cfg)).name == name
     with pytest.raises(BadInput, match="no 'engine' setting"):
         backend_from_config({"name": "bf16", "engine": "emulated"})
     with pytest.raises(BadInput, match="unknown backend 'nope'"):
@@ -368,9 +379,9 @@ def test_every_backend_config_builds_with_uniform_keys():
 
 
 def test_kernel_chooser_picks_the_fastest_correct_candidate(monkeypatch):
-    """Pure logic of backends.quant.choose_kernel (timing stubbed): wrong or crashing candidates are excluded,
+    """Pure logic of evalkit.backends.quant.choose_kernel (timing stubbed): wrong or crashing candidates are excluded,
     names with ':' (tile configs) compete like the others, and the choice is cached per key."""
-    import backends.quant as q
+    import evalkit.backends.quant as q
 
     times = {"ref": 3.0, "fast:cfg1": 1.0, "wrong:cfg2": 0.1, "crash": 0.05, "mid:cfg3": 2.0}
     calls = []
@@ -437,11 +448,12 @@ def test_backend_docs_tables_are_printed_from_the_committed_results():
 
     docs = (ROOT / "docs" / "backends.md").read_text()
     for kind, name in (("stacked", "gemm_sweep_stacked"), ("pi05", "backends"), ("pi05", "backends_compile")):
-        d = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+        folder = ROOT / ("research" if kind == "stacked" else "bench") / "results"  # the sweep is a research record
+        d = json.loads((folder / f"{name}.json").read_text())
         table = md_tables.stacked_table(d) if kind == "stacked" else md_tables.pi05_table(d)
         rows = d["stacked"] if kind == "stacked" else d["rows"]
         assert len([l for l in table.splitlines() if l.startswith("| ") and "---" not in l]) == len(rows) + 1
-        assert table in docs, f"docs/backends.md does not hold the table of bench/results/{name}.json"
+        assert table in docs, f"docs/backends.md does not hold the table of {folder / name}.json"
 
 
 def test_int4_mma_layers_option_is_checked():

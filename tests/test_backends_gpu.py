@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from evalkit.backends.quant import QuantLinear, fake_quant_fp8_rows
+from evalkit.backends.registry import get_backend
+from evalkit.backends.verify import verify_report
 from torch import nn
 
-from backends.quant import QuantLinear, fake_quant_fp8_rows
-from backends.registry import get_backend
-from backends.verify import verify_report
 from tests.conftest import quant_linear_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -82,7 +82,7 @@ def fused_mlp_case(backend: str, fused_cls: type, m: int, **opts):
 
 @pytest.mark.parametrize("m", [1, 10, 712])
 def test_fused_fp8_mlp_matches_its_stored_weights(m):
-    from backends.fp8 import Fp8GemmaMLP
+    from evalkit.backends.fp8 import Fp8GemmaMLP
 
     mlp, report, x = fused_mlp_case("fp8", Fp8GemmaMLP, m)
     assert any("fused 2 GeGLU" in n for n in report.notes)
@@ -107,7 +107,7 @@ def test_fused_fp8_mlp_matches_its_stored_weights(m):
 
 @pytest.mark.parametrize("k", [1024, 16384, 20000])  # one pass (row in registers) up to 16384, two passes above
 def test_geglu_quant_fp8_against_torch(k):
-    from backends.triton_kernels import geglu_quant_fp8
+    from evalkit.kernels.triton_kernels import geglu_quant_fp8
 
     torch.manual_seed(0)
     gu = torch.randn(7, 2 * k, device="cuda", dtype=torch.bfloat16)
@@ -121,7 +121,7 @@ def test_geglu_quant_fp8_against_torch(k):
 
 @pytest.mark.parametrize("m", [1, 10, 50])
 def test_fused_int4_mlp_matches_its_stored_weights(m):
-    from backends.int4 import Int4GemmaMLP
+    from evalkit.backends.int4 import Int4GemmaMLP
 
     mlp, _, x = fused_mlp_case("int4", Int4GemmaMLP, m, mma_layers="all")
     g = F.linear(x.float(), mlp.gate_proj.dequantized_weight())
@@ -140,7 +140,7 @@ def test_fused_int4_mlp_matches_its_stored_weights(m):
 def int4_case(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A random [n, k] weight as the int4 backend stores it (packed nibbles, bf16 scales+zeros) and the fp32
     weight those hold, the reference for the kernels."""
-    from backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
+    from evalkit.backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
 
     packed, sz = int4_pack(torch.randn(n, k, device="cuda"), 128)
     return packed, sz, dequant_int4_groups(unpack_nibbles(packed), sz[..., 0].t(), sz[..., 1].t(), 128)
@@ -149,7 +149,7 @@ def int4_case(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def check_repeated_and_replayed(run, wants: tuple[torch.Tensor, ...], label: str, tol: float = 1e-2) -> None:
     """run() twice eagerly and three times as CUDA-graph replays; each output against its reference (the
     split-K arrival counters must be left at zero by every launch for the later calls to be right)."""
-    from backends.quant import capture_cuda_graph
+    from evalkit.backends.quant import capture_cuda_graph
 
     outs = [run(), run()]
     g, captured = capture_cuda_graph(run)
@@ -167,7 +167,12 @@ def check_repeated_and_replayed(run, wants: tuple[torch.Tensor, ...], label: str
 def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
     """Every split-K config: the plain and GeGLU kernels against the dequantized weights, called repeatedly
     and replayed in a CUDA graph (the arrival counters must be left at zero by every launch)."""
-    from backends.triton_kernels import W4A16_CONFIGS, w4a16_config_fits, w4a16_gemm, w4a16_geglu
+    from evalkit.kernels.triton_kernels import (
+        W4A16_CONFIGS,
+        w4a16_config_fits,
+        w4a16_geglu,
+        w4a16_gemm,
+    )
 
     torch.manual_seed(0)
     (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
@@ -185,7 +190,12 @@ def test_split_k_int4_kernels_at_expert_shapes_also_in_graph_replays(n, k, m):
 @pytest.mark.parametrize("m", [65, 712, 4099])
 def test_large_m_int4_kernels_and_dequant(n, k, m):
     """The prefill paths: every large-M tile config and the one-kernel unpack, against the dequantized weights."""
-    from backends.triton_kernels import W4A16_LARGE_M_CONFIGS, int4_dequant, w4a16_config_fits, w4a16_gemm
+    from evalkit.kernels.triton_kernels import (
+        W4A16_LARGE_M_CONFIGS,
+        int4_dequant,
+        w4a16_config_fits,
+        w4a16_gemm,
+    )
 
     torch.manual_seed(0)
     packed, sz, w = int4_case(n, k)
@@ -204,7 +214,7 @@ def test_large_m_int4_kernels_and_dequant(n, k, m):
 def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     """Our CUDA mma kernel (plain and GeGLU), every config that tiles the shape (split ones included), against
     the dequantized weights: called repeatedly and replayed in a CUDA graph (split counters reset)."""
-    from backends import mma_small_m
+    from evalkit.kernels import mma_small_m
 
     torch.manual_seed(0)
     (qa, sza, wa), (qb, szb, wb) = (int4_case(n, k) for _ in range(2))
@@ -222,7 +232,7 @@ def test_int4_mma_kernel_every_config_also_in_graph_replays(n, k, m):
 def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
     """fault_ignored_scale's unit scales reach the mma packing (what runs is what scales_zeros holds), and the
     custom op runs under torch.compile(fullgraph=True)."""
-    from backends import mma_small_m
+    from evalkit.kernels import mma_small_m
 
     torch.manual_seed(0)
     model = mlp_stack(depth=1)
@@ -242,7 +252,7 @@ def test_int4_mma_kernel_applies_replaced_scales_and_compiles():
 def test_int4_mma_packing_only_where_m_is_small_by_default():
     """The mma kernel's extra packing is made for the action expert's layers (M = horizon x batch), not for the
     prefix (M = prefix tokens), unless options.mma_layers or a forced cuda_mma kernel asks for it."""
-    from backends.int4 import Int4Linear
+    from evalkit.backends.int4 import Int4Linear
 
     def packed(targets: str, **opts) -> dict[str, bool]:
         root = nn.Module()
@@ -263,8 +273,8 @@ def test_int4_mma_packing_only_where_m_is_small_by_default():
 def test_fp8_mma_kernel_every_config_also_in_graph_replays(n, k, m):
     """Our fp8 M <= 16 kernel (x quantized per token inside it), plain and GeGLU, every config that tiles the
     shape, against the same W8A8 math in fp32 torch; repeated and replayed in a CUDA graph."""
-    from backends import mma_small_m
-    from backends.quant import quant_fp8_rows
+    from evalkit.backends.quant import quant_fp8_rows
+    from evalkit.kernels import mma_small_m
 
     torch.manual_seed(0)
     (qa, sa), (qb, sb) = quant_fp8_rows(torch.randn(n, k, device="cuda")), quant_fp8_rows(torch.randn(n, k, device="cuda"))
@@ -288,8 +298,8 @@ def test_fp8_whole_mlp_kernel_is_the_two_launch_math_also_in_graph_replays(d, f,
     to fp8_mma_geglu + fp8_mma_gemm under the configs it reproduces, near the fp32 math of the same scaling, and
     right again after repeated launches and CUDA-graph replays (the barrier's generation and the split-K
     counters carry over between launches)."""
-    from backends import mma_small_m
-    from backends.quant import quant_fp8_rows
+    from evalkit.backends.quant import quant_fp8_rows
+    from evalkit.kernels import mma_small_m
 
     torch.manual_seed(0)
     (qg, sg), (qu, su), (qd, sd) = (quant_fp8_rows(torch.randn(n, k, device="cuda") * 0.05)
@@ -316,16 +326,16 @@ def test_fp8_whole_mlp_kernel_is_the_two_launch_math_also_in_graph_replays(d, f,
 def test_fp8_backend_uses_the_mma_kernel_on_the_expert_and_matches_its_weights():
     """fp8 on an expert-named stack: the fragment copy exists there only, the M = 10 forward (whatever the
     chooser picks) matches the stored e4m3 weights, and the chooser timed the mma candidates."""
-    from backends import mma_small_m
-    from backends.fp8 import Fp8Linear
-    from backends.quant import CHOICE_LOG, KERNEL_CHOICE
+    from evalkit.backends.fp8 import Fp8Linear
+    from evalkit.backends.quant import CHOICE_LOG, KERNEL_CHOICE
+    from evalkit.kernels import mma_small_m
 
     torch.manual_seed(0)
     root = nn.Module()
     for stack in ("prefix", "expert"):
         setattr(root, stack, mlp_stack(depth=1).prefix)
     root.cuda()
-    report = get_backend("fp8", targets="prefix_mlp,expert_mlp", whole_mlp=True).apply(root)
+    report = get_backend("fp8", targets="prefix_mlp,expert_mlp").apply(root)
     assert verify_report(root, report) == []
     mods = {n: m for n, m in root.named_modules() if isinstance(m, Fp8Linear)}
     assert all(hasattr(m, "mma_words") == n.startswith("expert.") for n, m in mods.items())
@@ -366,7 +376,8 @@ def test_fused_qkv_matches_each_projection_and_follows_replaced_scales(kind):
     """q|k|v stacked into one mma launch (backends/fused_qkv.py) on an expert attention layer: every config
     against the projections' exact math, the chooser's pick through GemmaAttention.qkv, no byte stored twice,
     and a projection whose scales are replaced afterwards (fault_ignored_scale) is what runs."""
-    from backends.fused_qkv import FusedQKV
+    from evalkit.backends.fused_qkv import FusedQKV
+
     from evalkit.policies.pi05.config import GemmaSize
     from evalkit.policies.pi05.layers import GemmaAttention
 
@@ -424,38 +435,3 @@ def test_fp8_mlp_under_compile_matches_eager(how):
         get_backend("fp8", targets="prefix_mlp", compiled_geglu_quant="cuda").apply(mlp_stack(depth=1))
 
 
-@pytest.mark.parametrize("kind", ["int4", "fp8"])
-def test_l2_prefetch_chain_follows_the_launch_order_and_changes_no_output(kind):
-    """backends/l2_prefetch.py: each expert mma launch prefetches the next one's weights (q|k|v -> o_proj ->
-    gate+up -> down -> next layer's q|k|v, the last layer's down -> layer 0's q|k|v); prefetching is a hint,
-    so outputs are bit-identical with options.l2_prefetch=false."""
-    from evalkit.policies.pi05.config import GemmaSize
-    from evalkit.policies.pi05.layers import GemmaDecoderLayer
-
-    size = GemmaSize(width=WIDTH, depth=2, mlp_dim=MLP_DIM, num_heads=8, num_kv_heads=1, head_dim=64)
-
-    def model(prefetch: bool) -> nn.Module:
-        torch.manual_seed(0)
-        root = nn.Module()
-        root.expert = nn.Module()
-        root.expert.layers = nn.ModuleList([GemmaDecoderLayer(size, i, 1e-6, adaptive=False) for i in range(2)])
-        root.cuda()
-        report = get_backend(kind, targets="expert", l2_prefetch=prefetch).apply(root)  # off by default
-        assert any("prefetch" in n for n in report.notes) == prefetch
-        return root
-
-    on, off = model(True), model(False)
-    l0, l1 = on.expert.layers
-    assert l0.self_attn.qkv.l2_next[0] is l0.self_attn.o_proj.mma_words
-    assert l0.self_attn.o_proj.l2_next[0] is l0.mlp.gate_proj.mma_words and l0.self_attn.o_proj.l2_next[1] is l0.mlp.up_proj.mma_words
-    assert l0.mlp.l2_next[0] is l0.mlp.down_proj.mma_words
-    assert l0.mlp.down_proj.l2_next[0] is l1.self_attn.qkv.stacked["mma_words"]
-    assert l1.mlp.down_proj.l2_next[0] is l0.self_attn.qkv.stacked["mma_words"]
-    assert all(t is None for t in off.expert.layers[0].mlp.l2_next)
-    x = torch.randn(1, 10, WIDTH, device="cuda", dtype=torch.bfloat16)
-    heads = torch.randn(1, 10, 8 * 64, device="cuda", dtype=torch.bfloat16)
-    for a, b in zip(on.expert.layers, off.expert.layers):
-        for got, want in zip(a.self_attn.qkv(x), b.self_attn.qkv(x)):
-            assert torch.equal(got, want)
-        assert torch.equal(a.self_attn.o_proj(heads), b.self_attn.o_proj(heads))
-        assert torch.equal(a.mlp(x), b.mlp(x))

@@ -11,8 +11,8 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, mlflow_runs as _runs_in
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
+from tests.conftest import mlflow_runs as _runs_in
 
 FAST = ["policy=noop", "backend=bf16", "suite=libero_spatial_quick", "suite.max_steps=8", "quiet=true"]
 
@@ -114,12 +114,12 @@ def test_offline_run_then_sync_and_unreachable_server(workdir):
     p = run_cli(*common, "tracking=offline", f"hydra.run.dir={run_dir}", cwd=workdir)
     assert p.returncode == 0 and "python -m evalkit.sync" in p.stdout
     assert not mlflow_runs(workdir) if (workdir / "mlruns" / "mlflow.db").exists() else True
-    s = subprocess.run([sys.executable, "-m", "evalkit.sync", str(run_dir)], cwd=workdir, capture_output=True, text=True)
+    s = subprocess.run([sys.executable, "-m", "evalkit.sync", f"runs={run_dir}"], cwd=workdir, capture_output=True, text=True)
     assert s.returncode == 0, s.stderr
     (run,) = mlflow_runs(workdir)
     assert run.data.params["policy"] == "noop"
     # syncing again uploads nothing twice
-    subprocess.run([sys.executable, "-m", "evalkit.sync", str(run_dir)], cwd=workdir, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "evalkit.sync", f"runs={run_dir}"], cwd=workdir, check=True, capture_output=True)
     assert len(mlflow_runs(workdir)) == 1
     # a tracking server that cannot be reached: the run still finishes and says how to sync
     dead = workdir / "dead"

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from evalkit.kernels.decode_attention import (
+    decode_attention,
+    reference_decode_attention,
+)
 
 from evalkit.errors import BadInput, CapabilityError
-from evalkit.policies.pi05.decode_attention import decode_attention, reference_decode_attention, resolve_impl
+from evalkit.policies.pi05.policy import resolve_impl
 from evalkit.policies.pi05.testing import batch, tiny_policy
 
 
@@ -21,7 +25,7 @@ def test_auto_is_sdpa_off_gpu_and_forced_triton_fails_clearly():
 
 def test_auto_takes_the_kernel_only_under_cuda_graphs(monkeypatch):
     """Launched one by one, Triton's launcher costs more than the kernel saves: auto picks it only for graphs."""
-    from evalkit.policies.pi05 import decode_attention as da
+    from evalkit.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "triton_fits", lambda head_dim, queries: None)  # as on a GPU machine
     cuda = torch.device("cuda")

@@ -1,4 +1,4 @@
-"""Our decode attention kernel (evalkit/policies/pi05/decode_attention.py) on the GPU against SDPA: masks, GQA,
+"""Our decode attention kernel (kernels/decode_attention.py) on the GPU against SDPA: masks, GQA,
 several splits and one, fp32 and bf16, repeated calls and CUDA-graph replays (the arrival counters must come
 back to zero), and a whole π0.5 call with the kernel vs with SDPA.
 Run on the device machine: `pytest -m gpu tests/test_decode_attention_gpu.py`."""
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from evalkit.policies.pi05.decode_attention import launch_decode_attention, reference_decode_attention
+from evalkit.kernels.decode_attention import (
+    launch_decode_attention,
+    reference_decode_attention,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -105,10 +107,10 @@ def test_pdl_chain_after_the_mma_projection_reads_its_output(masked):
     writes the step's projections, the attention launched as its programmatic dependent reads them. New inputs
     every replay; the replay must equal the same two kernels launched one after the other (no PDL), bit for bit:
     a q or new-key load that moved before the kernel's wait would read the previous replay's projection."""
+    from evalkit.backends.fp8 import Fp8Linear
+    from evalkit.kernels.mma_small_m import fp8_mma_gemm
     from torch import nn
 
-    from backends.fp8 import Fp8Linear
-    from backends.mma_small_m import fp8_mma_gemm
     from evalkit.policies.pi05.layers import rope_tables
 
     h, d, t, p = 8, 256, 10, 545

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evalkit.demos import (attempts_to_run, demo_seed, episode_path, parse_args, scan, write_episode)
+from evalkit.demos import (
+    attempts_to_run,
+    demo_seed,
+    episode_path,
+    parse_args,
+    scan,
+    write_episode,
+)
 from evalkit.errors import BadInput
 
 

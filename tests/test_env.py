@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from suites.env import LiberoEnv, quat2axisangle, resize_with_pad
-from suites.specs import get_suite
+from evalkit.suites.env import LiberoEnv, quat2axisangle, resize_with_pad
+from evalkit.suites.specs import get_suite
 
 
 def test_quat2axisangle_and_resize():

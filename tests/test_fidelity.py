@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from evalkit.backends.base import BackendReport, ModuleReport
 from torch import nn
 
-from backends.base import BackendReport, ModuleReport
 from evalkit.fidelity import run_fidelity
-from evalkit.fidelity.fallback import precision_bits
 from evalkit.fidelity.config import FidelityConfig
+from evalkit.fidelity.fallback import precision_bits
 from evalkit.policies.base import ObsBatch, Observation, TorchPolicy
 
 D, H = 32, 4
@@ -335,7 +335,11 @@ def test_graph_replay_is_bypassed_for_the_checks_and_restored():
 
 
 def test_nan_outputs_never_pass():
-    from evalkit.fidelity.metrics import cosine_per_row, sqnr_db_per_row, update_agreement_per_row
+    from evalkit.fidelity.metrics import (
+        cosine_per_row,
+        sqnr_db_per_row,
+        update_agreement_per_row,
+    )
 
     ref = torch.ones(2, 4)
     bad = torch.tensor([[1.0, float("nan"), 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
@@ -352,7 +356,11 @@ def test_nan_outputs_never_pass():
 
 
 def test_class_noise_follows_its_derivation():
-    from evalkit.fidelity.budgets import CLASS_NOISE_DB, float_format_sqnr_db, int_grid_sqnr_db
+    from evalkit.fidelity.budgets import (
+        CLASS_NOISE_DB,
+        float_format_sqnr_db,
+        int_grid_sqnr_db,
+    )
 
     assert float_format_sqnr_db(8) == pytest.approx(CLASS_NOISE_DB["16-bit"], abs=0.1)  # bf16
     assert float_format_sqnr_db(4) == pytest.approx(CLASS_NOISE_DB["8-bit"], abs=0.1)  # fp8 e4m3
@@ -378,8 +386,9 @@ def test_budgets_order_and_strictness():
 
 
 def test_precision_class_is_declared_named_or_strict_default():
-    from backends.base import Backend
-    from backends.registry import get_backend
+    from evalkit.backends.base import Backend
+    from evalkit.backends.registry import get_backend
+
     from evalkit.fidelity.budgets import class_of_backend
 
     assert class_of_backend(get_backend("int4")) == ("4-bit", "declared")

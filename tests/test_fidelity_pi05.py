@@ -13,7 +13,8 @@ import torch
 import yaml
 
 pi05 = pytest.importorskip("evalkit.policies.pi05.policy")
-from backends.registry import get_backend  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
+
 from evalkit.fidelity import run_fidelity  # noqa: E402
 from evalkit.policies.base import ObsBatch, Observation  # noqa: E402
 
@@ -47,9 +48,10 @@ def reference():
 @pytest.fixture(scope="module")
 def real_probes():
     """Held-out check probes with images (pi05_tiny reads both cameras), one task to keep the default tier fast."""
+    from evalkit.suites.specs import customize, get_suite
+
     from evalkit.fidelity.config import FidelityConfig
     from evalkit.fidelity.stage import DEFAULT_PROBE_CACHE, check_probes
-    from suites.specs import customize, get_suite
 
     return check_probes(customize(get_suite("libero_spatial_quick"), tasks=[0]), FidelityConfig(), images=True,
                         cache_dir=DEFAULT_PROBE_CACHE)
@@ -101,7 +103,7 @@ class ImageEnv:
 
 
 def test_fidelity_stage_builds_reference_and_probes(tmp_path):
-    from suites.specs import get_suite
+    from evalkit.suites.specs import get_suite
 
     from evalkit.fidelity.stage import fidelity_for_run
 

@@ -30,7 +30,7 @@ class CountingEnv:
 
 
 def test_cache_renders_once_and_round_trips(tmp_path):
-    from suites.specs import get_suite
+    from evalkit.suites.specs import get_suite
 
     spec = get_suite("libero_spatial_quick")
     CountingEnv.made = 0
@@ -48,8 +48,8 @@ def test_cache_renders_once_and_round_trips(tmp_path):
 def test_real_libero_probe_renders(tmp_path):
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     try:
-        from suites.env import LiberoEnv  # noqa: F401
-        from suites.specs import customize, get_suite
+        from evalkit.suites.env import LiberoEnv  # noqa: F401
+        from evalkit.suites.specs import customize, get_suite
     except ImportError as e:
         pytest.skip(f"LIBERO env adapter not importable: {e}")
     spec = customize(get_suite("libero_spatial_quick"), tasks=[0])
@@ -80,8 +80,9 @@ class SteppingEnv(CountingEnv):
 
 
 def test_check_probes_are_held_out_and_later_in_the_episode(tmp_path):
+    from evalkit.suites.specs import get_suite
+
     from evalkit.fidelity.probes import load_check_probes
-    from suites.specs import get_suite
 
     spec = get_suite("libero_spatial_quick")
     calls = []

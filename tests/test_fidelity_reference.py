@@ -8,15 +8,20 @@ from __future__ import annotations
 import math
 
 import pytest
+from evalkit.backends.int8 import Int8WeightOnlyBackend
+from evalkit.backends.registry import backend_from_config
+from evalkit.suites.specs import customize, get_suite
 
-from backends.int8 import Int8WeightOnlyBackend
-from backends.registry import backend_from_config
 from evalkit.fidelity.budgets import class_of_backend
 from evalkit.fidelity.config import FidelityConfig
 from evalkit.fidelity.run import run_fidelity
-from evalkit.fidelity.stage import DEFAULT_PROBE_CACHE, build_reference, calibration_set, check_probes
+from evalkit.fidelity.stage import (
+    DEFAULT_PROBE_CACHE,
+    build_reference,
+    calibration_set,
+    check_probes,
+)
 from evalkit.policies.registry import build_policy
-from suites.specs import customize, get_suite
 from tests.custom_backends import UserNoise
 
 SPEC = customize(get_suite("libero_spatial_quick"), tasks=[0, 1])  # 2 tasks x 3 steps = 6 probes: calls 1, 1, 2, 2

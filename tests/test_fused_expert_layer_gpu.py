@@ -1,5 +1,5 @@
 """The fp8 expert layer with its adaRMS norms and gated residual adds folded into our mma kernels
-(backends/fused_expert_layer.py; run on the device machine: `pytest -m gpu tests/test_fused_expert_layer_gpu.py`).
+(evalkit/policies/pi05/fused_layer.py; run on the device machine: `pytest -m gpu tests/test_fused_expert_layer_gpu.py`).
 
 At π0.5's true expert shapes: each folded kernel against the unfused math it replaces, the whole layer against
 the plain layer (eager, compiled, in CUDA-graph replays), and the faults still acting on the fused path."""
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from evalkit.backends.fp8 import Fp8Linear
+from evalkit.backends.quant import CHOICE_LOG, KERNEL_CHOICE
+from evalkit.backends.registry import get_backend
+from evalkit.kernels import mma_small_m
 from torch import nn
-
-from backends import mma_small_m
-from backends.fp8 import Fp8Linear
-from backends.quant import CHOICE_LOG, KERNEL_CHOICE
-from backends.registry import get_backend
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -56,7 +55,8 @@ def test_norm_folded_into_the_gemm_is_the_norm_then_the_gemm(n, cfg, m):
 
 @pytest.mark.parametrize("m", [1, 10])
 def test_norm_folded_into_the_geglu_kernel(m):
-    from backends.fp8 import Fp8GemmaMLP
+    from evalkit.backends.fp8 import Fp8GemmaMLP
+
     from evalkit.policies.pi05.layers import ada_rms_norm
 
     gate, up, down = fp8_linear(MLP, WIDTH, 0), fp8_linear(MLP, WIDTH, 1), fp8_linear(WIDTH, MLP, 2)

@@ -15,6 +15,7 @@ from evalkit.gate import GateConfig, StoredRun, judge
 from evalkit.gate.family import judge_family
 from evalkit.gate.judge import success_verdict
 from evalkit.gate.render import print_gate, verdict_line
+from evalkit.results.summary import FidelitySummary
 
 sm_mt = pytest.importorskip("statsmodels.stats.multitest")
 
@@ -113,7 +114,7 @@ def test_unpaired_when_baseline_has_no_episode_table():
     assert r.mode == "unpaired" and r.verdict == "regression"
     ref = sps.fisher_exact([[30, 45], [20, 5]], alternative="less").pvalue
     assert by_name(r, "success").value == pytest.approx(ref, rel=1e-9)
-    r2 = judge(cand.summary, base.summary)  # plain summary dicts work too
+    r2 = judge(cand.summary.to_dict(), base.summary)  # a plain summary dict or a RunSummary works too
     assert r2.mode == "unpaired" and r2.verdict == "regression"
 
 
@@ -203,7 +204,7 @@ def test_latency_ratio_gate_and_device_skip():
 
 def test_failed_fidelity_in_summary_fails_the_gate():
     cand = run([True] * 20)
-    cand.summary["fidelity"] = {"passed": False, "checks": [{"name": "layer_cosine", "passed": False}]}
+    cand.summary.fidelity = FidelitySummary({"passed": False, "checks": [{"name": "layer_cosine", "passed": False}]})
     r = judge(cand, run([True] * 20))
     assert r.verdict == "regression" and "layer_cosine" in by_name(r, "fidelity").explanation
     assert "reused the fidelity verdict stored with" in by_name(r, "fidelity").explanation  # re-judging never recomputes
@@ -231,7 +232,7 @@ def test_gate_run_stage_against_a_run_dir(tmp_path):
 
     base = run([True] * 30)
     base.episodes.to_parquet(tmp_path / "episodes.parquet")
-    (tmp_path / "summary.json").write_text(json.dumps(base.summary))
+    (tmp_path / "summary.json").write_text(json.dumps(base.summary.to_dict()))
     cand = run([True] * 15 + [False] * 15)
     r = gate_run(cand.summary, cand.episodes, str(tmp_path), {"max_drop": 0.1})
     assert r.verdict == "regression" and r.mode == "paired"
@@ -271,6 +272,6 @@ def test_crashed_episodes_are_failures_with_a_warning():
 
 def test_protocol_difference_is_warned():
     cand, base = run([True] * 9), run([True] * 9)
-    cand.summary["protocol"] = {"max_steps": 220, "replan_steps": 5}
-    base.summary["protocol"] = {"max_steps": 300, "replan_steps": 5}
+    cand.summary.protocol = {"max_steps": 220, "replan_steps": 5}
+    base.summary.protocol = {"max_steps": 300, "replan_steps": 5}
     assert any("protocols differ in max_steps" in w for w in judge(cand, base).warnings)

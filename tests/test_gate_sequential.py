@@ -10,7 +10,9 @@ from collections import deque
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import special, stats as sps
+from evalkit.suites.specs import SuiteSpec
+from scipy import special
+from scipy import stats as sps
 
 from evalkit import stats as S
 from evalkit.gate import GateConfig, StoredRun, judge
@@ -18,7 +20,6 @@ from evalkit.gate import sequential as SEQ
 from evalkit.rollout import engine
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EpisodeRecord
-from suites.specs import SuiteSpec
 
 TASKS = 10
 

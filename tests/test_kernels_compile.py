@@ -15,10 +15,9 @@ import pytest
 
 triton = pytest.importorskip("triton")  # the dev extra installs it; CUDA builds of torch bring their own
 
+from evalkit.kernels import decode_attention as da  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-from evalkit.policies.pi05 import decode_attention as da  # noqa: E402
 
 POINTERS = {"mask_ptr": "*i1", "ws_o_ptr": "*fp32", "ws_ml_ptr": "*fp32", "cnt_ptr": "*i32"}
 
@@ -122,7 +121,7 @@ FP8_OUT = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
 @pytest.mark.parametrize("block,warps,one_pass", [(16384, 16, True), (4096, 4, True), (4096, 8, False)])
 def test_geglu_quant_fp8_compiles_without_spills(block, warps, one_pass):
     """The fp8 prefix MLP's gelu*up + per-token quantization, as geglu_quant_fp8 launches it (I = 16384, 4096)."""
-    from backends import triton_kernels as tk
+    from evalkit.kernels import triton_kernels as tk
 
     _, stack = compile_sm90(tk._geglu_quant_kernel, dict(BLOCK=block, ONE_PASS=one_pass), warps, FP8_OUT, set())
     assert stack == 0
@@ -130,7 +129,7 @@ def test_geglu_quant_fp8_compiles_without_spills(block, warps, one_pass):
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_rowwise_quant_compiles_without_spills(int8):
-    from backends import triton_kernels as tk
+    from evalkit.kernels import triton_kernels as tk
 
     consts = dict(QMAX=127.0 if int8 else 448.0, IS_INT8=int8, BLOCK=4096)
     _, stack = compile_sm90(tk._rowwise_quant_kernel, consts, 8, {"q_ptr": "*i8" if int8 else "*fp8e4nv", "s_ptr": "*fp32"}, set())
@@ -141,7 +140,7 @@ def test_every_int4_triton_config_compiles():
     """Every config the int4 chooser may time compiles for sm_90 (a config that does not would only be excluded
     at run time, with its error in the choice log). Some spill (the GeGLU n32k256 ones 280-288 bytes, large-M
     m128n256k64 552 bytes, offline ptxas): they stay candidates, the timing decides; the unpack kernel does not."""
-    from backends import triton_kernels as tk
+    from evalkit.kernels import triton_kernels as tk
 
     ptrs = {"wa_ptr": "*u8", "wb_ptr": "*u8", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for name, (bn, bk, split, warps, _) in tk.W4A16_CONFIGS.items():
@@ -160,7 +159,7 @@ EXPERT_SHAPES = [(4096, 1024), (1024, 4096), (2048, 1024), (256, 1024), (1024, 2
 
 
 def _nvrtc_or_skip():
-    from backends import mma_small_m
+    from evalkit.kernels import mma_small_m
 
     try:
         mma_small_m._nvrtc()
@@ -189,7 +188,7 @@ def test_every_mma_kernel_instance_compiles_for_hopper():
 
 
 def fused_layer_instances(mm) -> set[str]:
-    """The fp8 instances the fused expert layer can launch (backends/fused_expert_layer.py): the adaRMS norm folded
+    """The fp8 instances the fused expert layer can launch (evalkit/policies/pi05/fused_layer.py): the adaRMS norm folded
     into q|k|v (N = 2560) and gate|up (GeGLU, N = 4096) at K = 1024 where a CTA covers all of K; the gated residual
     add in o_proj's (K = 2048) and down's (K = 4096) epilogue, every config."""
     out = set()
@@ -216,13 +215,13 @@ def test_the_fused_layer_kernels_at_the_profiled_configs_do_not_spill():
 
 
 def test_the_mma_kernels_the_profile_ran_do_not_spill():
-    """The fp8 instances the committed π0.5 kernel profile ran (bench/results/pi05_kernel_profile.json) use no
+    """The fp8 instances the committed π0.5 kernel profile ran (research/results/pi05_kernel_profile.json) use no
     local memory. (Other configs do spill -- the 16- and 32-warp ones with 8 blocks per warp, up to 400 bytes
     -- and stay candidates: the chooser's timing decides.)"""
     import json
 
     mm = _nvrtc_or_skip()
-    prof = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "pi05_kernel_profile.json").read_text())
+    prof = json.loads((Path(__file__).resolve().parents[1] / "research" / "results" / "pi05_kernel_profile.json").read_text())
     ran = {re.sub(r"\s", "", m[1]) for b in prof["backends"].values() for kern in b["kernels"]
            for m in [re.search(r"((?:fp8|int4)_mma_\w+<[\d, ]+>)", kern["kernel"])] if m}
     assert ran, "the profile names no mma kernel"

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from evalkit.policies.pi05.testing import batch, tiny_policy
 from evalkit.latency import LatencyReport, StageTimer, measure
+from evalkit.policies.pi05.testing import batch, tiny_policy
 
 
 def test_timer_records_each_occurrence():
@@ -49,13 +49,13 @@ def test_bench_cli_writes_json_and_refuses_gpu_options_on_cpu(tmp_path, capsys):
     from evalkit.bench import main
 
     out = tmp_path / "bench.json"
-    rc = main(["--policy", "pi05_tiny", "--backend", "bf16", "--denoise-steps", "1,2", "--views", "1,2",
-               "--calls", "3", "--warmup", "1", "--device", "cpu", "--out", str(out), "--no-mlflow"])
+    rc = main(["policy=pi05_tiny", "backend=bf16", "denoise_steps=[1,2]", "views=[1,2]",
+               "calls=3", "warmup=1", "device=cpu", f"out={out}", "mlflow=false"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [(r["views"], r["denoise_steps"]) for r in res["rows"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert res["backend_report"]["by_precision"] and all(r["latency"]["calls"] == 3 for r in res["rows"])
     assert res["rows"][1]["latency"]["per_occurrence"]["denoise"]["n"] == 3 * 2
-    assert main(["--policy", "pi05_tiny", "--device", "cpu", "--cuda-graph", "--no-mlflow"]) == 2
-    assert main(["--policy", "nope", "--device", "cpu", "--no-mlflow"]) == 2
+    assert main(["policy=pi05_tiny", "device=cpu", "cuda_graph=true", "mlflow=false"]) == 2
+    assert main(["policy=nope", "device=cpu", "mlflow=false"]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err

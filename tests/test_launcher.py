@@ -28,7 +28,7 @@ def test_joblib_shards_land_in_one_sqlite_store_and_merge(workdir):
     assert sorted(c.data.params["shard"] for c in children) == ["0/2", "1/2"]
     assert all(c.info.status == "FINISHED" and "success_rate" in c.data.metrics for c in children)
 
-    m = subprocess.run([sys.executable, "-m", "evalkit.merge", str(sweep)], cwd=workdir, capture_output=True, text=True)
+    m = subprocess.run([sys.executable, "-m", "evalkit.merge", f"runs={sweep}"], cwd=workdir, capture_output=True, text=True)
     assert m.returncode == 0, m.stderr
     df = pd.read_csv(sweep / "merged" / "episodes.csv")
     assert len(df) == 9 and not df.duplicated(["task_id", "init_state_id"]).any()
@@ -48,7 +48,7 @@ def test_many_concurrent_writers_on_one_sqlite_store(workdir):
     from evalkit.tracking.store import get_or_create_experiment
 
     get_or_create_experiment(f"sqlite:///{db}", "evalkit")
-    procs = [subprocess.Popen([sys.executable, "-m", "evalkit.sync", str(d), "--uri", f"sqlite:///{db}"], cwd=workdir,
+    procs = [subprocess.Popen([sys.executable, "-m", "evalkit.sync", f"runs={d}", f"uri=sqlite:///{db}"], cwd=workdir,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dirs]
     outs = [pr.communicate(timeout=300)[0] for pr in procs]
     assert all(pr.returncode == 0 for pr in procs), outs

@@ -46,7 +46,7 @@ def test_two_shards_merge_into_the_single_process_result(runs, tmp_path):
     assert len(s0) == 4 and len(s1) == 5  # contiguous slices of 9 episodes
     db = tmp_path / "mlruns" / "mlflow.db"
     out = tmp_path / "merged"
-    code = merge_main([str(runs / "s0"), str(runs / "s1"), "--out", str(out), "--uri", f"sqlite:///{db}"])
+    code = merge_main([f"runs=[{runs / 's0'},{runs / 's1'}]", f"out={out}", f"uri=sqlite:///{db}"])
     assert code == 0
     full, merged = pd.read_csv(runs / "full" / "episodes.csv"), pd.read_csv(out / "episodes.csv")
     pd.testing.assert_frame_equal(full[COLS], merged[COLS])
@@ -68,18 +68,18 @@ def test_a_sweep_folder_is_searched_for_runs(runs, tmp_path):
     sweep = tmp_path / "sweep"
     _copy(runs / "s0", sweep / "0_job")
     _copy(runs / "s1", sweep / "1_job")
-    p = subprocess.run([sys.executable, "-m", "evalkit.merge", str(sweep)], cwd=tmp_path, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "evalkit.merge", f"runs={sweep}"], cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "9 of 9 episodes" in p.stdout and "tracking: the shards ran with tracking offline" in p.stdout
     assert "python -m evalkit.sync" in p.stdout and (sweep / "merged" / "mlflow_bundle" / "run.json").exists()
 
 
 def test_missing_shard_is_refused_with_the_missing_episodes(runs, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "evalkit.merge", str(runs / "s0"), "--out", str(tmp_path / "m")],
+    p = subprocess.run([sys.executable, "-m", "evalkit.merge", f"runs={runs / 's0'}", f"out={tmp_path / 'm'}"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "miss 5 of 9 episodes" in p.stderr and "task 1 init 1" in p.stderr and "task 2 init 2" in p.stderr
-    assert merge_main([str(runs / "s0"), "--out", str(tmp_path / "m"), "--allow-partial"]) == 0
+    assert merge_main([f"runs={runs / 's0'}", f"out={tmp_path / 'm'}", "allow_partial=true"]) == 0
     s = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert s["partial"] is True and s["episodes"] == 4 and len(s["missing_episodes"]) == 5
 
@@ -89,7 +89,7 @@ def test_shards_of_different_configs_are_refused(runs, tmp_path, capsys):
     key = json.loads((other / "run_key.json").read_text())
     key["max_steps"], key["policy"]["scale"] = 9, 0.25
     (other / "run_key.json").write_text(json.dumps(key))
-    assert merge_main([str(runs / "s0"), str(other), "--out", str(tmp_path / "m")]) == 2
+    assert merge_main([f"runs=[{runs / 's0'},{other}]", f"out={tmp_path / 'm'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot merge runs of different configs" in err and "differ in max_steps, policy" in err
     assert not (tmp_path / "m").exists()
@@ -106,7 +106,7 @@ def test_rerun_episodes_count_once_and_the_latest_line_wins(runs, tmp_path):
         f.write(json.dumps(rec) + "\n")
     later = time.time() + 5
     os.utime(rerun / "episodes.jsonl", (later, later))  # written after s1's journal
-    assert merge_main([str(runs / "s0"), str(s1), str(rerun), "--out", str(tmp_path / "m")]) == 0
+    assert merge_main([f"runs=[{runs / 's0'},{s1},{rerun}]", f"out={tmp_path / 'm'}"]) == 0
     s = json.loads((tmp_path / "m" / "summary.json").read_text())
     df = pd.read_csv(tmp_path / "m" / "episodes.csv")
     assert len(df) == 9 and not df.duplicated(["task_id", "init_state_id"]).any()
@@ -114,5 +114,5 @@ def test_rerun_episodes_count_once_and_the_latest_line_wins(runs, tmp_path):
     assert row.steps == 7 and row.failure_reason == "exception: rerun marker"
     assert s["duplicates_dropped"] == 6  # 5 episodes recorded twice across dirs + 1 twice in one journal
     # merging again into the same output replaces it (no second copy of any episode)
-    assert merge_main([str(runs / "s0"), str(s1), "--out", str(tmp_path / "m")]) == 0
+    assert merge_main([f"runs=[{runs / 's0'},{s1}]", f"out={tmp_path / 'm'}"]) == 0
     assert len(pd.read_csv(tmp_path / "m" / "episodes.csv")) == 9

@@ -11,7 +11,6 @@ import urllib.request
 import mlflow
 import pytest
 
-
 pytestmark = pytest.mark.server
 
 FAST = ["policy=noop", "suite=libero_spatial_quick", "video=none", "quiet=true", "workers=0", "tracking=server"]
@@ -101,14 +100,14 @@ def test_server_stopped_mid_run_then_sync_loses_nothing(server, workdir):
     server.stop()  # mid-run: one episode done, three to go
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
-    assert "unreachable" in out and f"python -m evalkit.sync {run_dir} --uri {server.uri}" in out
+    assert "unreachable" in out and f"python -m evalkit.sync runs={run_dir} uri={server.uri}" in out
     bundle = json.loads((run_dir / "mlflow_bundle" / "run.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["episodes"] == 4
 
     server.start()  # same store, same port
     assert not server.runs()[1]
-    p = subprocess.run([sys.executable, "-m", "evalkit.sync", str(run_dir), "--uri", server.uri], cwd=workdir,
+    p = subprocess.run([sys.executable, "-m", "evalkit.sync", f"runs={run_dir}", f"uri={server.uri}"], cwd=workdir,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     client, (run,) = server.runs()

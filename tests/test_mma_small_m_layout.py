@@ -1,4 +1,4 @@
-"""CPU checks of the int4 mma kernel's data layout (backends/mma_small_m.py, mma_small_m.cu): the packed fragment
+"""CPU checks of the int4 mma kernel's data layout (kernels/mma_small_m.py, mma_small_m.cu): the packed fragment
 words, read the way the kernel reads them (lane by lane, with the PTX ISA's m16n8k16 fragment positions),
 multiply to the same product as the dequantized weights. The kernel itself runs in tests/test_backends_gpu.py."""
 
@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from backends import mma_small_m
-from backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
+from evalkit.backends.quant import dequant_int4_groups, int4_pack, unpack_nibbles
+from evalkit.kernels import mma_small_m
 
 
 @pytest.mark.parametrize("n,k,m,group", [(32, 128, 10, 128), (48, 256, 3, 64), (16, 64, 16, 64), (32, 256, 1, 128)])
@@ -51,7 +50,7 @@ def test_configs_tile_the_expert_shapes_and_reject_bad_ones():
 def test_fp8_fragment_layout_reproduces_the_w8a8_product(n, k, m, kslice):
     """fp8_mma_gemm's operands read lane by lane (m16n8k32 e4m3 fragments) give the W8A8 product: x quantized
     to e4m3 per token and K slice, times the e4m3 weights, times both scales."""
-    from backends.quant import quant_fp8_rows
+    from evalkit.backends.quant import quant_fp8_rows
 
     torch.manual_seed(0)
     q, s = quant_fp8_rows(torch.randn(n, k))

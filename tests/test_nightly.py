@@ -11,7 +11,16 @@ import pandas as pd
 import pytest
 
 from evalkit.errors import BadInput
-from evalkit.nightly import Cell, CellResult, failed, load_config, main, matrix, run_nightly, verdict
+from evalkit.nightly import (
+    Cell,
+    CellResult,
+    failed,
+    load_config,
+    main,
+    matrix,
+    run_nightly,
+    verdict,
+)
 
 mlflow = pytest.importorskip("mlflow")
 

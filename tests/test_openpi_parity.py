@@ -19,9 +19,8 @@ import os
 
 import numpy as np
 import pytest
-
-from suites.env import LiberoEnv
-from suites.specs import customize, get_suite
+from evalkit.suites.env import LiberoEnv
+from evalkit.suites.specs import customize, get_suite
 
 DUMMY = [0.0] * 6 + [-1.0]
 

@@ -9,11 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evalkit.policies.pi05.testing import TINY, batch, tiny_policy
 from evalkit.errors import BadInput
-from evalkit.policies.pi05.checkpoint import TIED_EMBEDDING, UNUSED_REAL_KEYS, save_checkpoint
+from evalkit.policies.pi05.checkpoint import (
+    TIED_EMBEDDING,
+    UNUSED_REAL_KEYS,
+    save_checkpoint,
+)
 from evalkit.policies.pi05.policy import build
 from evalkit.policies.pi05.processing import NormStats
+from evalkit.policies.pi05.testing import TINY, batch, tiny_policy
 
 STATS = {"state": {"q01": [-0.5] * 8, "q99": [0.5] * 8}, "actions": {"q01": [-2.0] * 7, "q99": [3.0] * 7}}
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from evalkit.policies.pi05.testing import batch, make_obs, tiny_policy
 from evalkit.errors import BadInput, CapabilityError
 from evalkit.policies.base import ObsBatch
 from evalkit.policies.pi05.layers import GemmaDecoderLayer
 from evalkit.policies.pi05.processing import images_to_model
+from evalkit.policies.pi05.testing import batch, make_obs, tiny_policy
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,10 @@ def test_layer_forward_is_plain_residual():
 
 
 def test_layer_runs_a_backends_fused_forward_and_plain_where_it_declines():
-    """GemmaDecoderLayer.fused (set by backends/fused_expert_layer.py on GPU): its output is the layer's; None
+    """GemmaDecoderLayer.fused (set by evalkit/policies/pi05/fused_layer.py on GPU): its output is the layer's; None
     from it means the plain forward runs. On CPU the fp8 backend (emulated) installs none."""
-    from backends.registry import get_backend
+    from evalkit.backends.registry import get_backend
+
     from evalkit.policies.pi05.layers import AttnContext, rope_tables
 
     p = tiny_policy()

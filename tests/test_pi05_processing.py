@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from evalkit.policies.pi05.testing import TINY, batch
 from evalkit.errors import BadInput
 from evalkit.policies.pi05 import processing as proc
 from evalkit.policies.pi05.checkpoint import save_checkpoint
 from evalkit.policies.pi05.policy import build
+from evalkit.policies.pi05.testing import TINY, batch
 
 
 def test_state_bins_and_prompt_format():

@@ -10,7 +10,11 @@ import torch
 
 from evalkit.errors import BadInput
 from evalkit.policies.base import ObsBatch, Observation
-from evalkit.policies.reference import DEFAULT_DIR, FEATURE_DIM, features_from_privileged
+from evalkit.policies.reference import (
+    DEFAULT_DIR,
+    FEATURE_DIM,
+    features_from_privileged,
+)
 from evalkit.policies.registry import build_policy
 
 BDDL = "(define (problem p) (:init (On akita_black_bowl_1 main_table_region)) (:goal (And (On akita_black_bowl_1 plate_1))))"

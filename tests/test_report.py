@@ -8,7 +8,13 @@ import subprocess
 
 import pytest
 
-from evalkit.report import ReportRun, pareto_front, render_html, render_markdown, write_report
+from evalkit.report import (
+    ReportRun,
+    pareto_front,
+    render_html,
+    render_markdown,
+    write_report,
+)
 
 
 def summary(backend, x, n, p50, tasks=("pick_bowl", "open_drawer")):

@@ -5,12 +5,12 @@ import os
 import signal
 
 import numpy as np
+from evalkit.suites.specs import customize, get_suite
 
 from evalkit.policies.noop import NoopPolicy
 from evalkit.policies.random_policy import RandomPolicy
 from evalkit.rollout.engine import RolloutOptions, run_rollouts
 from evalkit.rollout.journal import Journal
-from suites.specs import customize, get_suite
 
 SPEC = customize(get_suite("libero_spatial_quick"), tasks=[0, 1], trials=2, max_steps=10)
 

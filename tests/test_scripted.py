@@ -51,8 +51,8 @@ def test_region_resolves_to_owner_object():
 
 def test_scripted_solves_spatial_task0_init0():
     from evalkit.policies.base import ObsBatch
-    from suites.env import LiberoEnv
-    from suites.specs import get_suite
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import get_suite
 
     spec = get_suite("libero_spatial")
     env = LiberoEnv(spec, 0, render=False)

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy import optimize, special, stats as sps
+from scipy import optimize, special
+from scipy import stats as sps
 
 from evalkit import stats as S
 

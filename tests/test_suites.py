@@ -1,7 +1,7 @@
 import pytest
+from evalkit.suites.specs import SUITES, customize, get_suite
 
 from evalkit.errors import BadInput
-from suites.specs import SUITES, customize, get_suite
 
 
 def test_protocol_defaults_match_openpi():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from backends.verify import storage_mismatches, storage_tensor  # noqa: F401  (re-exported for the checks)
+from evalkit.backends.verify import storage_mismatches, storage_tensor  # noqa: F401  (re-exported for the checks)
 
 # most specific first: "torch.uint8 (int4 x2 nibble-packed)" is a 4-bit claim
 _BITS = [

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import torch
 
-
 # An update smaller than FLOOR_EPS machine epsilons of the output cannot be told from the rounding of the residual
 # stream: a 16-bit candidate that only rounds differently then scores 20 log10(8 sqrt(12)) = 28.8 dB, above the
 # 16-bit layer budget; the free-running hidden-state check (no floor) still sees errors of that size.

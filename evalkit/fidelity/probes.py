@@ -6,7 +6,7 @@
   rollout driven by the reference policy (grasping, carrying, placing: activations a t = 0 scene never shows).
   A backend that fits its calibration data, or keeps state from its first call, meets observations it never saw.
 
-Observations come from the LIBERO env adapter (`suites.env.LiberoEnv`), so probes look exactly like what the
+Observations come from the LIBERO env adapter (`evalkit.suites.env.LiberoEnv`), so probes look exactly like what the
 policy sees in an episode, with the task's own instruction. Cameras are rendered only when the policy reads
 images. numpy stores the cache; its key hashes everything that changes an observation.
 """
@@ -54,7 +54,7 @@ def probe_key(spec, per_task: int, **extra) -> str:
 
 def _default_env(render: bool):
     def make(spec, task_id: int):
-        from suites.env import LiberoEnv
+        from evalkit.suites.env import LiberoEnv
 
         return LiberoEnv(spec, task_id, render=render)
 
@@ -153,7 +153,7 @@ def _cached(path: Path, render: Callable[[], list[Observation]]) -> ObsBatch:
 
 def load_probes(spec, cache_dir: str | Path, per_task: int = 1, make_env: Callable | None = None,
                 images: bool = True) -> ObsBatch:
-    """Calibration probes for `spec` (a suites.specs.SuiteSpec): init states 0..per_task-1 at t = 0, cached."""
+    """Calibration probes for `spec` (a evalkit.suites.specs.SuiteSpec): init states 0..per_task-1 at t = 0, cached."""
     extra = {} if images else {"images": False}
     path = Path(cache_dir) / f"{spec.name}_{probe_key(spec, per_task, **extra)}.npz"
     return _cached(path, lambda: render_probes(spec, per_task, make_env, images))

@@ -58,7 +58,7 @@ class FidelityReport:
         return next(c for c in self.checks if c.name == name)
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics (DESIGN.md names): action_cosine_min, layer_cosine_min, plus the dB minima."""
+        """MLflow metrics (names: docs/architecture.md): action_cosine_min, layer_cosine_min, plus the dB minima."""
         out = {}
         if self.action_cosine_min is not None and math.isfinite(self.action_cosine_min):
             out["action_cosine_min"] = float(self.action_cosine_min)

@@ -31,11 +31,33 @@ from torch import nn
 from evalkit.fidelity.budgets import CLASS_BITS, Budget
 from evalkit.fidelity.config import FidelityConfig
 from evalkit.fidelity.drive import drive_linear, in_features_of
-from evalkit.fidelity.fallback import precision_bits, storage_mismatches, claimed_low_precision
-from evalkit.fidelity.hooks import MatmulDtypes, ModuleInput, record_layers, trace_modules
-from evalkit.fidelity.metrics import (cosine_per_row, quantiles_db, sqnr_db, sqnr_db_per_row,
-                                      update_agreement_per_row, update_sqnr_db_per_row)
-from evalkit.fidelity.report import FAIL, PASS, SKIP, FidelityCheck, FidelityReport, LayerResult
+from evalkit.fidelity.fallback import (
+    claimed_low_precision,
+    precision_bits,
+    storage_mismatches,
+)
+from evalkit.fidelity.hooks import (
+    MatmulDtypes,
+    ModuleInput,
+    record_layers,
+    trace_modules,
+)
+from evalkit.fidelity.metrics import (
+    cosine_per_row,
+    quantiles_db,
+    sqnr_db,
+    sqnr_db_per_row,
+    update_agreement_per_row,
+    update_sqnr_db_per_row,
+)
+from evalkit.fidelity.report import (
+    FAIL,
+    PASS,
+    SKIP,
+    FidelityCheck,
+    FidelityReport,
+    LayerResult,
+)
 from evalkit.policies.base import ObsBatch
 
 _LAYER = re.compile(r"^(\w+)\.layers\.(\d+)$")
@@ -87,7 +109,7 @@ def linear_names(model: nn.Module) -> list[str]:
 def targeted_names(names: list[str], targets: str | None) -> set[str]:
     """The Linear names a backend's `targets` select (all of them when the string is not one evalkit knows)."""
     try:
-        from backends.targets import target_regex
+        from evalkit.backends.targets import target_regex
 
         rx = target_regex(targets or "prefix_mlp")
     except Exception:  # a custom backend's own target grammar: judge every Linear by its class

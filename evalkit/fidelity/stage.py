@@ -66,7 +66,7 @@ def calibration_from_observations(policy, batch: ObsBatch, group: int, seed: int
 
 def build_reference(policy_cfg: dict[str, Any], device, reference_backend: str):
     """The same policy (same config, same seed/checkpoint) under the reference backend."""
-    from backends.registry import get_backend
+    from evalkit.backends.registry import get_backend
     from evalkit.policies.registry import build_policy
 
     cfg = dict(policy_cfg)

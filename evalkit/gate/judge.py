@@ -30,9 +30,10 @@ import pandas as pd
 from evalkit import stats as S
 from evalkit.errors import EXIT_PASS, EXIT_REGRESSION, BadInput
 from evalkit.gate import sequential as SEQ
-from evalkit.gate.config import GateConfig
 from evalkit.gate.compat import check_sim_versions
+from evalkit.gate.config import GateConfig
 from evalkit.gate.runs import StoredRun
+from evalkit.results.summary import RunSummary
 
 PASS, FAIL, WARN, SKIP, INCONCLUSIVE = "pass", "fail", "warn", "skip", "inconclusive"
 VERDICTS = ("pass", "regression", "inconclusive")
@@ -107,10 +108,10 @@ class SuccessEvidence:
     sequential: dict[str, Any] | None = None  # SequentialOutcome.to_dict()
 
 
-def _as_run(x: StoredRun | dict, label: str) -> StoredRun:
+def _as_run(x: StoredRun | RunSummary | dict, label: str) -> StoredRun:
     if isinstance(x, StoredRun):
         return x
-    if isinstance(x, dict):
+    if isinstance(x, (dict, RunSummary)):
         return StoredRun.from_summary(x, ref=label)
     raise BadInput(f"{label}: expected a StoredRun or a summary dict, got {type(x).__name__}")
 
@@ -123,12 +124,10 @@ def _fmt_rate(x: int, n: int) -> str:
 def _counts(run: StoredRun) -> tuple[int, int]:
     if run.episodes is not None and len(run.episodes):
         return int(run.episodes["success"].astype(bool).sum()), len(run.episodes)
-    s = run.summary
-    if "episodes" not in s:
+    counts = run.summary.episode_counts()
+    if counts is None:
         raise BadInput(f"run {run.ref} has no episode count in its summary")
-    n = int(s["episodes"])
-    x = int(s["successes"]) if "successes" in s else int(round(float(s["success_rate"]) * n))
-    return x, n
+    return counts
 
 
 def _pair(cand: pd.DataFrame, base: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -322,9 +321,8 @@ def _success_checks(ev: SuccessEvidence, cfg: GateConfig, p_adj: float, family: 
 
 def _device(run: StoredRun) -> str | None:
     # the GPU's name when the run recorded it ("NVIDIA H100 80GB HBM3"): "cuda" alone does not say which GPU
-    lat = run.summary.get("latency") or {}
-    return (run.summary.get("device_name") or lat.get("device_name") or run.params.get("device")
-            or (run.summary.get("params") or {}).get("device"))
+    return (run.summary.device_name or run.summary.latency.device_name or run.params.get("device")
+            or run.summary.params.device)
 
 
 def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateCheck:
@@ -332,9 +330,9 @@ def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateChe
     (bootstrap of the raw call times) and grew by more than latency_min_delta_ms."""
     name = "latency p50 ratio"
     thr = f"<= {cfg.max_latency_ratio}"
-    lc, lb = cand.summary.get("latency") or {}, base.summary.get("latency") or {}
+    lc, lb = cand.summary.latency, base.summary.latency
     raw = cand.latency_calls is not None and base.latency_calls is not None and len(cand.latency_calls) and len(base.latency_calls)
-    if not raw and (not lc.get("latency_ms_p50") or not lb.get("latency_ms_p50")):
+    if not raw and (not lc.p50_ms or not lb.p50_ms):
         return GateCheck(name, None, thr, True, "skipped: a run has no latency numbers", SKIP)
     dc, db = _device(cand), _device(base)
     if dc is None or db is None or str(dc) != str(db):
@@ -347,8 +345,8 @@ def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateChe
         shown = math.isfinite(est.low) and est.low > cfg.max_latency_ratio
         spread = f"95% interval {est.low:.3f}..{est.high:.3f} ({est.method})"
     else:
-        est = S.latency_ratio_from_quantiles(lc, lb)
-        p50c, p50b = float(lc["latency_ms_p50"]), float(lb["latency_ms_p50"])
+        est = S.latency_ratio_from_quantiles(lc.to_dict(), lb.to_dict())
+        p50c, p50b = float(lc.p50_ms), float(lb.p50_ms)
         shown = True  # two stored numbers carry no uncertainty: the point ratio decides, as it always did
         spread = f"p50..p99 ratios span {est.low:.3f}..{est.high:.3f} ({est.method})"
     delta = p50c - p50b
@@ -364,16 +362,19 @@ def _latency_check(cand: StoredRun, base: StoredRun, cfg: GateConfig) -> GateChe
     return GateCheck(name, float(est.ratio), thr, False, expl, FAIL)
 
 
+def _shown(v: Any) -> Any:
+    return "?" if v is None else v
+
+
 def _fidelity_check(cand: StoredRun) -> GateCheck | None:
-    fid = cand.summary.get("fidelity")
+    fid = cand.summary.fidelity
     if not fid:
         return None
-    bad = [c["name"] for c in fid.get("checks", []) if c.get("passed") is False]
-    ok = bool(fid.get("passed", not bad))
+    bad, ok = fid.failed_checks, fid.passed
     # re-judging never rebuilds the models: it reuses the verdict the run measured (say so, and what it was)
     how = (f"reused the fidelity verdict stored with {cand.ref} at run time (not recomputed: "
-           f"{len(fid.get('checks', []))} checks, {fid.get('precision_class', '?')} budgets vs "
-           f"{fid.get('reference_backend', '?')}, {fid.get('probes', '?')} held-out probes)")
+           f"{len(fid.checks)} checks, {_shown(fid.precision_class)} budgets vs "
+           f"{_shown(fid.reference_backend)}, {_shown(fid.probes)} held-out probes)")
     return GateCheck(
         "fidelity", "pass" if ok else "fail", "all checks pass", ok,
         (f"{how}: every check passed" if ok else f"{how}: failed {', '.join(bad)}"), PASS if ok else FAIL,
@@ -394,8 +395,8 @@ class Comparison:
 def compare(candidate: StoredRun | dict, baseline: StoredRun | dict, cfg: GateConfig) -> Comparison:
     cand, base = _as_run(candidate, "candidate"), _as_run(baseline, "baseline")
     check_sim_versions(cand.summary, base.summary, cfg.allow_sim_mismatch)  # exit 2: runs on different simulators
-    sc = cand.params.get("suite") or (cand.summary.get("params") or {}).get("suite")
-    sb = base.params.get("suite") or (base.summary.get("params") or {}).get("suite")
+    sc = cand.params.get("suite") or cand.summary.params.suite
+    sb = base.params.get("suite") or base.summary.params.suite
     if sc and sb and sc != sb:
         raise BadInput(f"candidate suite '{sc}' differs from baseline suite '{sb}': nothing to compare")
     ev, warnings = success_evidence(cand, base, cfg)
@@ -410,7 +411,7 @@ def compare(candidate: StoredRun | dict, baseline: StoredRun | dict, cfg: GateCo
         if len(broken):
             kinds = broken.str.split(":").str[0].value_counts().to_dict()
             warnings.append(f"candidate episodes that crashed count as failures: {kinds}")
-    pc, pb = cand.summary.get("protocol") or {}, base.summary.get("protocol") or {}
+    pc, pb = cand.summary.protocol, base.summary.protocol
     if pc and pb:
         diff = sorted(k for k in set(pc) | set(pb) if pc.get(k) != pb.get(k))
         if diff:

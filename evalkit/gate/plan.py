@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evalkit import stats as S
+from evalkit.errors import BadInput
 from evalkit.gate.runs import StoredRun
 
 DISCORDANCES = (0.02, 0.05, 0.1, 0.2)
@@ -63,9 +64,10 @@ def plan(baseline: StoredRun, margin: float = 0.05, alpha: float = 0.05, power: 
                 note = (note + "; " if note else "") + f"more than the baseline's {n_b} episodes: rerun the baseline larger"
             out.rows.append(PlanRow(f"paired, discordance {psi:.3f}", psi, n, note))
         return out
-    s = baseline.summary
-    n_b = int(s["episodes"])
-    x_b = int(s["successes"]) if "successes" in s else int(round(float(s["success_rate"]) * n_b))
+    counts = baseline.summary.episode_counts()
+    if counts is None:
+        raise BadInput(f"baseline {baseline.ref} has no episode count in its summary")
+    x_b, n_b = counts
     rate = x_b / n_b
     lo, hi = S.wilson_interval(x_b, n_b)
     out = Plan(baseline.ref, "unpaired", n_b, rate, margin, a, power)

@@ -20,8 +20,10 @@ import pandas as pd
 import yaml
 
 from evalkit.errors import BadInput
+from evalkit.results.summary import RunSummary
+from evalkit.tracking.store import DEFAULT_URI
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_TRACKING_URI = DEFAULT_URI
 REFERENCES_DIR = Path(__file__).resolve().parents[2] / "references"
 BASELINE_TAG = "evalkit.baseline"
 MATCH_PARAMS = ("policy", "suite", "denoise_steps", "device")  # what `latest` must share with the candidate
@@ -31,7 +33,7 @@ LATENCY_CALLS = "latency_calls.json"  # raw policy call times of a run (ms), an 
 
 @dataclass
 class StoredRun:
-    summary: dict[str, Any]
+    summary: RunSummary  # a summary.json dict is read into one (from_dict)
     episodes: pd.DataFrame | None = None
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -39,9 +41,15 @@ class StoredRun:
     source: str = "dict"  # mlflow | dir | reference | dict
     latency_calls: np.ndarray | None = None  # ms per policy call, warm-up calls removed (None: not recorded)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.summary, RunSummary):
+            self.summary = RunSummary.from_dict(self.summary)
+
     @classmethod
-    def from_summary(cls, summary: dict[str, Any], ref: str = "summary") -> "StoredRun":
-        return cls(summary=summary, params=dict(summary.get("params") or {}), ref=ref)
+    def from_summary(cls, summary: RunSummary | dict[str, Any], ref: str = "summary") -> "StoredRun":
+        run = cls(summary=summary, ref=ref)
+        run.params = run.summary.params.to_dict()
+        return run
 
 
 def load_run(
@@ -126,8 +134,8 @@ def _load_dir(path: Path) -> StoredRun:
     f = path / "summary.json"
     if not f.exists():
         raise BadInput(f"run directory {path} has no summary.json")
-    summary = json.loads(f.read_text())
-    return StoredRun(summary, _read_episodes(path), dict(summary.get("params") or {}), {}, str(path), "dir",
+    summary = RunSummary.from_dict(json.loads(f.read_text()))
+    return StoredRun(summary, _read_episodes(path), summary.params.to_dict(), {}, str(path), "dir",
                      read_latency_calls(path))
 
 
@@ -152,7 +160,7 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
     params = dict(run.data.params)
     tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
     names = {a.path for a in client.list_artifacts(run_id)}
-    summary: dict[str, Any] | None = None
+    summary: RunSummary | None = None
     episodes = None
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("summary.json", "episodes.parquet", "episodes.csv", LATENCY_CALLS):
@@ -161,19 +169,19 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
                     run_id=run_id, artifact_path=name, dst_path=tmp, tracking_uri=tracking_uri
                 )
         if (Path(tmp) / "summary.json").exists():
-            summary = json.loads((Path(tmp) / "summary.json").read_text())
+            stored = json.loads((Path(tmp) / "summary.json").read_text())
+            stored.setdefault("params", params)
+            summary = RunSummary.from_dict(stored)
         episodes = _read_episodes(Path(tmp))
         calls = read_latency_calls(tmp)
     if summary is None:  # older runs: rebuild what the gate needs from metrics
         m = run.data.metrics
         if "success_rate" not in m:
             raise BadInput(f"MLflow run {run_id} has neither summary.json nor a success_rate metric")
-        summary = {k: m[k] for k in m if not k.startswith("latency_ms")}
-        summary["latency"] = {k: m[k] for k in m if k.startswith("latency_ms_p")}
+        summary = RunSummary.from_metrics(m, params)
         if episodes is not None:
-            summary["episodes"], summary["successes"] = len(episodes), int(episodes["success"].sum())
-    summary.setdefault("params", params)
-    return StoredRun(summary, episodes, params or dict(summary.get("params") or {}), tags, run_id, "mlflow", calls)
+            summary.episodes, summary.successes = len(episodes), int(episodes["success"].sum())
+    return StoredRun(summary, episodes, params or summary.params.to_dict(), tags, run_id, "mlflow", calls)
 
 
 def _load_latest(tracking_uri: str, like: dict[str, Any], exclude_run_id: str | None) -> StoredRun:
@@ -229,4 +237,4 @@ def _from_reference(key: str, e: dict[str, Any]) -> StoredRun:
         "params": params,
         "source": e.get("source"),
     }
-    return StoredRun(summary, None, params, {"reference_file": e["file"]}, f"ref:{key}", "reference")
+    return StoredRun(RunSummary.from_dict(summary), None, params, {"reference_file": e["file"]}, f"ref:{key}", "reference")

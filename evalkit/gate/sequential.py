@@ -349,7 +349,7 @@ def sequential_stop_rule(baseline_run, cfg: GateConfig | dict | None, suite) -> 
         options = RolloutOptions(..., stop_rule=rule, order="interleave" if rule else "task")
         result = run_rollouts(policy, spec, journal, options, on_record=...)
         if result.stop_reason:  # recorded for people; the judge re-derives the decision from the episodes
-            summary["rollout_stop"] = {"reason": result.stop_reason, "not_run": result.not_run}
+            summary.rollout_stop = RolloutStop(result.stop_reason, result.not_run)
 
     The judge (gate_run with the same GateConfig) then reaches the same decision from the episode table:
     it evaluates the same blocks with `evaluate`. The rule costs about a millisecond per finished episode

@@ -9,11 +9,17 @@ import pandas as pd
 
 from evalkit.gate.config import GateConfig
 from evalkit.gate.judge import GateResult, judge
-from evalkit.gate.runs import DEFAULT_TRACKING_URI, StoredRun, load_run, read_latency_calls
+from evalkit.gate.runs import (
+    DEFAULT_TRACKING_URI,
+    StoredRun,
+    load_run,
+    read_latency_calls,
+)
+from evalkit.results.summary import RunSummary
 
 
 def gate_run(
-    summary: dict[str, Any],
+    summary: RunSummary | dict[str, Any],
     episodes: pd.DataFrame | None,
     baseline: str | StoredRun,
     cfg: GateConfig | dict | None = None,
@@ -29,8 +35,8 @@ def gate_run(
     when the baseline cannot be found.
     """
     calls = read_latency_calls(run_dir) if run_dir is not None else None
-    cand = StoredRun(summary, episodes, dict(summary.get("params") or {}), {}, ref=run_id or "this run", source="run",
-                     latency_calls=calls)
+    cand = StoredRun(summary, episodes, ref=run_id or "this run", source="run", latency_calls=calls)
+    cand.params = cand.summary.params.to_dict()
     base = baseline if isinstance(baseline, StoredRun) else load_run(baseline, tracking_uri, like=cand.params,
                                                                       exclude_run_id=run_id)
     return judge(cand, base, GateConfig.from_dict(cfg))

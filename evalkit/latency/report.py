@@ -1,4 +1,7 @@
-"""LatencyReport: p50/p90/p99 per stage and end-to-end over many calls, with their spread."""
+"""LatencyReport: p50/p90/p99 per stage and end-to-end over many calls, with their spread.
+
+`Stats.of` is evalkit.stats.sample_stats, the same summary a run's summary.json uses (std with ddof=0).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from evalkit.latency.timer import StageTimer
+from evalkit.stats import sample_stats
 
 
 @dataclass
@@ -25,10 +28,7 @@ class Stats:
 
     @staticmethod
     def of(values: list[float]) -> "Stats":
-        a = np.asarray(values, dtype=np.float64)
-        p50, p90, p99 = np.percentile(a, [50, 90, 99])
-        return Stats(len(a), float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                     float(p50), float(p90), float(p99), float(a.min()), float(a.max()))
+        return Stats(**sample_stats(values))
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LatencyReport:
         return asdict(self)
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metric names (DESIGN.md): latency_ms_p50/p90/p99, latency_ms/<stage>, hz."""
+        """Flat MLflow metric names (docs/architecture.md): latency_ms_p50/p90/p99, latency_ms/<stage>, hz."""
         m = {
             "latency_ms_p50": self.end_to_end.p50,
             "latency_ms_p90": self.end_to_end.p90,

@@ -1,4 +1,4 @@
-"""The policy contract (DESIGN.md): a batch of LIBERO observations + instructions -> action chunk [B, H, 7].
+"""The policy contract (docs/architecture.md): a batch of LIBERO observations + instructions -> action chunk [B, H, 7].
 
 A policy is any object with the attributes and methods of `Policy`. Rollout workers build
 `Observation`s; the rollout engine stacks the ones waiting for an action into an `ObsBatch`
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from evalkit.errors import BadInput
 
 if TYPE_CHECKING:  # torch stays out of rollout worker processes
     import torch
@@ -59,6 +61,19 @@ class ObsBatch:
         return np.stack(imgs)
 
 
+# denoise_steps (Euler steps of a flow-matching policy's sampler): its one default and its one check, used by
+# the run schema (evalkit.config) and every policy built outside a run; policies that do not sample ignore it.
+DEFAULT_DENOISE_STEPS = 10  # openpi's LIBERO example
+
+
+def check_denoise_steps(value: Any = None) -> int:
+    """`value` as an int (DEFAULT_DENOISE_STEPS when None: not set); BadInput unless it is >= 1."""
+    steps = DEFAULT_DENOISE_STEPS if value is None else int(value)
+    if steps < 1:
+        raise BadInput(f"denoise_steps={value}: must be >= 1 (Euler steps of the flow-matching sampler)")
+    return steps
+
+
 @runtime_checkable
 class Policy(Protocol):
     """What the rollout engine, backends and fidelity checks rely on."""
@@ -87,6 +102,11 @@ class TorchPolicy:
     Subclasses set `model` and implement `predict`. `transformer_stacks()` names the layer stacks
     (e.g. {"prefix": model.prefix.layers, "expert": model.expert.layers}) so backends and the
     fidelity checks can find layers by stable names.
+
+    What backends may rely on (they never import a policy): Linear modules named by the patterns in
+    evalkit/backends/targets.py (`prefix.layers.<i>.mlp.gate_proj`, ...); a GeGLU MLP module declares
+    `mlp_kind = "geglu_tanh"`; model-specific fusions are registered with evalkit.backends.fusions.register.
+    `eager()` (where a policy has compiled or graphed paths) runs plain module forwards, so hooks see every call.
     """
 
     name = "torch"

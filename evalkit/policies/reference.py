@@ -105,7 +105,7 @@ def build(cfg: dict[str, Any], device) -> Any:
         "checkpoint": str(ckpt),
         "norm_stats": str(ns_path),
         "tokenizer": "bytes",
-        "denoise_steps": int(cfg.get("denoise_steps") or 10),
+        "denoise_steps": cfg.get("denoise_steps"),  # None: pi05's default
         "dtype": cfg.get("dtype") or "float32",
         "seed": int(cfg.get("seed") or 0),
         "compile": bool(cfg.get("compile", False)),

@@ -5,7 +5,13 @@ evalkit.stats gives the Wilson intervals; the html module escapes text. Input: a
 (a run's summary.json dict, a label, and its gate verdict as a dict).
 """
 
-from evalkit.report.build import ReportRun, pareto_front, render_html, render_markdown, write_report
+from evalkit.report.build import (
+    ReportRun,
+    pareto_front,
+    render_html,
+    render_markdown,
+    write_report,
+)
 from evalkit.report.plot import pareto_svg
 
 __all__ = ["ReportRun", "pareto_front", "pareto_svg", "render_html", "render_markdown", "write_report"]

@@ -9,34 +9,38 @@ from pathlib import Path
 from typing import Any
 
 from evalkit.report.plot import pareto_svg
+from evalkit.results.summary import LatencySummary, RunSummary, TaskResult
 from evalkit.stats import wilson_interval
 
 
 @dataclass
 class ReportRun:
     label: str  # e.g. "int8 / libero_spatial / 10 steps"
-    summary: dict[str, Any]  # the run's summary.json
+    summary: RunSummary  # the run's summary.json (a dict is read into a RunSummary)
     gate: dict[str, Any] | None = None  # GateResult.to_dict(), or None when not judged
     link: str | None = None  # run dir or MLflow run id
     error: str | None = None  # the run itself failed (no summary numbers)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.summary, RunSummary):
+            self.summary = RunSummary.from_dict(self.summary)
 
-def _rate(summary: dict[str, Any]) -> tuple[float, float, float, int] | None:
-    n = summary.get("episodes")
-    if not n:
+
+def _rate(summary: RunSummary) -> tuple[float, float, float, int] | None:
+    counts = summary.episode_counts()
+    if not counts or not counts[1]:
         return None
-    x = summary.get("successes")
-    x = int(x) if x is not None else int(round(float(summary.get("success_rate", 0)) * n))
-    lo, hi = wilson_interval(x, int(n))
-    return x / n, lo, hi, int(n)
+    x, n = counts
+    lo, hi = wilson_interval(x, n)
+    return x / n, lo, hi, n
 
 
-def _task_rate(t: dict[str, Any]) -> tuple[float, float, float, int]:
-    n = int(t.get("episodes") or 0)
-    r = float(t.get("success_rate", 0.0))
-    if "ci_low" in t and "ci_high" in t:
-        return r, float(t["ci_low"]), float(t["ci_high"]), n
+def _task_rate(t: TaskResult) -> tuple[float, float, float, int]:
+    n = int(t.episodes or 0)
+    r = float(t.success_rate or 0.0)
+    if t.ci_low is not None and t.ci_high is not None:
+        return r, float(t.ci_low), float(t.ci_high), n
     lo, hi = wilson_interval(int(round(r * n)), n)
     return r, lo, hi, n
 
@@ -44,8 +48,8 @@ def _task_rate(t: dict[str, Any]) -> tuple[float, float, float, int]:
 def _verdict(run: ReportRun) -> str:
     if run.error:
         return "ERROR"
-    fid = run.summary.get("fidelity") or {}
-    if any(c.get("passed") is False for c in fid.get("checks", [])):
+    fid = run.summary.fidelity
+    if fid and fid.failed_checks:
         return "REGRESSION"  # a failed fidelity check is a regression even when no baseline judged the run
     if not run.gate:
         return "not judged"
@@ -67,8 +71,8 @@ def _failed_checks(run: ReportRun) -> list[str]:
     out = []
     if run.gate:
         out += [c["name"] for c in run.gate.get("checks", []) if c.get("status") == "fail"]
-    fid = run.summary.get("fidelity") or {}
-    out += [f"fidelity:{c['name']}" for c in fid.get("checks", []) if c.get("passed") is False and "fidelity" not in out]
+    fid = run.summary.fidelity
+    out += [f"fidelity:{name}" for name in (fid.failed_checks if fid else []) if "fidelity" not in out]
     return sorted(set(out))
 
 
@@ -76,13 +80,13 @@ def _points(runs: list[ReportRun]) -> list[dict[str, Any]]:
     pts = []
     for r in runs:
         rate = _rate(r.summary)
-        lat = (r.summary.get("latency") or {})
+        lat = r.summary.latency
         if rate is None:
             continue
-        p50 = lat.get("latency_ms_p50")
+        p50 = lat.p50_ms
         pts.append({
             "label": r.label, "success": rate[0], "ci_low": rate[1], "ci_high": rate[2],
-            "latency": p50, "lat_low": p50, "lat_high": lat.get("latency_ms_p90", p50),
+            "latency": p50, "lat_low": p50, "lat_high": lat.p90_ms if lat.p90_ms is not None else p50,
             "failed": _verdict(r) in ("REGRESSION", "ERROR"),
         })
     for p, front in zip(pts, pareto_front(pts)):
@@ -114,20 +118,24 @@ def _fmt_rate(rate) -> str:
     return f"{r:.1%} [{lo:.1%}, {hi:.1%}] (n={n})"
 
 
-def _fmt_ms(lat: dict[str, Any]) -> str:
-    if not lat.get("latency_ms_p50"):
+def _fmt_ms(lat: LatencySummary) -> str:
+    if not lat.p50_ms:
         return "—"
-    return f"{lat['latency_ms_p50']:.3g} (p90 {lat.get('latency_ms_p90', float('nan')):.3g})"
+    return f"{lat.p50_ms:.3g} (p90 {lat.p90_ms if lat.p90_ms is not None else float('nan'):.3g})"
+
+
+def _text(v: Any) -> str:
+    return "" if v is None else str(v)
 
 
 def _run_rows(runs: list[ReportRun]) -> list[list[str]]:
     rows = []
     for r in runs:
-        p = r.summary.get("params") or {}
+        p = r.summary.params
         warn = "; ".join((r.gate or {}).get("warnings", []))
         rows.append([
-            r.label, str(p.get("backend", "")), str(p.get("suite", "")), str(p.get("denoise_steps", "")),
-            _fmt_rate(_rate(r.summary)), _fmt_ms(r.summary.get("latency") or {}), _verdict(r), _p_text(r.gate),
+            r.label, _text(p.backend), _text(p.suite), _text(p.denoise_steps),
+            _fmt_rate(_rate(r.summary)), _fmt_ms(r.summary.latency), _verdict(r), _p_text(r.gate),
             ", ".join(_failed_checks(r)) or (r.error or ""), warn,
         ])
     return rows
@@ -152,7 +160,7 @@ def _banner(runs: list[ReportRun]) -> tuple[str, str]:
 def _task_table(runs: list[ReportRun]) -> tuple[list[str], list[list[str]]]:
     tasks: list[str] = []
     for r in runs:
-        for t in (r.summary.get("per_task") or {}):
+        for t in r.summary.per_task:
             if t not in tasks:
                 tasks.append(t)
     head = ["task"] + [r.label for r in runs]
@@ -160,7 +168,7 @@ def _task_table(runs: list[ReportRun]) -> tuple[list[str], list[list[str]]]:
     for t in tasks:
         row = [t]
         for r in runs:
-            d = (r.summary.get("per_task") or {}).get(t)
+            d = r.summary.per_task.get(t)
             row.append(_fmt_rate(_task_rate(d)) if d else "—")
         rows.append(row)
     return head, rows

@@ -12,8 +12,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from contextlib import contextmanager
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_connections
 from typing import Callable
@@ -24,7 +24,7 @@ from evalkit.policies.base import ObsBatch, Observation
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EXCEPTION, EpisodeRecord
 from evalkit.rollout.worker import EpisodeRunner, EpisodeSpec, worker_main
-from suites.specs import SuiteSpec
+from evalkit.suites.specs import SuiteSpec
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The episode record (DESIGN.md): one row per finished episode."""
+"""The episode record (docs/architecture.md): one row per finished episode."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evalkit.rollout.records import EXCEPTION, NAN_ACTION, TIMEOUT, EpisodeRecord
-from suites.specs import SuiteSpec
+from evalkit.suites.specs import SuiteSpec
 
 
 @dataclass
@@ -63,7 +63,7 @@ class EpisodeRunner:
 
     # -- episode lifecycle ------------------------------------------------------------------
     def _env_for(self, task_id: int, render: bool):
-        from suites.env import LiberoEnv
+        from evalkit.suites.env import LiberoEnv
 
         key = (task_id, render)
         if self.env is None or self.env_key != key:

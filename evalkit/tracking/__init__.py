@@ -1,7 +1,7 @@
 """Tracking: every run is written as a local bundle first, then synced to MLflow.
 
 One code path for online and offline: `tracking.mode=online` syncs the bundle right away;
-`offline` (or an unreachable server) keeps it for `python -m evalkit.sync DIR`. Nothing is lost
+`offline` (or an unreachable server) keeps it for `python -m evalkit.sync runs=DIR`. Nothing is lost
 when the server is down.
 """
 

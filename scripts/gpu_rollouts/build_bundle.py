@@ -104,8 +104,8 @@ def collect(suite: str, render: bool) -> tuple[set[str], set[str]]:
     _audit_opens(opened)
     import numpy as np
 
-    from suites.env import LiberoEnv
-    from suites.specs import get_suite
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import get_suite
 
     spec = get_suite(suite)
     xml_refs: set[str] = set()

@@ -49,8 +49,8 @@ def _meta() -> dict:
 
 
 def render_cases(cases=CASES) -> dict[str, np.ndarray]:
-    from suites.env import LiberoEnv
-    from suites.specs import customize, get_suite
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import customize, get_suite
 
     out: dict[str, np.ndarray] = {}
     for suite, task, episode in cases:

@@ -20,8 +20,8 @@ source scripts/gpu_rollouts/setup.sh || exit 2  # EGL loaders, the bundle, PYTHO
 python3 - <<'EOF' || { echo "EGL/LIBERO smoke test failed"; exit 3; }
 import time
 import numpy as np
-from suites.env import LiberoEnv
-from suites.specs import get_suite
+from evalkit.suites.env import LiberoEnv
+from evalkit.suites.specs import get_suite
 spec = get_suite("libero_spatial")
 t = time.perf_counter(); env = LiberoEnv(spec, 0, render=True); obs = env.reset(0, 7)
 print(f"smoke: env built+reset {time.perf_counter() - t:.1f} s, image {obs.agentview.shape} mean {obs.agentview.mean():.1f}")

@@ -28,7 +28,7 @@ def check_task(spec, task_id: int, steps: int, init_ids: list[int]) -> dict:
     import mujoco
     import numpy as np
 
-    from suites.env import SETTLE_ACTION, LiberoEnv
+    from evalkit.suites.env import SETTLE_ACTION, LiberoEnv
 
     t0 = time.perf_counter()
     row: dict = {"suite": spec.libero_name, "task_id": task_id, "problems": []}
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     from evalkit.provenance import package_versions
-    from suites.specs import get_suite
+    from evalkit.suites.specs import get_suite
 
     rows = []
     for name in args.suites:

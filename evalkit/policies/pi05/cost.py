@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.base import module_weight_bytes
+from evalkit.backends.base import module_weight_bytes
 from evalkit.policies.pi05.model import Pi05Model
 
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from evalkit.kernels.decode_attention import decode_attention
+from evalkit.kernels.rope import apply_rope
 from evalkit.policies.pi05.config import GemmaSize, VisionSize
-from evalkit.policies.pi05.decode_attention import decode_attention
 
 
 # ----------------------------------------------------------------------------------------------- context
@@ -55,9 +56,9 @@ class AttnContext:
 
 # The expert's attention (horizon x batch queries over the cached prefix) when it runs through SDPA
 # (decode_impl="sdpa"; under CUDA graphs the default is our one-launch kernel, decode_attention.py): Flash first.
-# On the H200, cuDNN's kernel (PyTorch's pick) took 20.9 us per call for 10 queries x 8 heads over 555 keys,
-# FlashAttention 11.4 us (bench/results/decode_attention_probe.json), ~1.7 ms of a compiled π0.5 call. Flash
-# takes no mask: with a key mask the next backend in this order runs.
+# At 10 queries x 8 heads over ~555 keys, cuDNN's kernel (PyTorch's own pick) takes about twice FlashAttention's time
+# per call, which adds up over a compiled π0.5 call (docs/backends.md). Flash takes no mask: with a key mask the next
+# backend in this order runs.
 DECODE_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -67,16 +68,6 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, heads, T, D]; cos/sin [B, T, D]
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -120,7 +111,7 @@ class AdaRMSNorm(nn.Module):
 def ada_rms_norm(x: torch.Tensor, mod: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x) * (1 + scale) + shift, gate) in x's dtype, computed in fp32; mod [B, 3*width] = scale | shift | gate
     (x [B, width] or [B, T, width]). The fp8 kernels that fold this norm in reproduce these roundings
-    (backends/mma_small_m.cu: adarms_norm)."""
+    (kernels/mma_small_m.cu: adarms_norm)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if x.dim() == 3:
@@ -189,6 +180,8 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
+    mlp_kind = "geglu_tanh"  # what backends fuse by (evalkit.backends.targets.is_geglu_mlp), not by class name
+
     def __init__(self, width: int, mlp_dim: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
@@ -208,7 +201,7 @@ class GemmaDecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         # A backend may set a callable (x, ctx) -> out | None that runs this layer with its norms and residual adds
-        # folded into its GEMMs (backends/fused_expert_layer.py); None from it: the plain forward runs. A plain
+        # folded into its GEMMs (evalkit/policies/pi05/fused_layer.py); None from it: the plain forward runs. A plain
         # attribute like GemmaAttention.qkv: modules and state_dict stay the same.
         self.fused = None
 

@@ -14,9 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evalkit.backends import fusions
 from evalkit.latency.timer import NullTimer
+from evalkit.policies.base import check_denoise_steps
 from evalkit.policies.pi05.config import Pi05Config
-from evalkit.policies.pi05.layers import AttnContext, GemmaStack, SiglipVision, rope_tables
+from evalkit.policies.pi05.layers import (
+    AttnContext,
+    GemmaStack,
+    SiglipVision,
+    rope_tables,
+)
+
+# π0.5's own fp8 fusion (adaRMS norms and residual adds inside the expert's mma launches, fused_layer.py): the
+# fp8 backend runs it after quantizing, without knowing the model.
+fusions.register("fp8", "evalkit.policies.pi05.fused_layer:install")
 
 
 @dataclass
@@ -195,8 +206,7 @@ class Pi05Model(nn.Module):
         The time conditioning of all steps depends on t alone, so it is computed once per call
         (one GEMM of M=steps*B per adaRMS dense layer instead of `steps` GEMVs); stage "time_cond".
         """
-        if steps < 1:
-            raise ValueError("denoise_steps must be >= 1")
+        check_denoise_steps(steps)  # 0 steps would return the noise itself
         timer = timer or NullTimer()
         x = noise.float()
         b = x.shape[0]

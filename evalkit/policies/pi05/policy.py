@@ -15,12 +15,20 @@ import numpy as np
 import torch
 
 from evalkit.errors import BadInput, CapabilityError
+from evalkit.kernels import decode_attention as decode_kernel
 from evalkit.latency.timer import NullTimer
-from evalkit.policies.base import ObsBatch, TorchPolicy
+from evalkit.policies.base import ObsBatch, TorchPolicy, check_denoise_steps
 from evalkit.policies.pi05 import processing as proc
-from evalkit.policies.pi05.checkpoint import load_state_dict_into, read_checkpoint_config
-from evalkit.policies.pi05.config import Pi05Config, full_config, replace_fields, tiny_config
-from evalkit.policies.pi05.decode_attention import resolve_impl
+from evalkit.policies.pi05.checkpoint import (
+    load_state_dict_into,
+    read_checkpoint_config,
+)
+from evalkit.policies.pi05.config import (
+    Pi05Config,
+    full_config,
+    replace_fields,
+    tiny_config,
+)
 from evalkit.policies.pi05.model import Pi05Model
 
 VIEW_ORDER = ("agentview", "wrist")  # openpi LIBERO: base_0_rgb = agentview, left_wrist_0_rgb = wrist
@@ -36,6 +44,20 @@ def default_state_features(batch: ObsBatch) -> np.ndarray:
     return np.stack(rows)
 
 
+
+def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int, graphs: bool) -> str:
+    """'auto' -> 'triton' when the policy replays CUDA graphs on a GPU where the kernel fits, else 'sdpa'.
+    Launched one by one (eager or compile without graphs), Triton's Python launcher costs more than the kernel
+    saves (eager bf16 is slower per denoise step with it: docs/backends.md). 'triton' that cannot run raises."""
+    if impl not in decode_kernel.IMPLS:
+        raise BadInput(f"pi05 decode_attention must be one of {list(decode_kernel.IMPLS)}, got '{impl}'")
+    why = "device is not CUDA" if device.type != "cuda" else decode_kernel.triton_fits(head_dim, queries)
+    if impl == "auto":
+        return "triton" if graphs and not why else "sdpa"
+    if impl == "triton" and why:
+        raise CapabilityError(f"pi05 decode_attention=triton cannot run: {why}")
+    return impl
+
 class Pi05Policy(TorchPolicy):
     name = "pi05"
     needs_privileged = False
@@ -46,7 +68,7 @@ class Pi05Policy(TorchPolicy):
         device: torch.device,
         tokenizer: proc.Tokenizer,
         norm_stats: proc.NormStats,
-        denoise_steps: int = 10,
+        denoise_steps: int | None = None,  # None: the default (evalkit.policies.base.DEFAULT_DENOISE_STEPS)
         num_views: int = 2,
         compile: bool = False,
         cuda_graph: bool = False,
@@ -60,9 +82,7 @@ class Pi05Policy(TorchPolicy):
         self.cfg: Pi05Config = model.cfg
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
-        self.denoise_steps = int(denoise_steps)
-        if self.denoise_steps < 1:
-            raise BadInput(f"pi05 denoise_steps must be >= 1, got {denoise_steps}")
+        self.denoise_steps = check_denoise_steps(denoise_steps)
         if num_views not in (1, 2):
             raise BadInput(f"pi05 num_views must be 1 or 2, got {num_views}")
         self.num_views = num_views
@@ -286,7 +306,7 @@ def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
     tokenizer = _tokenizer(cfg, mcfg, ckpt)
     return Pi05Policy(
         model, device, tokenizer, norm_stats,
-        denoise_steps=int(cfg.get("denoise_steps") or 10),
+        denoise_steps=cfg.get("denoise_steps"),
         num_views=int(cfg.get("num_views") or mcfg.num_views),
         compile=bool(cfg.get("compile")), cuda_graph=bool(cfg.get("cuda_graph")),
         seed=int(cfg.get("seed") or 0), decode_attention=cfg.get("decode_attention") or "auto",

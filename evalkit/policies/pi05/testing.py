@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evalkit.policies.base import Observation, ObsBatch
+from evalkit.policies.base import ObsBatch, Observation
 from evalkit.policies.pi05.policy import build
 
 TINY = {"kind": "pi05", "variant": "tiny", "init": "random", "tokenizer": "bytes", "state_in_prompt": True,

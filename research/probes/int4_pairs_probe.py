@@ -1,11 +1,11 @@
 """Development probe (GPU): int4 W4A16 kernels in chains of 18 on cold (18 layers) and L2-hot (one layer) weights.
 
-    git show ee6185f:backends/triton_kernels.py > /tmp/pair_kernels.py
-    python bench/int4_pairs_probe.py /tmp/pair_kernels.py --out bench/results/int4_nibble_pairs_chains.json
+    git show ee6185f:kernels/triton_kernels.py > /tmp/pair_kernels.py
+    python research/probes/int4_pairs_probe.py /tmp/pair_kernels.py --out research/results/int4_nibble_pairs_chains.json
 
 Loads the kernel module given (commit ee6185f held the even/odd nibble-pair variants with the inline-PTX bf16
 dequant, later reverted as no faster) and times every tile config, plus a few extra warp/tile settings, for
-the expert MLP's GeGLU gate+up and down projection at M = 10. Results: bench/results/int4_nibble_pairs.json
+the expert MLP's GeGLU gate+up and down projection at M = 10. Results: research/results/int4_nibble_pairs.json
 (`chains_us_per_kernel`); docs/backends.md reads them.
 """
 import argparse
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 
 ap = argparse.ArgumentParser()
-ap.add_argument("kernels", help="path of a backends/triton_kernels.py version (e.g. commit ee6185f's)")
+ap.add_argument("kernels", help="path of a kernels/triton_kernels.py version (e.g. commit ee6185f's)")
 ap.add_argument("--out", required=True)
 ap.add_argument("--no-extra", action="store_true", help="only the module's own configs (its config tuples may differ)")
 args = ap.parse_args()

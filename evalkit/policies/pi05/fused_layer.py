@@ -1,12 +1,10 @@
 """One action-expert decoder layer at M <= 16 with its adaRMS norms and gated residual adds folded into the fp8
 mma GEMMs (`fp8` backend, `options.fuse_norms`, on by default; `false` runs the plain layer).
 
-Measured (H200, compile + CUDA graphs, each against the unfused path in the same run; docs/backends.md): denoise
-9.40 vs 7.81 ms in the first version, 8.83 vs 7.78 with the modulation loaded before the PDL wait, 7.92 vs 7.78
-with the bf16 roundings by `cvt.rn.bf16x2` (`bench/results/backends_compile_fused_norms.json`), and 7.24 vs 7.35
-once the expert's attention launched as a programmatic dependent too (`bench/results/backends_compile.json`): then
-every launch of the layer streams its weights in while its predecessor runs, where the plain layer's q|k|v and
-GeGLU follow an ordinary inductor norm kernel.
+Why it is the default: with the expert's attention launched as a programmatic dependent too, every launch of the
+fused layer streams its weights in while its predecessor runs, where the plain layer's q|k|v and GeGLU follow an
+ordinary inductor norm kernel; so the fused layer is the faster one (compile + CUDA graphs; docs/backends.md has
+the measurements of each version).
 
 The plain layer (evalkit/policies/pi05/layers.py) runs, per denoise step,
 
@@ -14,7 +12,7 @@ The plain layer (evalkit/policies/pi05/layers.py) runs, per denoise step,
 
 Under torch.compile the two "add + norm" pieces become one inductor kernel each: 360 launches per π0.5 call
 (18 layers x 2 x 10 steps) of ~1.5 µs that move 20 KB, plus their launch gaps, at M = 10. Here they go into
-our kernels (backends/mma_small_m.cu, fp8_mma_gemm's EPI flags): the q|k|v and GeGLU kernels norm their input
+our kernels (kernels/mma_small_m.cu, fp8_mma_gemm's EPI flags): the q|k|v and GeGLU kernels norm their input
 rows themselves (each CTA covers all of K: it sums the squares across its warps), and the o_proj and down
 kernels add the gated residual in their epilogue. Four launches and the attention per layer, no norm kernels.
 Written by us: no library GEMM takes an adaRMS prologue.
@@ -22,7 +20,7 @@ Written by us: no library GEMM takes an adaRMS prologue.
 The fused path runs only where every part already runs our mma kernel (the per-shape choices that the plain
 forward makes first): q|k|v stacked (`FusedQKV`), gate|up fused (`Fp8GemmaMLP`), o_proj and down_proj on
 `cuda_mma`, batch 1 (one modulation row per kernel). Whether it runs is decided like every kernel choice here
-(`backends.quant.choose_kernel`): the fused layer is checked against the plain layer's output (same kernels,
+(`evalkit.backends.quant.choose_kernel`): the fused layer is checked against the plain layer's output (same kernels,
 same roundings: relative error ~1e-3; a dropped residual or norm is ~100 %) and timed against it, once per
 shape. Every part is read from the layer at call time, so fault backends that swap `layer.mlp` or replace
 scales act on the fused path too (or, when the part is no longer ours, the plain forward runs).
@@ -35,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backends import mma_small_m
-from backends.fp8 import Fp8GemmaMLP, Fp8Linear
-from backends.fused_qkv import FusedQKV
-from backends.quant import choose_kernel
+from evalkit.backends.fp8 import Fp8GemmaMLP, Fp8Linear
+from evalkit.backends.fused_qkv import FusedQKV
+from evalkit.backends.quant import choose_kernel
+from evalkit.kernels import mma_small_m
 
 
 @dataclass(frozen=True)

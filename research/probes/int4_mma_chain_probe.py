@@ -1,9 +1,9 @@
-"""Development probe (GPU): our CUDA int4 mma kernel (backends/mma_small_m.py) in chains of 18 expert MLPs at M = 10.
+"""Development probe (GPU): our CUDA int4 mma kernel (kernels/mma_small_m.py) in chains of 18 expert MLPs at M = 10.
 
-    python bench/int4_mma_chain_probe.py --out bench/results/int4_mma_chains.json
+    python research/probes/int4_mma_chain_probe.py --out research/results/int4_mma_chains.json
 
 Every pair of (GeGLU gate+up config, down-projection config), with and without programmatic dependent launch,
-timed as one CUDA graph of 18 MLPs on cold weights (each MLP on the same input, as bench/gemm_sweep.py's
+timed as one CUDA graph of 18 MLPs on cold weights (each MLP on the same input, as research/probes/gemm_sweep.py's
 stacked part does): microseconds per MLP. The int4 backend chooses configs by timing one kernel alone
 (`backends/quant.py:choose_kernel`); this shows whether that choice is also the best in a chain, where PDL
 overlaps each kernel's weight loads with its predecessor.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends import mma_small_m  # noqa: E402
-from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.kernels import mma_small_m  # noqa: E402
+from evalkit.backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 
 ap = argparse.ArgumentParser()

@@ -1,9 +1,9 @@
 """Development probe (GPU): where our int4 mma pair spends its ~9 us per expert MLP at M = 10, by ablation.
 
-    python bench/int4_ablation_probe.py --out bench/results/int4_ablation_probe.json
+    python research/probes/int4_ablation_probe.py --out research/results/int4_ablation_probe.json
 
-bench/mlp_chain_floor_probe.py bounds a two-kernel MLP at ~3 us per MLP when its kernels do no math; ours take
-~9. Here the int4 kernel's source (backends/mma_small_m.cu, its int4 part only) is recompiled with one step
+research/probes/mlp_chain_floor_probe.py bounds a two-kernel MLP at ~3 us per MLP when its kernels do no math; ours take
+~9. Here the int4 kernel's source (kernels/mma_small_m.cu, its int4 part only) is recompiled with one step
 taken out at a time -- the results are wrong on purpose, only the time counts -- and the chain of 18 MLPs
 (GeGLU t1w16s1 + down t1w8s1, the int4 backend's choice at M = 10 on H200; PDL on) is timed as bench's other
 chains are (CUDA graph, cold weights, median of 30):
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends import mma_small_m  # noqa: E402
-from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.kernels import mma_small_m  # noqa: E402
+from evalkit.backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from evalkit.provenance import git_sha, package_versions  # noqa: E402
 
 GU_CFG, DN_CFG = "t1w16s1", "t1w8s1"

@@ -1,10 +1,10 @@
 """Development probe (GPU): what small kernels cost in a dependent chain, and an alternative int4 layout.
 
-    PYTHONUNBUFFERED=1 python bench/int4_chain_probe.py --out bench/results/int4_chain_probe.json
+    PYTHONUNBUFFERED=1 python research/probes/int4_chain_probe.py --out research/results/int4_chain_probe.json
 
 Every number is one CUDA-graph replay of an 18-layer (or 36-kernel) chain after an L2 flush, median of 30:
 empty kernels (launch floor), bf16 expert-MLP GEMMs, tinygemm int4, our Triton int4 kernels
-(`cur:*`, whatever backends/triton_kernels.py holds when it runs) and `w4t`, a K-major int4 layout kernel
+(`cur:*`, whatever kernels/triton_kernels.py holds when it runs) and `w4t`, a K-major int4 layout kernel
 defined here (measured slower; kept here, not in backends/). Written to explain why int4 at M = 10 is
 launch-bound (docs/backends.md); not part of the backends.
 """
@@ -21,13 +21,13 @@ try:
     import triton
     import triton.language as tl
 except ImportError:
-    print("error: bench/int4_chain_probe.py needs a CUDA GPU with Triton", file=sys.stderr)
+    print("error: research/probes/int4_chain_probe.py needs a CUDA GPU with Triton", file=sys.stderr)
     raise SystemExit(2)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
-from backends.triton_kernels import _counters, w4a16_geglu, w4a16_gemm  # noqa: E402
+from evalkit.backends.quant import int4_pack, time_cuda_ms  # noqa: E402
+from evalkit.kernels.triton_kernels import _counters, w4a16_geglu, w4a16_gemm  # noqa: E402
 
 
 def chain_ms(fn, reps: int = 30) -> float:
@@ -131,12 +131,12 @@ def stream_part(dev: torch.device) -> dict:
 
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--out", default="bench/results/int4_chain_probe.json")
+ap.add_argument("--out", default="research/results/int4_chain_probe.json")
 ap.add_argument("--part", default="all", choices=("all", "stream"), help="stream: only the read-cost chains (microseconds per kernel)")
 args = ap.parse_args()
 if args.part == "stream":
     if not torch.cuda.is_available():
-        print("error: bench/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
+        print("error: research/probes/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
         raise SystemExit(2)
     res = stream_part(torch.device("cuda"))
     for k, v in res.items():
@@ -146,7 +146,7 @@ if args.part == "stream":
                                           "us_per_kernel": res}, indent=1))
     raise SystemExit(0)
 if not torch.cuda.is_available():
-    print("error: bench/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
+    print("error: research/probes/int4_chain_probe.py needs a CUDA GPU", file=sys.stderr)
     raise SystemExit(2)
 out = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
        "versions": {"torch": torch.__version__, "triton": triton.__version__}}

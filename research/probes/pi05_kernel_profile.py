@@ -1,6 +1,6 @@
 """Development probe (GPU): where one π0.5 call spends its GPU time, kernel by kernel (torch.profiler / CUPTI).
 
-    python bench/pi05_kernel_profile.py --compile --backends "bf16,int4[expert]" --out bench/results/pi05_kernel_profile.json
+    python research/probes/pi05_kernel_profile.py --compile --backends "bf16,int4[expert]" --out research/results/pi05_kernel_profile.json
 
 True-size π0.5 (random init), batch 1, 2 views, 10 denoise steps, CUDA graphs (and torch.compile with
 --compile), as bench/backends.py runs it. For each backend: GPU microseconds per call summed by kernel name,
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.quant import KERNEL_CHOICE  # noqa: E402
-from backends.registry import get_backend  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.backends.quant import KERNEL_CHOICE  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
 from bench.backends import VARIANTS  # noqa: E402
 from evalkit.bench import synthetic_batch  # noqa: E402
 from evalkit.policies.pi05.policy import build  # noqa: E402

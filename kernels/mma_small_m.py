@@ -26,8 +26,7 @@ import re
 from pathlib import Path
 
 import torch
-
-from backends.quant import fake_quant_fp8_rows
+from evalkit.kernels.formats import fake_quant_fp8_rows, unpack_nibbles
 
 SOURCE = Path(__file__).with_name("mma_small_m.cu")
 MAX_M = 16
@@ -35,17 +34,6 @@ MAX_KP = 8  # k-pairs (64 k each) per warp: 2 x 8 x 4 weight registers at most, 
 CONFIGS = ("t1w4s1", "t1w8s1", "t1w16s1", "t1w32s1", "t2w8s1", "t1w8s2", "t1w16s2", "t1w4s4", "t1w8s4", "t1w4s8")
 _SENTINEL = 0x5EED1234  # the kernel's load-ordering branch compares against this; any value is correct
 _KERNELS: dict[tuple, object] = {}
-
-
-def wants_packing(layer_name: str, mma_layers: str, forced: bool = False) -> bool:
-    """Whether a quantized layer keeps the M <= 16 kernels' fragment copy of its weights: `options.mma_layers`
-    = expert (default: the action expert's layers, which run at M = horizon x batch) | all | none, or a
-    forced small-M kernel."""
-    from evalkit.errors import BadInput
-
-    if mma_layers not in ("expert", "all", "none"):
-        raise BadInput(f"backend.options.mma_layers '{mma_layers}' unknown; valid: expert, all, none")
-    return forced or mma_layers == "all" or (mma_layers == "expert" and re.search(r"(^|\.)expert\.", layer_name) is not None)
 
 
 def parse_config(cfg: str) -> tuple[int, int, int]:
@@ -91,8 +79,6 @@ def _fragment_index(n_tiles: int, k: int, device: torch.device) -> tuple[torch.T
 
 def pack_mma(qweight: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 backend storage -> (words int32 [N/16, K/64, 32, 4], sz int32 [N/16, K/g, 8, 4]) for mma_small_m.cu."""
-    from backends.quant import unpack_nibbles
-
     n, k = qweight.shape[0], qweight.shape[1] * 2
     if n % 16 or k % 64 or group % 64:
         raise ValueError(f"int4 mma kernel needs N % 16 == 0, K % 64 == 0, group % 64 == 0; got N={n}, K={k}, group={group}")
@@ -318,7 +304,7 @@ def int4_instance(m: int, nmat: int, config: str, k: int, group: int) -> str:
 
 def _run(kern, x: torch.Tensor, n: int, nmat: int, config: str, pdl: bool, make_args) -> torch.Tensor:
     """Allocate y (and the split-K workspace and counters), launch kern on the current stream."""
-    from backends.triton_kernels import _counters
+    from evalkit.kernels.triton_kernels import _counters
 
     m = x.shape[0]
     nt, warps, split = parse_config(config)
@@ -577,7 +563,7 @@ def _resident_ctas(kern, threads: int, device_index: int) -> int:
 
 def _launch_fp8_mlp(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, wscale_gu: torch.Tensor, wd: torch.Tensor,
                     wscale_d: torch.Tensor, config: str, pdl: bool) -> torch.Tensor:
-    from backends.triton_kernels import _counters
+    from evalkit.kernels.triton_kernels import _counters
 
     m, d = x.shape
     f = wg.shape[0] * 16

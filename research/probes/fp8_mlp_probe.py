@@ -2,7 +2,7 @@
 chooser picks) vs one (fp8_mma_mlp, GeGLU + grid barrier + down, per warp count), in chains of 18 MLPs
 (one CUDA graph, L2 flushed before each replay), and alone, as the chooser times them.
 
-    python bench/fp8_mlp_probe.py --out bench/results/fp8_mlp_probe.json
+    python research/probes/fp8_mlp_probe.py --out research/results/fp8_mlp_probe.json
 """
 import argparse
 import json
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.quant import CHOICE_LOG, KERNEL_CHOICE, time_cuda_ms  # noqa: E402
-from backends.registry import get_backend  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.backends.quant import CHOICE_LOG, KERNEL_CHOICE, time_cuda_ms  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
 from evalkit.policies.pi05.layers import GemmaMLP  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 

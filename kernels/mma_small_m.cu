@@ -1,5 +1,5 @@
 // W4A16 small-M GEMM on tensor cores for the denoise loop (M = horizon x batch <= 16), compiled at run time
-// by NVRTC (backends/mma_small_m.py). Written by hand because neither a library kernel nor our Triton kernel is
+// by NVRTC (kernels/mma_small_m.py). Written by hand because neither a library kernel nor our Triton kernel is
 // fast at this M: every weight load of a warp is issued before the first use (no software-pipeline loop and
 // no shared-memory layout conversion between load and MMA), and the weights are dequantized straight into
 // the MMA's A-fragment registers.
@@ -9,7 +9,7 @@
 // The product is computed transposed, y^T = W x^T, with mma.sync.m16n8k16 (bf16 in, fp32 accumulate):
 // A = a 16x16 tile of W (rows n, cols k), B = x^T (16 k x 8 m), one or two m-halves (MT) for M <= 8 / 16.
 //
-// Weight layout (backends/mma_small_m.py:pack_mma, checked on CPU by tests/test_mma_small_m_layout.py):
+// Weight layout (kernels/mma_small_m.py:pack_mma, checked on CPU by tests/test_mma_small_m_layout.py):
 //   words[n_tile][kp][lane][e], uint32, kp = K/64 "k-pairs" of two 32-k blocks, e = 2 * half + step.
 //   Word (n_tile, kp, lane, e) holds the 8 nibbles this lane's A fragment needs for one m16n8k16 step.
 //   Within each 32-k block the k order is permuted (the same permutation for x): lane q = lane % 4 owns real
@@ -227,8 +227,8 @@ __device__ __forceinline__ void store_out(float* acc, const float* __restrict__ 
 // The warps' reduction and the epilogue in one step, for SPLIT 1 without the residual epilogue: every warp puts its
 // accumulators in shared memory at once (one barrier, where reduce_warps takes two per tree level), then each
 // thread adds one output's WARPS partials in reduce_warps' tree order (so the sums are bit-identical to it) and
-// runs store_out's epilogue for that output -- spread over the CTA instead of warp 0 alone. Measured
-// (bench/results/int4_ablation_probe.json, chains of 18 int4 MLPs, same run): 8.62 us per MLP against 9.02 with the tree.
+// runs store_out's epilogue for that output -- spread over the CTA instead of warp 0 alone, which is faster in
+// chains of MLPs than the tree (docs/backends.md, the int4 ablation).
 template <int NMAT, int NT, int MT, int WARPS, int SPLIT, bool RESID = false>
 __device__ constexpr bool parallel_epilogue() {  // its shared buffer holds WARPS x NACC x 32 floats: at most 32 KB
     return SPLIT == 1 && !RESID && WARPS > 1 && WARPS <= 16 && WARPS * NMAT * NT * MT * 4 <= 256;  // 32 warps: p[] spills
@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_mma_gemm(
 // slice scale keeps the dependent path to one L2 read of x. It is finer than per token (error no larger), like
 // the 1 x 128 activation blocks of DeepSeek-V3's fp8 recipe. The slice's partial sums are multiplied by their
 // scale before the warps' reduction; weight scales are applied in the epilogue.
-// Weight layout (backends/mma_small_m.py:pack_fp8_mma): words[n_tile][kb][lane][j], kb = K/32 blocks; register
+// Weight layout (kernels/mma_small_m.py:pack_fp8_mma): words[n_tile][kb][lane][j], kb = K/32 blocks; register
 // j of lane (r = lane/4, q = lane%4) holds 4 e4m3 bytes: row 16 n_tile + r + 8 (j % 2), real k
 // 32 kb + 8 q + 4 (j / 2) + byte -- the A fragment of one m16n8k32 step, with k permuted inside each 32-k block
 // (slots 4q.. <-> real 8q..8q+3, slots 16+4q.. <-> 8q+4..) so the x fragment is again one 16-byte load.
@@ -569,7 +569,7 @@ __device__ __forceinline__ void fp8_slice_mma(const u32x4 (&w)[NMAT][NT][KB], co
 // EPI 0: y = x W^T. EPI 1 (NORM): y = adaRMSNorm(x) W^T, the norm with the modulation row mod (scale | shift;
 // one row: batch 1) folded in (needs SPLIT 1 and the CTA's warps covering all of K). EPI 2 (RESID): y = resid +
 // gate * (x W^T), gate = mod[m / T][2N + n]: the gated residual add after the projection folded in. Together
-// they take the expert layer's two norm kernels out of the denoise loop (backends/fused_expert_layer.py).
+// they take the expert layer's two norm kernels out of the denoise loop (evalkit/policies/pi05/fused_layer.py).
 template <int MT, int NMAT, int NT, int WARPS, int KB, int SPLIT, int EPI = 0>
 __global__ void __launch_bounds__(WARPS * 32) fp8_mma_gemm(
     const u32x4* __restrict__ wa, const u32x4* __restrict__ wb, const float* __restrict__ wscale,

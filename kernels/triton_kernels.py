@@ -103,10 +103,9 @@ if _HAVE_TRITON:
         """Dequantized fp32 tile [BLOCK_N, BLOCK_K] of a nibble-packed uint4 weight [N, K/2] (even k in the
         high nibble) with scales/zeros [K/GROUP, N, 2] (w = (q - 8) * s + z). BLOCK_K divides GROUP or is a
         multiple of it (then each tile spans NG = BLOCK_K / GROUP groups). (Applying the scales after the dot
-        instead, with the nibbles split into even/odd dots, measured 1.7-5x slower on H200 at M = 10-50:
-        bench/results/int4_kernel_variants.json. Even/odd nibble tiles dequantized to bf16 by a bit trick in
-        inline PTX (no int->float conversions, two values per FMA), also with the weights as the MMA's A
-        operand, were no faster at any expert shape: bench/results/int4_nibble_pairs.json, code in ee6185f.)"""
+        instead, with the nibbles split into even/odd dots, was slower at the expert's shapes; even/odd nibble
+        tiles dequantized to bf16 by a bit trick in inline PTX (no int->float conversions, two values per FMA),
+        also with the weights as the MMA's A operand, were no faster: docs/backends.md.)"""
         offs_kh = tl.arange(0, BLOCK_K // 2)
         b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_kh)[None, :])
         q = tl.interleave((b >> 4).to(tl.float32), (b & 0xF).to(tl.float32))

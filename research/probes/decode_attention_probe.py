@@ -1,11 +1,11 @@
 """Development probe (GPU): the action expert's attention (10 queries x 8 heads over 555 cached keys, 1 KV head,
 head_dim 256) under each SDPA backend and layout, and our one-launch Triton kernel
-(evalkit/policies/pi05/decode_attention.py) in each tile config, in chains of 18 (one CUDA graph): microseconds
+(kernels/decode_attention.py) in each tile config, in chains of 18 (one CUDA graph): microseconds
 per call. "masked:" rows pass a key mask (a padded prompt), which rules FlashAttention out.
 
-    python bench/decode_attention_probe.py --out bench/results/decode_attention_probe.json
+    python research/probes/decode_attention_probe.py --out research/results/decode_attention_probe.json
 
-Why: bench/pi05_kernel_profile.py shows cuDNN's flash kernel taking ~17 us per expert attention call, about
+Why: research/probes/pi05_kernel_profile.py shows cuDNN's flash kernel taking ~17 us per expert attention call, about
 3 ms of a 21 ms compiled π0.5 call. "folded" puts the 8 query heads of the one KV head into the query length
 (valid: the heads share K/V and the mask), so a kernel sees 80 queries of one head instead of 10 of 8.
 """
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends.quant import time_cuda_ms  # noqa: E402
-from evalkit.policies.pi05.decode_attention import launch_decode_attention  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.backends.quant import time_cuda_ms  # noqa: E402
+from evalkit.kernels.decode_attention import launch_decode_attention  # noqa: E402
 from evalkit.provenance import package_versions  # noqa: E402
 
 ap = argparse.ArgumentParser()

@@ -1,6 +1,6 @@
 """Each backend's kernels on π0.5's targeted linear shapes across M, plus stacked-MLP timings (GPU).
 
-    PYTHONUNBUFFERED=1 python bench/gemm_sweep.py --out bench/results/gemm_sweep.json
+    PYTHONUNBUFFERED=1 python research/probes/gemm_sweep.py --out research/results/gemm_sweep.json
 
 Part 1 (sweep): one Linear of each distinct shape of the prefix MLP (2048->16384, 16384->2048) and the
 expert MLP (1024->4096, 4096->1024), M in {1,10,50,256,712,968,4096,65536}: time (CUDA-graph replay,
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from backends.base import module_weight_bytes  # noqa: E402
-from backends.quant import CHOICE_LOG, KERNEL_CHOICE, capture_cuda_graph  # noqa: E402
-from backends.registry import get_backend  # noqa: E402
+from evalkit.backends.base import module_weight_bytes  # noqa: E402
+from evalkit.backends.quant import CHOICE_LOG, KERNEL_CHOICE  # noqa: E402
+from evalkit.backends.registry import get_backend  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs, matmul_peak_tflops  # noqa: E402
+from bench.gpu_timing import graph_ms, read_bytes  # noqa: E402
 
 SHAPES = {
     "prefix_mlp": [("gate_proj|up_proj", 2048, 16384), ("down_proj", 16384, 2048)],
@@ -53,25 +54,6 @@ VARIANTS = {
 }
 SMALL_M_ONLY = {"int4:triton_w4a16"}  # a small-M kernel: not timed where it is not meant to run
 STACK = {"prefix_mlp": (2048, 16384, [712, 968]), "expert_mlp": (1024, 4096, [10, 50])}
-
-
-def graph_ms(fn, reps: int = 30) -> float:
-    """Median ms of one CUDA-graph replay of fn (captured after one eager call that also warms kernel choices)."""
-    fn()
-    g, _ = capture_cuda_graph(fn)
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del g
-    times.sort()
-    return times[len(times) // 2]
 
 
 def fp8_peak_tflops(n: int = 8192) -> float:
@@ -234,28 +216,15 @@ def stacked(result: dict, save, labels: list[str], depth: int, sets: list[str]) 
             torch.cuda.empty_cache()
 
 
-def read_bytes(model: nn.Module) -> int:
-    """Bytes a forward must read: QuantLinear.read_bytes() (one packing of the weights plus scales) for
-    quantized linears, every parameter and buffer for the rest. The weight-read floor divides this."""
-    from backends.quant import QuantLinear
-
-    total, inside = 0, set()
-    for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            total += mod.read_bytes()
-            inside.update(id(t) for t in mod.buffers())
-    return total + sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside)
-
-
 def _triton_version() -> str:
-    from backends.triton_kernels import triton_available
+    from evalkit.kernels.triton_kernels import triton_available
 
     return triton_available() or "not installed"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results/gemm_sweep.json")
+    ap.add_argument("--out", default="research/results/gemm_sweep.json")
     ap.add_argument("--backends", default=",".join(VARIANTS))
     ap.add_argument("--sets", default="prefix_mlp,expert_mlp")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -263,7 +232,7 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=18)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("error: bench/gemm_sweep.py needs a CUDA GPU", file=sys.stderr)
+        print("error: research/probes/gemm_sweep.py needs a CUDA GPU", file=sys.stderr)
         return 2
     from evalkit.provenance import git_sha, package_versions
 

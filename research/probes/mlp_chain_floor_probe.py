@@ -1,6 +1,6 @@
 """Development probe (GPU): the least an int4 expert MLP at M = 10 can cost in a chain of dependent kernels.
 
-    python bench/mlp_chain_floor_probe.py --out bench/results/mlp_chain_floor_probe.json
+    python research/probes/mlp_chain_floor_probe.py --out research/results/mlp_chain_floor_probe.json
 
 Issue 4 asks for the int4 expert MLPs within 2x of their weight-read floor (bytes / copy bandwidth, 1.6 us per
 MLP on an H200). Our kernels take ~8.8 us per MLP. This probe measures what *any* kernel design pays, with
@@ -32,12 +32,12 @@ try:
     import triton
     import triton.language as tl
 except ImportError:
-    print("error: bench/mlp_chain_floor_probe.py needs a CUDA GPU with Triton", file=sys.stderr)
+    print("error: research/probes/mlp_chain_floor_probe.py needs a CUDA GPU with Triton", file=sys.stderr)
     raise SystemExit(2)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends import mma_small_m  # noqa: E402
-from backends.quant import int4_pack, time_cuda_ms  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from evalkit.kernels import mma_small_m  # noqa: E402
+from evalkit.backends.quant import int4_pack, time_cuda_ms  # noqa: E402
 from evalkit.latency.floors import copy_bandwidth_gbs  # noqa: E402
 from evalkit.provenance import git_sha, package_versions  # noqa: E402
 
@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--progs", default="128,256,512", help="programs per kernel (each reads an equal share)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("error: bench/mlp_chain_floor_probe.py needs a CUDA GPU", file=sys.stderr)
+        print("error: research/probes/mlp_chain_floor_probe.py needs a CUDA GPU", file=sys.stderr)
         raise SystemExit(2)
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -1,11 +1,10 @@
 """The action expert's attention: a few query tokens (horizon x batch) over the cached prefix, in one launch.
 
 Written here because no library kernel is fast at this shape (10 queries x 8 heads over ~555 keys, one KV head,
-head_dim 256). On the H200, cuDNN's SDPA took 20.9 us per call and FlashAttention's split-KV path 10.6 us, half
-of it in its separate combine kernel (history_2026-11-22b/pi05_kernel_profile_h200_3a281e7.json); with a key
-mask Flash does not run at all. This Triton kernel splits the keys across programs like Flash's split-KV and
-combines the splits in the same launch: the program that arrives last at its (batch, head) counter reads the
-others' partials from L2.
+head_dim 256): cuDNN's SDPA is slow there, FlashAttention's split-KV path spends about half its time in a separate
+combine kernel, and with a key mask Flash does not run at all (per-call times: docs/backends.md). This Triton
+kernel splits the keys across programs like Flash's split-KV and combines the splits in the same launch: the
+program that arrives last at its (batch, head) counter reads the others' partials from L2.
 
     out[b, t, h*D:(h+1)*D] = softmax(q[b, h, t] . k[b, h // G]^T / sqrt(D), masked) @ v[b, h // G]
 
@@ -18,9 +17,8 @@ given the step's raw projections, those are the cached keys below P = S - T, and
 takes the step's own T keys (RoPE on T rows, not on every block). Partials are unnormalised (acc, running max
 m, running sum l) in base 2, as FlashAttention-2 keeps them. fp32 inputs take IEEE fp32 dots (never TF32),
 bf16/fp16 inputs the tensor cores with fp32 accumulation (P rounded to the input dtype, as FlashAttention does).
-Measured on the H200 (bench/results/decode_attention_probe.json): 9.5 us per call over cached keys, 10.6 us with
-RoPE and the step's keys inside (FlashAttention 11.4 us plus the RoPE and cache-write kernels; cuDNN 21.0 us,
-45.3 us with a key mask, where Flash cannot run).
+With RoPE and the step's keys inside it is faster than FlashAttention plus the RoPE and cache-write kernels it
+replaces, and than cuDNN with or without a key mask (docs/backends.md).
 
 Programmatic dependent launch (`pdl=True`, the policy's `decode_attention_pdl`, default on; sm_90+): the kernel
 may start while the q|k|v projection before it still runs. Each program first lets the next kernel launch
@@ -39,6 +37,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from evalkit.kernels.rope import apply_rope
 
 try:  # Triton ships with CUDA builds of torch only
     import triton
@@ -66,29 +65,10 @@ def triton_fits(head_dim: int, queries: int) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, device: torch.device, head_dim: int, queries: int, graphs: bool) -> str:
-    """'auto' -> 'triton' when the policy replays CUDA graphs on a GPU where the kernel fits, else 'sdpa'.
-    Launched one by one (eager or compile without graphs), Triton's Python launcher costs more than the kernel
-    saves: eager bf16 went from 13.8 to 18.6 ms per denoise step with it
-    (history_2026-11-22b/latency_pi05_h200_5e573c0.json). 'triton' that cannot run raises."""
-    from evalkit.errors import BadInput, CapabilityError
-
-    if impl not in IMPLS:
-        raise BadInput(f"pi05 decode_attention must be one of {list(IMPLS)}, got '{impl}'")
-    why = "device is not CUDA" if device.type != "cuda" else triton_fits(head_dim, queries)
-    if impl == "auto":
-        return "triton" if graphs and not why else "sdpa"
-    if impl == "triton" and why:
-        raise CapabilityError(f"pi05 decode_attention=triton cannot run: {why}")
-    return impl
-
-
 def reference_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                key_mask: torch.Tensor | None, new: tuple | None = None) -> torch.Tensor:
     """SDPA (what the model's sdpa path computes) -> [B, T, H*D]; arguments as launch_decode_attention's."""
     if new is not None:  # RoPE and the step's own keys, as GemmaAttention's sdpa path does
-        from evalkit.policies.pi05.layers import apply_rope
-
         k_new, v_new, cos, sin = new
         b, t = q.shape[:2]
         hkv, d = k.shape[1], k.shape[3]
@@ -276,7 +256,9 @@ def launch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     if nsplit > 1:
         ws_o = torch.empty((b * h * nsplit * block_m * d,), device=q.device, dtype=torch.float32)
         ws_ml = torch.empty((b * h * nsplit * block_m * 2,), device=q.device, dtype=torch.float32)
-        from backends.triton_kernels import _counters  # the split-K kernels' arrival counters (each launch re-zeroes its own)
+        from evalkit.kernels.triton_kernels import (
+            _counters,  # the split-K kernels' arrival counters (each launch re-zeroes its own)
+        )
 
         cnt = _counters(q.device, b * h)
     else:
