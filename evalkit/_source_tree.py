@@ -3,8 +3,9 @@
 pyproject.toml installs the top-level folders backends/, suites/ and kernels/ as subpackages of evalkit
 (setuptools `package-dir`), so site-packages holds no package named `backends` or `suites`. A checkout used
 without installing (PYTHONPATH=$PWD on the GPU machine) has no such mapping; this finder supplies the same one,
-and only for those three names. An installed or editable evalkit never reaches it: the regular finders come
-first on sys.meta_path.
+and only for those three names. It goes first on sys.meta_path so that the subpackages always come from the
+same checkout as the evalkit that was imported (a second checkout on PYTHONPATH beside an editable install must not
+mix in the installed tree's backends). An installed wheel has no pyproject.toml beside it and skips it.
 """
 
 from __future__ import annotations
@@ -36,4 +37,4 @@ def install() -> None:
     if not (root / "pyproject.toml").is_file():  # an installed wheel: setuptools placed the subpackages already
         return
     if not any(isinstance(f, _SourceTreeFinder) for f in sys.meta_path):
-        sys.meta_path.append(_SourceTreeFinder(root))
+        sys.meta_path.insert(0, _SourceTreeFinder(root))
