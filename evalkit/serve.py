@@ -5,9 +5,14 @@ LIBERO client) can evaluate it from another process, container or machine:
 - on connect the server sends its metadata (msgpack), then answers each request, one observation
   dict with openpi's LIBERO keys, with {"actions": float32 [H, 7], "server_timing": {"infer_ms",
   "prev_total_ms"}, "policy_timing": {"infer_ms"}};
-- a request that fails gets the traceback as a text frame and the connection is closed (as openpi does);
+- a request that fails gets one short text frame, the exception's type and first line with file paths blanked
+  out, and the connection is closed (openpi sends the whole traceback; its client raises either way); the
+  traceback goes to the server's log only;
+- a message over `max_message_mb` (default 8 MiB: two 224x224 RGB views are 0.3 MB) is refused by the websocket
+  layer itself with close code 1009 before it is decoded; the server logs the refusal;
 - GET /healthz answers 200 (readiness probe).
 Written for evalkit with the `websockets` package and openpi-client's msgpack-numpy codec.
+Trust model: anyone who can reach the port can run the policy on inputs of their choosing, and nothing more.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import re
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +35,17 @@ from evalkit.policies.base import ObsBatch, Observation
 from evalkit.policies.remote import EPISODE_KEY, NOISE_SEED_KEY
 
 CONF_POLICY = CONF_DIR / "policy"
+DEFAULT_MAX_MESSAGE_MB = 8.0
 log = logging.getLogger("evalkit.serve")
+# A path not glued to a word: "/home/u/x.py", "./a/b", "~/a", "C:\\x\\y"; not "observation/image" nor "1.5/2".
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:|~|\.{1,2})?(?:[\\/][\w.~-]+)+")
+
+
+def client_error(e: BaseException, limit: int = 300) -> str:
+    """What a client is told about a failed request: the exception type and its first line, paths blanked."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    text = f"{type(e).__name__}: {_PATH.sub('<path>', first)}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_policy_config(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -49,6 +64,8 @@ def load_policy_config(name: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def to_observation(req: dict[str, Any], n: int) -> Observation:
+    if not isinstance(req, dict):
+        raise ValueError(f"a request must be a msgpack map of openpi's LIBERO keys, got {type(req).__name__}")
     missing = [k for k in ("observation/state", "prompt") if k not in req]
     if missing:
         raise ValueError(f"request misses {missing}; got keys {sorted(req)}")
@@ -65,8 +82,12 @@ def to_observation(req: dict[str, Any], n: int) -> Observation:
 
 
 class PolicyServer:
-    def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, metadata: dict | None = None):
+    def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, metadata: dict | None = None,
+                 max_message_mb: float = DEFAULT_MAX_MESSAGE_MB):
+        if not max_message_mb > 0:
+            raise BadInput(f"evalkit.serve: max_message_mb must be > 0, got {max_message_mb}")
         self.policy, self.host, self.port = policy, host, port
+        self.max_message_bytes = int(max_message_mb * 2**20)
         self.metadata = {"evalkit_policy": policy.name, "action_horizon": int(policy.action_horizon),
                          "needs_images": bool(policy.needs_images), **(metadata or {})}
         self._episode: str | None = None
@@ -102,12 +123,15 @@ class PolicyServer:
                     reply["server_timing"]["prev_total_ms"] = prev_total * 1e3
                 await ws.send(packer.pack(reply))
                 prev_total = time.monotonic() - t0
-            except websockets.ConnectionClosed:
+            except websockets.ConnectionClosed as e:
+                if e.sent is not None and e.sent.code == 1009:  # the websocket layer refused an oversized message
+                    log.warning("refused a message from %s over max_message_mb (%d bytes): %s",
+                                ws.remote_address, self.max_message_bytes, e.sent.reason)
                 return
-            except Exception:
-                log.exception("request failed")
-                await ws.send(traceback.format_exc())
-                await ws.close(code=1011, reason="policy error; traceback in the previous frame")
+            except Exception as e:
+                log.exception("request from %s failed", ws.remote_address)  # the traceback stays here
+                await ws.send(client_error(e))
+                await ws.close(code=1011, reason="policy error; details in the previous frame")
                 return
 
     @staticmethod
@@ -119,7 +143,7 @@ class PolicyServer:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         from websockets.asyncio.server import serve
 
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None,
+        async with serve(self._handler, self.host, self.port, compression=None, max_size=self.max_message_bytes,
                          process_request=self._health) as server:
             self.port = server.sockets[0].getsockname()[1]  # port=0: the OS picked one
             print(f"evalkit.serve: policy '{self.policy.name}' on ws://{self.host}:{self.port}", flush=True)
@@ -134,6 +158,7 @@ class ServeOptions:
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "port to listen on (0: any free port)")
     device: str = opt("cpu", "auto | cpu | cuda | cuda:N")
+    max_message_mb: float = opt(DEFAULT_MAX_MESSAGE_MB, "largest request accepted (MiB); larger ones are refused")
 
 
 def parse_args(argv: list[str]) -> tuple[ServeOptions, list[str]]:
@@ -150,19 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, overrides = parse_args(argv)
+        if not opts.max_message_mb > 0:
+            raise BadInput(f"max_message_mb must be > 0, got {opts.max_message_mb}")
         name = opts.policy
         cfg = load_policy_config(name, overrides)
         import torch
 
         from evalkit.config import resolve_device
-        from evalkit.policies.registry import build_policy
+        from evalkit.policies.registry import build_policy, precheck_policy
 
         device = resolve_device(opts.device)
+        precheck_policy(cfg)  # files, tokenizer, settings: before a heavy policy is built
         policy = build_policy(cfg, torch.device(device))
     except (BadInput, CapabilityError) as e:
         print(f"evalkit.serve: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    server = PolicyServer(policy, opts.host, opts.port, metadata={"device": device, "evalkit_config": name})
+    server = PolicyServer(policy, opts.host, opts.port, metadata={"device": device, "evalkit_config": name},
+                          max_message_mb=opts.max_message_mb)
     try:
         asyncio.run(server.run())
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """`policy=remote` against `python -m evalkit.serve` in a subprocess, over openpi's websocket protocol."""
 
+import contextlib
 import json
 import re
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,15 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str, timeout_s: float = 120):
-    """`python -m evalkit.serve ...` on a free port; waits (bounded) for /healthz."""
+def start_server(*args: str, timeout_s: float = 120, log: Path | None = None):
+    """`python -m evalkit.serve ...` on a free port; waits (bounded) for /healthz. `log`: its output goes there."""
     port = free_port()
+    out = open(log, "w") if log is not None else subprocess.PIPE  # the server writes it while it runs
     proc = subprocess.Popen([sys.executable, "-m", "evalkit.serve", *args, f"port={port}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
+            text = log.read_text() if log is not None else proc.stdout.read()
+            raise AssertionError(f"server exited {proc.returncode}: {text[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
                 if r.status == 200:
@@ -50,10 +54,17 @@ def stop(proc):
 
 
 @pytest.fixture(scope="module")
-def random_server():
-    proc, port = start_server("policy=random")
-    yield port
+def served(tmp_path_factory):
+    """The random policy served with a 1 MiB message limit; (port, path of the server's log)."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, port = start_server("policy=random", "max_message_mb=1", log=log)
+    yield port, log
     stop(proc)
+
+
+@pytest.fixture(scope="module")
+def random_server(served):
+    return served[0]
 
 
 def _obs(seed: int) -> Observation:
@@ -132,3 +143,85 @@ def test_serve_rejects_unknown_policy():
     p = subprocess.run([sys.executable, "-m", "evalkit.serve", "policy=nope", "port=0"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "unknown policy 'nope'; valid: " in p.stderr
+
+
+@contextlib.contextmanager
+def _raw_client(port: int):
+    """A plain websockets client (no openpi wrapper), so close codes and text frames are seen as sent."""
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None, open_timeout=30) as ws:
+        ws.recv(timeout=30)  # the server's metadata
+        yield ws
+
+
+def _wait_for(log: Path, text: str, timeout_s: float = 10) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        content = log.read_text()
+        if text in content:
+            return content
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in the server log: {log.read_text()[-2000:]}")
+
+
+def test_failed_request_gets_type_and_one_line_and_the_log_gets_the_traceback(served):
+    from openpi_client import msgpack_numpy
+    from websockets.exceptions import ConnectionClosed
+
+    port, log = served
+    for request, expected in [
+        ({"observation/image": np.zeros((4, 4, 3), np.uint8)},
+         "ValueError: request misses ['observation/state', 'prompt']; got keys ['observation/image']"),
+        ([1, 2, 3], "ValueError: a request must be a msgpack map of openpi's LIBERO keys, got list"),
+    ]:
+        with _raw_client(port) as ws:
+            ws.send(msgpack_numpy.Packer().pack(request))
+            reply = ws.recv(timeout=30)
+            assert reply == expected  # exactly the type and one line: no traceback, no file path
+            with pytest.raises(ConnectionClosed) as e:
+                ws.recv(timeout=30)
+            assert e.value.rcvd.code == 1011 and "details in the previous frame" in e.value.rcvd.reason
+    content = _wait_for(log, "a request must be a msgpack map")
+    assert "Traceback (most recent call last)" in content and "evalkit/serve.py" in content  # the log has it all
+
+
+def test_oversized_message_is_refused_and_the_server_keeps_serving(served):
+    from openpi_client import msgpack_numpy
+    from websockets.exceptions import ConnectionClosed
+
+    from evalkit.policies.remote import to_request
+
+    port, log = served
+    big = _obs(5)
+    big.agentview = np.zeros((1024, 1024, 3), np.uint8)  # 3 MiB > the 1 MiB limit
+    with _raw_client(port) as ws:
+        ws.send(msgpack_numpy.Packer().pack(to_request(big, with_images=True, extras=False)))
+        with pytest.raises(ConnectionClosed) as e:
+            ws.recv(timeout=30)
+    assert e.value.rcvd.code == 1009  # "message too big", sent by the server's websocket layer before decoding
+    assert "refused a message" in _wait_for(log, "over max_message_mb")
+    # the server is unharmed: a normal request on a new connection is answered
+    with _raw_client(port) as ws:
+        ws.send(msgpack_numpy.Packer().pack(to_request(_obs(6), with_images=True, extras=False)))
+        reply = msgpack_numpy.unpackb(ws.recv(timeout=30))
+    assert np.asarray(reply["actions"]).shape == (10, 7)
+
+
+def test_client_error_blanks_paths_and_keeps_one_line():
+    from evalkit.serve import client_error
+
+    e = FileNotFoundError(2, "No such file or directory", "/home/alice/ckpt/model.safetensors")
+    assert client_error(e) == "FileNotFoundError: [Errno 2] No such file or directory: '<path>'"
+    msg = client_error(RuntimeError("failed in ./evalkit/x.py and C:\\Users\\a\\b.py\n  at line 3"))
+    assert msg == "RuntimeError: failed in <path> and <path>"
+    assert client_error(KeyError("observation/state")) == "KeyError: 'observation/state'"  # keys are not paths
+    assert len(client_error(ValueError("x" * 1000))) == 300
+
+
+def test_serve_rejects_a_bad_message_limit(capsys):
+    from evalkit.serve import main
+
+    assert main(["policy=random", "port=0", "max_message_mb=0"]) == 2
+    err = capsys.readouterr().err
+    assert "evalkit.serve: error: max_message_mb must be > 0, got 0.0" in err and "Traceback" not in err

@@ -7,7 +7,6 @@ the reference feature function below: privileged object poses -> normalized feat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +63,19 @@ def observation_features(obs: Observation) -> np.ndarray:
 
 
 def make_feature_fn(stats: dict[str, Any]):
-    mean = np.asarray(stats["mean"], np.float32)
-    std = np.asarray(stats["std"], np.float32)
+    """stats: {"mean", "std"} of the features, plus where they were read ("path", "key") for messages."""
+    from evalkit.policies.pi05.checkpoint import read_vector
+
+    where, key = stats.get("path", "reference norm stats"), stats.get("key", "features")
+    for q in ("mean", "std"):
+        if q not in stats:
+            raise BadInput(f"{where}: {key} has no {q}")
+    mean = read_vector(where, f"{key}.mean", stats["mean"])
+    std = read_vector(where, f"{key}.std", stats["std"])
     if mean.shape != (FEATURE_DIM,) or std.shape != (FEATURE_DIM,):
-        raise BadInput(f"reference norm stats: features need {FEATURE_DIM} dims, got {mean.shape}")
+        raise BadInput(f"{where}: {key} need {FEATURE_DIM} dims, got mean {mean.size}, std {std.size}")
+    if (std <= 0).any():
+        raise BadInput(f"{where}: {key}.std must be > 0, not at dims {np.flatnonzero(std <= 0)[:8].tolist()}")
 
     def feature_fn(batch: ObsBatch) -> np.ndarray:
         x = np.stack([observation_features(o) for o in batch.observations])
@@ -79,25 +87,29 @@ def make_feature_fn(stats: dict[str, Any]):
 _KEYS = {"kind", "name", "checkpoint", "denoise_steps", "dtype", "seed", "compile", "cuda_graph"}
 
 
-def build(cfg: dict[str, Any], device) -> Any:
+def _pi05_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pi05 config that builds the reference policy, and its feature statistics; every file read and checked
+    (through pi05's checkpoint reader) on the way, so `precheck` and `build` share one path."""
     unknown = sorted(set(cfg) - _KEYS)
     if unknown:
         raise BadInput(f"unknown reference policy fields {unknown}; valid: {sorted(_KEYS)}")
-    from evalkit.policies.pi05 import processing as proc
-    from evalkit.policies.pi05.checkpoint import read_checkpoint_config
-    from evalkit.policies.pi05.policy import build as build_pi05
+    from evalkit.policies.pi05.checkpoint import (
+        find_norm_stats,
+        read_checkpoint_config,
+        read_norm_stats_json,
+    )
 
-    ckpt = Path(cfg.get("checkpoint") or DEFAULT_DIR).expanduser()
+    ckpt = Path(str(cfg.get("checkpoint") or DEFAULT_DIR)).expanduser()
     if not (ckpt / "model.safetensors").is_file():
         raise BadInput(f"reference policy checkpoint not found: {ckpt}/model.safetensors (train it: python -m evalkit.train)")
     meta = read_checkpoint_config(ckpt)
     sizes = dict(meta.get("evalkit_pi05") or {})
     if sizes.get("prefix_inputs") != "state_tokens":
         raise BadInput(f"{ckpt}: not a state_tokens checkpoint (config.json evalkit_pi05.prefix_inputs)")
-    ns_path = proc.find_norm_stats(ckpt)
-    raw_stats = json.loads(ns_path.read_text())["norm_stats"]
-    if "features" not in raw_stats:
-        raise BadInput(f"{ns_path}: no 'features' statistics (written by evalkit.train)")
+    ns_path = find_norm_stats(ckpt)
+    stats, prefix = read_norm_stats_json(ns_path)
+    if not isinstance(stats.get("features"), dict):
+        raise BadInput(f"{ns_path}: no '{prefix}features' statistics (mean, std; written by evalkit.train)")
     pi_cfg = {
         "kind": "pi05",
         "variant": "tiny",
@@ -112,12 +124,29 @@ def build(cfg: dict[str, Any], device) -> Any:
         "cuda_graph": bool(cfg.get("cuda_graph", False)),
         "model": sizes,
     }
+    return pi_cfg, {**stats["features"], "path": ns_path, "key": f"{prefix}features"}
+
+
+def precheck(cfg: dict[str, Any]) -> None:
+    """The shipped (or given) checkpoint's files exist and parse, and fit the model they describe; no model built."""
+    from evalkit.policies.pi05.policy import precheck as precheck_pi05
+
+    pi_cfg, features = _pi05_config(cfg)
+    make_feature_fn(features)
+    precheck_pi05(pi_cfg)
+
+
+def build(cfg: dict[str, Any], device) -> Any:
+    from evalkit.policies.pi05.policy import build as build_pi05
+
+    pi_cfg, features = _pi05_config(cfg)
+    feature_fn = make_feature_fn(features)
     import torch
 
     policy = build_pi05(pi_cfg, torch.device(device))
-    policy.feature_fn = make_feature_fn(raw_stats["features"])
+    policy.feature_fn = feature_fn
     policy.name = "reference"
     policy.needs_images = False
     policy.needs_privileged = True
-    policy.checkpoint_dir = str(ckpt)
+    policy.checkpoint_dir = pi_cfg["checkpoint"]
     return policy

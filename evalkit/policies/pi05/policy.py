@@ -7,7 +7,9 @@ denoise (one per Euler step), post. With CUDA graphs: encode, prefill, and one d
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,8 +22,18 @@ from evalkit.latency.timer import NullTimer
 from evalkit.policies.base import ObsBatch, TorchPolicy, check_denoise_steps
 from evalkit.policies.pi05 import processing as proc
 from evalkit.policies.pi05.checkpoint import (
+    PRECISIONS,
+    FileMatch,
+    allocate,
+    check_checkpoint_file,
+    checkpoint_precision,
+    expected_shapes,
+    find_norm_stats,
     load_state_dict_into,
+    load_tokenizer,
+    meta_model,
     read_checkpoint_config,
+    read_norm_stats,
 )
 from evalkit.policies.pi05.config import (
     Pi05Config,
@@ -31,6 +43,7 @@ from evalkit.policies.pi05.config import (
 )
 from evalkit.policies.pi05.model import Pi05Model
 
+log = logging.getLogger(__name__)
 VIEW_ORDER = ("agentview", "wrist")  # openpi LIBERO: base_0_rgb = agentview, left_wrist_0_rgb = wrist
 
 
@@ -82,6 +95,7 @@ class Pi05Policy(TorchPolicy):
         self.cfg: Pi05Config = model.cfg
         self.tokenizer = tokenizer
         self.norm_stats = norm_stats
+        self.load_report: dict[str, Any] = {}  # set by build: dtype and its source, tokenizer, weights file, tied form
         self.denoise_steps = check_denoise_steps(denoise_steps)
         if num_views not in (1, 2):
             raise BadInput(f"pi05 num_views must be 1 or 2, got {num_views}")
@@ -220,7 +234,17 @@ _POLICY_KEYS = {
 }
 
 
-def _model_config(cfg: dict[str, Any]) -> Pi05Config:
+def _model_config(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Pi05Config:
+    """Sizes from the variant (+ overrides); variant=checkpoint: config.json's saved sizes (`meta`, already read)."""
+    try:
+        return _sizes(cfg, meta)
+    except TypeError as e:  # a size block with unknown or missing fields (GemmaSize(**...))
+        where = f"{cfg.get('checkpoint')}/config.json 'evalkit_pi05'" if cfg.get("variant") == "checkpoint" else \
+            "policy.model"
+        raise BadInput(f"pi05 model sizes from {where} are malformed ({e})") from None
+
+
+def _sizes(cfg: dict[str, Any], meta: dict[str, Any] | None) -> Pi05Config:
     overrides = dict(cfg.get("model") or {})
     for k in ("prefix_inputs", "state_feature_dim", "state_prefix_tokens", "state_in_prompt", "action_horizon",
               "num_views"):
@@ -232,9 +256,8 @@ def _model_config(cfg: dict[str, Any]) -> Pi05Config:
     if variant == "full":
         return full_config(**overrides)
     if variant == "checkpoint":  # exact sizes saved by save_checkpoint (config.json's "evalkit_pi05")
-        if cfg.get("init") != "checkpoint" or not cfg.get("checkpoint"):
+        if meta is None:
             raise BadInput("pi05 variant=checkpoint needs init=checkpoint and policy.checkpoint=<directory>")
-        meta = read_checkpoint_config(Path(cfg["checkpoint"]).expanduser())
         if "evalkit_pi05" not in meta:
             raise BadInput(f"{cfg['checkpoint']}/config.json has no 'evalkit_pi05' sizes (written by save_checkpoint); "
                            "use variant=full for openpi/LeRobot checkpoints")
@@ -246,69 +269,114 @@ def _model_config(cfg: dict[str, Any]) -> Pi05Config:
     raise BadInput(f"pi05 variant must be 'tiny', 'full' or 'checkpoint', got '{variant}'")
 
 
-def _tokenizer(cfg: dict[str, Any], mcfg: Pi05Config, ckpt: Path | None) -> proc.Tokenizer:
-    tok = cfg.get("tokenizer")
-    if tok == "bytes":
-        return proc.ByteTokenizer(mcfg.vocab_size)
-    if tok in (None, "checkpoint"):
-        if ckpt is None:
-            raise BadInput("pi05 tokenizer: set policy.tokenizer=bytes (tiny/latency) or a SentencePiece .model path")
-        found = [p for n in ("paligemma_tokenizer.model", "tokenizer.model") for p in sorted(ckpt.rglob(n))]
-        if not found:
-            raise BadInput(f"{ckpt}: no SentencePiece model (paligemma_tokenizer.model / tokenizer.model); "
-                           "set policy.tokenizer to its path")
-        return proc.SentencePieceTokenizer(found[0])
-    return proc.SentencePieceTokenizer(Path(tok))
+@dataclass
+class LoadPlan:
+    """What `build` needs from the config and the checkpoint's files, all read and checked before a model exists."""
+
+    mcfg: Pi05Config
+    init: str
+    dtype: torch.dtype
+    dtype_source: str
+    tokenizer: proc.Tokenizer
+    norm_stats: proc.NormStats
+    ckpt: Path | None = None
+    weights: FileMatch | None = None
+
+
+def _dtype(cfg: dict[str, Any], meta: dict[str, Any] | None, ckpt: Path | None) -> tuple[torch.dtype, str]:
+    """policy.dtype when set; else the checkpoint's config.json precision; else float32 (random init)."""
+    asked = cfg.get("dtype")
+    if asked is not None:
+        if not isinstance(asked, str) or asked not in PRECISIONS:
+            raise BadInput(f"pi05 dtype must be one of {sorted(PRECISIONS)} or null (the checkpoint's precision), "
+                           f"got {asked!r}")
+        return PRECISIONS[asked], "policy.dtype"
+    precision = checkpoint_precision(meta) if meta is not None else None
+    if precision is not None:
+        return precision, f"{ckpt}/config.json precision"
+    if meta is not None:
+        return torch.float32, f"float32: {ckpt}/config.json names no precision"
+    return torch.float32, "float32: random init"
+
+
+def plan_build(cfg: dict[str, Any]) -> LoadPlan:
+    """Every check that needs no model: fields, checkpoint files, config.json, tokenizer, norm stats, and the
+    weights file's keys, shapes and dtypes against the model's (from a meta-device model). Seconds at true size."""
+    unknown = sorted(set(cfg) - _POLICY_KEYS)
+    if unknown:
+        raise BadInput(f"unknown pi05 policy fields {unknown}; valid: {sorted(_POLICY_KEYS)}")
+    init = cfg.get("init", "random")
+    if init not in ("random", "checkpoint"):
+        raise BadInput(f"pi05 init must be 'random' or 'checkpoint', got '{init}'")
+    ckpt, meta = None, None
+    if init == "checkpoint":
+        if not cfg.get("checkpoint"):
+            raise BadInput("pi05 init=checkpoint needs policy.checkpoint=<directory> (an openpi/LeRobot π0.5 PyTorch "
+                           "checkpoint: model.safetensors, config.json, assets/*/norm_stats.json); "
+                           "policy.init=random for latency work")
+        ckpt = Path(str(cfg["checkpoint"])).expanduser()
+        if not ckpt.is_dir():
+            what = "is a file" if ckpt.exists() else "does not exist"
+            raise BadInput(f"{ckpt}: {what}; policy.checkpoint names the directory holding model.safetensors")
+        weights = ckpt / "model.safetensors"
+        if not weights.is_file():
+            raise BadInput(f"{weights}: not found (pi05 loads safetensors only; directory holds: "
+                           f"{sorted(p.name for p in ckpt.iterdir())})")
+        meta = read_checkpoint_config(ckpt)
+    elif cfg.get("variant") == "checkpoint":
+        raise BadInput("pi05 variant=checkpoint needs init=checkpoint and policy.checkpoint=<directory>")
+    mcfg = _model_config(cfg, meta)
+    if meta is not None:
+        for k in ("action_dim", "action_horizon"):
+            if k in meta and int(meta[k]) != getattr(mcfg, k):
+                raise BadInput(f"{ckpt}/config.json: {k}={meta[k]} but the pi05 config has {getattr(mcfg, k)}")
+    dtype, dtype_source = _dtype(cfg, meta, ckpt)
+    tokenizer = load_tokenizer(cfg.get("tokenizer"), ckpt, mcfg.vocab_size)
+    norm_stats = proc.NormStats.identity()
+    ns_path = Path(str(cfg["norm_stats"])).expanduser() if cfg.get("norm_stats") else (
+        find_norm_stats(ckpt) if ckpt is not None else None)
+    if ns_path is not None:
+        state_dims = (mcfg.state_dim, max(mcfg.state_dim, mcfg.action_dim)) if mcfg.state_in_prompt else None
+        norm_stats = read_norm_stats(ns_path, action_dims=(mcfg.env_action_dim, mcfg.action_dim),
+                                     state_dims=state_dims)
+    match = check_checkpoint_file(ckpt, expected_shapes(mcfg)) if ckpt is not None else None
+    return LoadPlan(mcfg=mcfg, init=init, dtype=dtype, dtype_source=dtype_source, tokenizer=tokenizer,
+                    norm_stats=norm_stats, ckpt=ckpt, weights=match)
+
+
+def precheck(cfg: dict[str, Any]) -> None:
+    """The registry's precheck for pi05: everything `build` checks before it builds the model (raises BadInput)."""
+    plan_build(cfg)
 
 
 def build(cfg: dict[str, Any], device: torch.device) -> Pi05Policy:
     """cfg: the resolved `policy` group (conf/policy/pi05*.yaml) plus denoise_steps."""
-    unknown = sorted(set(cfg) - _POLICY_KEYS)
-    if unknown:
-        raise BadInput(f"unknown pi05 policy fields {unknown}; valid: {sorted(_POLICY_KEYS)}")
     device = torch.device(device)
     if cfg.get("cuda_graph") and device.type != "cuda":
         raise CapabilityError(f"pi05 cuda_graph=true needs a CUDA GPU; device is {device}")
     if cfg.get("compile") and device.type != "cuda":
         raise CapabilityError(f"pi05 compile=true is supported on CUDA only (GPU-side option); device is {device}")
-    if cfg.get("init") == "checkpoint" and cfg.get("checkpoint"):
-        ckpt_file = Path(cfg["checkpoint"]).expanduser() / "model.safetensors"
-        if not ckpt_file.is_file():
-            raise BadInput(f"{ckpt_file}: not found (pi05 loads safetensors only)")
-    mcfg = _model_config(cfg)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        cfg.get("dtype") or "float32")
-    if dtype is None:
-        raise BadInput(f"pi05 dtype must be float32|bfloat16|float16, got {cfg.get('dtype')}")
-    with torch.device(device):
-        model = Pi05Model(mcfg).to(dtype)
-    model.eval()
-    init = cfg.get("init", "random")
-    ckpt = None
-    norm_stats = proc.NormStats.identity()
-    if init == "random":
+    plan = plan_build(cfg)
+    report: dict[str, Any] = {"dtype": str(plan.dtype).replace("torch.", ""), "dtype_source": plan.dtype_source,
+                              "tokenizer": plan.tokenizer.name, "norm_stats": plan.norm_stats.source}
+    if plan.init == "random":
+        with torch.device(device):
+            model = Pi05Model(plan.mcfg).to(plan.dtype)
         model.init_random(seed=int(cfg.get("seed") or 0))
-    elif init == "checkpoint":
-        if not cfg.get("checkpoint"):
-            raise BadInput("pi05 init=checkpoint needs policy.checkpoint=<directory>")
-        ckpt = Path(cfg["checkpoint"]).expanduser()
-        meta = read_checkpoint_config(ckpt)
-        for k in ("action_dim", "action_horizon"):
-            if k in meta and int(meta[k]) != getattr(mcfg, k):
-                raise BadInput(f"{ckpt}/config.json: {k}={meta[k]} but the pi05 config has {getattr(mcfg, k)}")
-        load_state_dict_into(model, ckpt)
-        ns_path = Path(cfg["norm_stats"]) if cfg.get("norm_stats") else proc.find_norm_stats(ckpt)
-        norm_stats = proc.load_norm_stats(ns_path)
     else:
-        raise BadInput(f"pi05 init must be 'random' or 'checkpoint', got '{init}'")
-    if cfg.get("norm_stats") and init == "random":
-        norm_stats = proc.load_norm_stats(Path(cfg["norm_stats"]))
-    tokenizer = _tokenizer(cfg, mcfg, ckpt)
-    return Pi05Policy(
-        model, device, tokenizer, norm_stats,
+        # Every parameter comes from the file (strictly matched), so skip the initializers: built on the meta device
+        # and allocated in the target dtype, a true-size model costs its final bytes only, not float32 + a copy.
+        model = allocate(meta_model(plan.mcfg).to(plan.dtype), device)
+        report.update(load_state_dict_into(model, plan.ckpt))
+    model.eval()
+    log.info("pi05 weights: %s", report)
+    policy = Pi05Policy(
+        model, device, plan.tokenizer, plan.norm_stats,
         denoise_steps=cfg.get("denoise_steps"),
-        num_views=int(cfg.get("num_views") or mcfg.num_views),
+        num_views=int(cfg.get("num_views") or plan.mcfg.num_views),
         compile=bool(cfg.get("compile")), cuda_graph=bool(cfg.get("cuda_graph")),
         seed=int(cfg.get("seed") or 0), decode_attention=cfg.get("decode_attention") or "auto",
         decode_attention_pdl=cfg.get("decode_attention_pdl", True),
     )
+    policy.load_report = report
+    return policy

@@ -8,7 +8,6 @@ into 256 bins and written into the prompt as integers ("Task: ..., State: 12 200
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -65,34 +64,6 @@ class NormStats:
         return NormStats(state=None, actions=None, source="identity (no normalization stats)")
 
 
-def load_norm_stats(path: Path) -> NormStats:
-    """openpi's `norm_stats.json`: {"norm_stats": {"state": {"q01": [...], "q99": [...], ...}, "actions": {...}}}."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"cannot read normalization stats {path}: {e}") from None
-    stats = raw.get("norm_stats", raw)
-    out = {}
-    for key in ("state", "actions"):
-        if key not in stats:
-            raise BadInput(f"{path}: no '{key}' entry in normalization stats (keys: {sorted(stats)})")
-        s = stats[key]
-        if s.get("q01") is None or s.get("q99") is None:
-            raise BadInput(f"{path}: '{key}' has no q01/q99 (pi05 uses quantile normalization)")
-        out[key] = QuantileStats(np.asarray(s["q01"], np.float32), np.asarray(s["q99"], np.float32))
-    return NormStats(state=out["state"], actions=out["actions"], source=str(path))
-
-
-def find_norm_stats(ckpt_dir: Path) -> Path:
-    found = sorted(Path(ckpt_dir).rglob("norm_stats.json"))
-    if len(found) != 1:
-        raise BadInput(
-            f"{ckpt_dir}: expected exactly one norm_stats.json (openpi layout assets/<asset_id>/norm_stats.json), "
-            f"found {[str(f) for f in found]}; set policy.norm_stats to the file"
-        )
-    return found[0]
-
-
 # ----------------------------------------------------------------------------------------------- prompt
 def discretize_state(normalized_state: np.ndarray, bins: int = 256) -> np.ndarray:
     """openpi: np.digitize(state, linspace(-1, 1, bins + 1)[:-1]) - 1 -> ints in [0, bins-1] for state >= -1.
@@ -126,8 +97,16 @@ class SentencePieceTokenizer:
         except ImportError as e:
             raise BadInput(f"tokenizer '{path}' needs the 'sentencepiece' package ({e})") from None
         if not Path(path).is_file():
-            raise BadInput(f"SentencePiece model not found: {path}")
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            raise BadInput(f"{path}: SentencePiece model not found (policy.tokenizer)")
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=Path(path).read_bytes())
+            if self._sp.get_piece_size() == 0:  # an empty file loads as an uninitialized model, without an error
+                raise RuntimeError("empty model")
+        except (OSError, RuntimeError) as e:  # sentencepiece reports a bad model as RuntimeError("INTERNAL: ...")
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BadInput(f"{path}: not a SentencePiece model ({reason}); policy.tokenizer needs PaliGemma's "
+                           "paligemma_tokenizer.model") from None
+        self.vocab_size = int(self._sp.get_piece_size())
         self.name = f"sentencepiece:{Path(path).name}"
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
