@@ -1,13 +1,19 @@
-"""Backend name -> class. Custom backends come by import path (`backend._target_=pkg.module.Class`)."""
+"""Backend name -> class. Custom backends come by import path (`backend.target=pkg.module.Class`).
+
+A custom target is user code by design: importing it runs its module (docs/backends.md, trust model). The class is
+checked to be a Backend subclass right after the import; an import that fails is one line (exit 2). The name table
+imports no backend module and not torch, so the CLI can list and check names cheaply.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from evalkit.backends.base import Backend
+from typing import TYPE_CHECKING, Any
 
 from evalkit.errors import BadInput
 from evalkit.imports import import_object
+
+if TYPE_CHECKING:
+    from evalkit.backends.base import Backend
 
 BACKENDS: dict[str, str] = {
     "bf16": "evalkit.backends.casts:BF16Backend",
@@ -42,12 +48,19 @@ def backend_names() -> list[str]:
 
 def backend_class(name: str, target_path: str | None = None) -> type[Backend]:
     """The class of a registered backend, or of a custom one by import path ("pkg.module.Class")."""
+    from evalkit.backends.base import Backend
+
     path = target_path or BACKENDS.get(name)
     if path is None:
         raise BadInput(f"unknown backend '{name}'; valid: {', '.join(backend_names())} (or backend.target=pkg.module.Class)")
-    cls = import_object(path)
+    try:
+        cls = import_object(path)
+    except BadInput:
+        raise
+    except Exception as e:  # a custom module that fails while importing: the user's code, one line
+        raise BadInput(f"backend.target={path}: importing it failed ({type(e).__name__}: {e})") from None
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BadInput(f"'{path}' is not a evalkit.backends.base.Backend subclass")
+        raise BadInput(f"'{path}' (a {type(cls).__name__}) is not a evalkit.backends.base.Backend subclass")
     return cls
 
 

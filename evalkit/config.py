@@ -1,13 +1,16 @@
 """Structured config schema (dataclasses in Hydra's ConfigStore) and its validation.
 
 Hydra validates types at compose time (a non-numeric `workers` is refused); `validate()` checks
-the values Hydra cannot (ranges, suite tasks) and raises BadInput with the valid choices.
+the values Hydra cannot (ranges, suite tasks, keys no schema knows, a run of 0 episodes) and raises BadInput
+with the valid choices, and a "did you mean" (difflib) where a close one exists. This is the config half of the
+pre-run validation stage; evalkit/validate.py checks what lies outside the config (files, stores, baselines).
 Every suite in suites/specs.py is registered as an option of the `suite` group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -111,14 +114,83 @@ def register() -> None:
             cs.store(group="backend", name=name, node=BackendConfig(name=name))
 
 
-def group_options(group: str) -> list[str]:
-    """Every option of a config group: YAML files under conf/<group>/ plus ConfigStore entries."""
-    names = {p.stem for p in (CONF_DIR / group).glob("*.yaml")} if (CONF_DIR / group).is_dir() else set()
+def group_options(group: str, config_dirs: "list[Path] | tuple[Path, ...]" = ()) -> list[str]:
+    """Every option of a config group: YAML files under <dir>/<group>/ of conf/ and of every extra config dir on
+    the search path (`--config-dir`, `--config-path`), plus ConfigStore entries."""
+    names: set[str] = set()
+    for d in (CONF_DIR, *config_dirs):
+        if (Path(d) / group).is_dir():
+            names |= {p.stem for p in (Path(d) / group).glob("*.yaml")}
     if group == "suite":
         names |= set(SUITES)
     if group == "backend":
         names |= set(_registered_backends())
     return sorted(names)
+
+
+# -- typos: "did you mean" and the keys the schema knows -----------------------------------------
+def did_you_mean(word: str, choices) -> str:
+    """" did you mean 'x'?" for the closest of `choices` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_choice(what: str, value: str, valid) -> str:
+    """One line for a value that is not among `valid`: the value, a did-you-mean, then every valid choice."""
+    valid = sorted(str(v) for v in valid)
+    return f"unknown {what} '{value}';{did_you_mean(value, valid)} valid: {', '.join(valid)}"
+
+
+# Sections whose keys a schema fixes (nested keys of the run); `policy`, `backend.options` and the gate's
+# per-statistic dicts are free-form here: their owners check them (policy prechecks, Backend.known_options,
+# FidelityConfig.from_dict).
+SCHEMAS: dict[str, Any] = {"": RunConfig, "suite": SuiteConfig, "tracking": TrackingConfig,
+                           "backend": BackendConfig, "gate": "evalkit.gate.config:GateConfig",
+                           "gate.fidelity": "evalkit.fidelity.config:FidelityConfig"}  # imported when asked (scipy)
+FREE_FORM = ("policy", "backend.options", "gate.fidelity.allowance_db", "gate.fidelity.max_db", "hydra")
+
+
+def schema_keys(section: str) -> list[str]:
+    schema = SCHEMAS[section]
+    if isinstance(schema, str):
+        from evalkit.imports import import_object
+
+        schema = SCHEMAS[section] = import_object(schema)
+    return [f.name for f in fields(schema)] if is_dataclass(schema) else []
+
+
+def unknown_key(dotted: str) -> str | None:
+    """The one-line problem with a dotted config key no schema knows (None when it is known or free-form)."""
+    parts = dotted.split(".")
+    for i in range(len(parts)):
+        section, key = ".".join(parts[:i]), parts[i]
+        if section in FREE_FORM or any(section.startswith(f + ".") for f in FREE_FORM):
+            return None
+        if section not in SCHEMAS:
+            return None  # below a known key that is not a section (e.g. suite.tasks): OmegaConf types it
+        valid = schema_keys(section)
+        if key not in valid:
+            where = f"'{dotted}'" if not section else f"'{key}' in {section}"
+            return f"unknown key {where};{did_you_mean(key, valid)} valid: {', '.join(sorted(valid))}"
+    return None
+
+
+def _check_keys(c: dict, section: str = "") -> None:
+    """Every key of the composed config must be one a schema knows (a `+key=` or a YAML file can add any), and
+    every key of the schema must be there (`~key` deletes one)."""
+    if section in ("", "suite", "tracking", "backend"):
+        missing = [k for k in schema_keys(section) if k not in c]
+        if missing:
+            where = f"{section}." if section else ""
+            raise BadInput(f"{where}{missing[0]} is required (set it, e.g. {where}{missing[0]}=VALUE, instead of "
+                           f"deleting it with ~)")
+    for k, v in c.items():
+        dotted = f"{section}.{k}" if section else str(k)
+        problem = unknown_key(dotted)
+        if problem:
+            raise BadInput(problem)
+        if isinstance(v, dict) and dotted in SCHEMAS:
+            _check_keys(v, dotted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,15 +214,25 @@ class RunSettings:
     baseline: Optional[str]
 
 
-def resolve_device(device: str) -> str:
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch (seconds) on a Linux machine with no NVIDIA driver: the
+    validation stage resolves the device before anything is built, and a CPU machine should hear of a typo fast."""
+    import sys
+
+    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/version").exists():
+        return False
     import torch
 
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if _cuda_available() else "cpu"
     if device == "cpu":
         return device
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
+        if not _cuda_available():
             raise BadInput(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
         return device
     raise BadInput(f"device={device}: valid: auto, cpu, cuda, cuda:N")
@@ -160,6 +242,7 @@ def validate(cfg) -> RunSettings:
     from omegaconf import OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    _check_keys(c)
     check_denoise_steps(c["denoise_steps"])
     if c["workers"] < 0:
         raise BadInput(f"workers={c['workers']}: must be >= 0 (0 runs envs in the main process)")
@@ -172,6 +255,11 @@ def validate(cfg) -> RunSettings:
     spec = customize(base, tasks=s["tasks"], trials=s["trials"], max_steps=s["max_steps"], shard=c["shard"],
                      num_steps_wait=s["num_steps_wait"], replan_steps=s["replan_steps"], seed=s["seed"],
                      seed_mode=s.get("seed_mode", "openpi"))
+    if not spec.episodes():  # a run of 0 episodes must never exit 0 as if it had passed
+        why = ("suite.tasks is empty" if not spec.task_ids else
+               f"shard={c['shard']} holds none of the suite's {len(spec.all_episodes())} episodes")
+        raise BadInput(f"this run has no episodes: {why}; name at least one task (e.g. suite.tasks=[0]) "
+                       f"or fewer shards")
     pol = c["policy"]
     if not isinstance(pol, dict) or "kind" not in pol:
         raise BadInput("the policy config must be a mapping with a 'kind' (see conf/policy/)")

@@ -3,10 +3,13 @@
 Each RUN_DIR is a run directory (holding run_key.json) or a folder above several (a multirun sweep
 dir): every run found below it is merged. The merge
 - refuses runs of different configs (run_key.json compared without "shard"), naming the keys that differ;
-- keeps one record per episode (task, init state): a re-run episode counts once, the latest journal
-  line wins (lines of one journal in file order; across run dirs, the journal written last wins);
+- keeps one record per episode (task, init state): a re-run episode counts once; within one journal the first
+  valid record wins (docs/journal.md), across run dirs the journal written last wins; bad journal lines are
+  skipped and counted in a note (a merge never changes its inputs);
 - checks coverage: every episode of the full suite exactly once, else it lists the missing ones and
   exits 2 (unless allow_partial=true, which marks the result partial);
+- pools the journaled policy calls of the kept episodes into one latency summary and latency_calls.json, as one
+  run of the whole suite would report (evalkit.results.timing);
 - writes a merged run dir (episodes.jsonl/csv/parquet, summary.json with the Wilson interval,
   run_key.json without the shard) and logs ONE MLflow run for the whole (tag evalkit.merged_from).
 """
@@ -23,15 +26,18 @@ from typing import Optional
 
 import yaml
 
+from evalkit.atomic import write_atomic, write_json_atomic, write_text_atomic
 from evalkit.cli_args import opt, parse
 from evalkit.errors import EXIT_BAD_INPUT, BadInput
+from evalkit.gate.runs import LATENCY_CALLS, write_latency_calls
 from evalkit.results.summary import (
     RunSummary,
     build_summary,
     episodes_frame,
     write_results,
 )
-from evalkit.rollout.journal import Journal
+from evalkit.results.timing import RunTiming, run_timing
+from evalkit.rollout.journal import Journal, JournalRead
 from evalkit.rollout.records import EpisodeRecord
 from evalkit.suites.specs import SuiteSpec, customize, get_suite
 from evalkit.tracking.bundle import (
@@ -49,9 +55,10 @@ MAX_LISTED = 20
 class ShardRun:
     path: Path
     key: dict
-    records: list[EpisodeRecord]  # the journal, deduplicated within the run (last line wins)
+    records: list[EpisodeRecord]  # the journal, deduplicated within the run (first valid record wins)
     summary: RunSummary = field(default_factory=RunSummary)  # empty when the shard wrote no summary.json
     journal_mtime: float = 0.0
+    journal: JournalRead = field(default_factory=JournalRead)  # what reading the journal found (bad lines, ...)
 
 
 # -- finding and reading runs -------------------------------------------------------------------
@@ -76,10 +83,11 @@ def read_run(path: Path) -> ShardRun:
     journal = path / "episodes.jsonl"
     if not journal.exists():
         raise BadInput(f"{path}: no episodes.jsonl (did this run start any episode?)")
-    records = [r for r in Journal(journal).load() if r.suite == key.get("suite")]
+    read = Journal(journal).read()
+    records = [r for r in read.records if r.suite == key.get("suite")]
     summary_path = path / "summary.json"
     summary = RunSummary.from_dict(json.loads(summary_path.read_text())) if summary_path.exists() else RunSummary()
-    return ShardRun(path, key, records, summary, journal.stat().st_mtime)
+    return ShardRun(path, key, records, summary, journal.stat().st_mtime, read)
 
 
 def config_key(key: dict) -> dict:
@@ -127,22 +135,20 @@ def merge_records(runs: list[ShardRun], wanted: list[tuple[int, int]]) -> Merged
             seen += 1
             chosen[rec.key] = rec
             source[rec.key] = run.path
-    # A journal can also hold several lines for one episode (resumed runs): Journal.load keeps the last.
-    dup_lines = sum(_journal_lines(r.path) for r in runs) - sum(len(r.records) for r in runs)
+    # A journal can also hold several records of one episode: Journal.read keeps the first.
+    dup_lines = sum(r.journal.duplicates for r in runs)
     missing = [k for k in wanted if k not in chosen]
     return MergedEpisodes([chosen[k] for k in wanted if k in chosen], (seen - len(chosen)) + dup_lines, missing, source)
 
 
-def _journal_lines(run_dir: Path) -> int:
-    n = 0
-    with (run_dir / "episodes.jsonl").open() as f:
-        for line in f:
-            try:
-                json.loads(line)
-                n += 1
-            except json.JSONDecodeError:
-                continue
-    return n
+def journal_notes(runs: list[ShardRun]) -> list[str]:
+    """One note per run whose journal held bad lines or conflicting records (the merge skips, never moves them)."""
+    notes = []
+    for r in runs:
+        for warning in (r.journal.bad_warning(r.path / "episodes.jsonl", None), r.journal.conflict_warning()):
+            if warning:
+                notes.append(f"{r.path}: {warning}")
+    return notes
 
 
 def _fmt_missing(missing: list[tuple[int, int]]) -> str:
@@ -158,7 +164,20 @@ def _shard_latency(r: ShardRun) -> dict:
     return {"run_dir": str(r.path), **{k: v for k, v in kept if v is not None}}
 
 
-def merged_latency(runs: list[ShardRun]) -> dict:
+def merged_latency(runs: list[ShardRun], records: list[EpisodeRecord],
+                   notes: list[str]) -> tuple[dict, RunTiming | None]:
+    """The pooled latency of the kept episodes' journaled calls (and the timing behind it). Journals of older
+    versions hold no calls: then each shard's quantiles are kept and only the mean is merged (said in a note)."""
+    if records and all(r.calls is not None for r in records):
+        timing = run_timing(records)
+        return timing.latency.to_dict(), timing
+    if records:
+        notes.append(f"latency: {sum(r.calls is None for r in records)} of {len(records)} episodes were journaled "
+                     f"without their policy calls (an older evalkit); percentiles are per shard")
+    return _shard_means(runs), None
+
+
+def _shard_means(runs: list[ShardRun]) -> dict:
     """Percentiles cannot be merged without the raw call times: keep each shard's, merge only the mean."""
     shards = [_shard_latency(r) for r in runs]
     with_calls = [s for s in shards if s.get("calls") and s.get("latency_ms_mean") is not None]
@@ -218,7 +237,7 @@ def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> t
         raise BadInput(f"out={out} is one of the runs being merged")
     prepare_out(out)
 
-    notes: list[str] = []
+    notes: list[str] = journal_notes(runs)
     summaries = [r.summary for r in runs]
     params = summaries[0].params.to_dict() or {"policy": key["policy"].get("name"), "suite": key["suite"]}
     params.pop("shard", None)
@@ -227,8 +246,9 @@ def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> t
     device = _common([s.device_name for s in summaries], "device", notes)
     df = episodes_frame(m.records)
     span = wall_span(runs)
+    latency, timing = merged_latency(runs, m.records, notes)
     summary = build_summary(
-        df, params, spec.protocol(), merged_latency(runs), span,
+        df, params, spec.protocol(), latency, span,
         extra={
             "git_dirty": any(bool(s.git_dirty) for s in summaries),
             "versions": versions, "device_name": device,
@@ -246,16 +266,20 @@ def merge(paths: list[Path], out: Path | None, allow_partial: bool = False) -> t
         },
     )
     write_results(out, df, summary)
-    (out / "run_key.json").write_text(json.dumps({**key, "shard": [0, 1]}, indent=2))
-    with (out / "episodes.jsonl").open("w") as f:
-        for rec in m.records:
-            f.write(json.dumps(rec.to_dict()) + "\n")
+    write_json_atomic(out / "run_key.json", {**key, "shard": [0, 1]}, indent=2)
+    # the kept records with their calls: the merged dir's own journal gives the same summary again
+    write_text_atomic(out / "episodes.jsonl", "".join(json.dumps(rec.to_dict()) + "\n" for rec in m.records),
+                      allow_empty=True)
+    if timing is not None:
+        write_latency_calls(out, timing.call_s, timing.batch_sizes, warmup_calls=timing.warmup_calls)
+    elif (out / LATENCY_CALLS).exists():
+        (out / LATENCY_CALLS).unlink()  # an earlier merge's calls do not describe this one
     for name in ("resolved_config.yaml", "backend_report.json"):
         if (runs[0].path / name).exists():
-            shutil.copyfile(runs[0].path / name, out / name)
-    (out / MERGE_MARKER).write_text(json.dumps({
+            write_atomic(out / name, lambda tmp, src=runs[0].path / name: shutil.copyfile(src, tmp))
+    write_json_atomic(out / MERGE_MARKER, {
         "merged_from": [str(r.path) for r in runs], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "sources": {f"{t}/{i}": str(p) for (t, i), p in m.source.items()}}, indent=2))
+        "sources": {f"{t}/{i}": str(p) for (t, i), p in m.source.items()}}, indent=2)
     write_merged_bundle(out, runs, summary)
     return out, summary
 
@@ -276,7 +300,7 @@ def write_merged_bundle(out: Path, runs: list[ShardRun], summary: RunSummary) ->
         "evalkit.git_dirty": str(summary.git_dirty).lower(),
     })
     artifacts = [a for a in ("summary.json", "episodes.csv", "episodes.parquet", "resolved_config.yaml",
-                             "backend_report.json", MERGE_MARKER) if (out / a).exists()]
+                             "backend_report.json", LATENCY_CALLS, MERGE_MARKER) if (out / a).exists()]
     bundle = RunBundle(experiment=experiment, run_name=f"merged {out.name}", params=params,
                        metrics=summary.metrics(), tags=tags, artifacts=artifacts,
                        table="episodes.parquet")

@@ -14,25 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from evalkit.atomic import write_json_atomic, write_text_atomic
 from evalkit.config import RunSettings
-from evalkit.errors import EXIT_PASS, EXIT_REGRESSION, BadInput
-from evalkit.gate.config import GateConfig
-from evalkit.progress import RunProgress
+from evalkit.errors import EXIT_PASS, EXIT_REGRESSION, BadInput, Interrupted
+from evalkit.progress import RUN_LOG, RunProgress
 from evalkit.provenance import device_name, git_sha, package_versions
 from evalkit.results.summary import (
     RolloutStop,
     RunSummary,
     build_summary,
     episodes_frame,
-    latency_summary,
     write_results,
     write_summary,
 )
-from evalkit.results.table import print_summary
+from evalkit.results.table import print_summary, print_where
+from evalkit.results.timing import run_timing
 from evalkit.rollout.engine import RolloutOptions, run_rollouts
 from evalkit.rollout.journal import Journal
 from evalkit.tracking.bundle import RunBundle, write_bundle
+from evalkit.validate import validate_run
 
 # soft_wrap: log lines (commands to copy, paths) are never broken at 80 columns in CI logs.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -60,7 +62,7 @@ def check_run_key(run_dir: Path, key: dict) -> None:
                            f"pick another hydra.run.dir or rerun with the same config")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(key, indent=2))
+        write_json_atomic(path, key, indent=2)
 
 
 def find_resume_dir(resume: str | None, fresh_dir: Path, key: dict, outputs_root: Path) -> Path:
@@ -141,9 +143,18 @@ def print_backend_report(report) -> None:
         console.print(f"  note: {n}")
 
 
-def track(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None) -> str | None:
+def track(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None,
+          started_ms: int | None = None) -> str | None:
+    """Write the run's bundle, upload it unless offline, and end with where the results are (run dir, MLflow URL,
+    the command that opens it)."""
     from evalkit.tracking.callbacks import PARENT_ENV
-    from evalkit.tracking.store import reachable, resolve_uri, sync_bundle
+    from evalkit.tracking.store import (
+        experiment_of,
+        now_ms,
+        reachable,
+        resolve_uri,
+        sync_bundle,
+    )
 
     params = {**summary.params.to_dict(), "workers": s.workers, "seed": s.seed, "suite.tasks": list(s.suite.task_ids),
               "suite.trials": s.suite.trials}
@@ -167,24 +178,30 @@ def track(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sw
         run_name=run_dir.name, params=params, metrics=summary.metrics(), tags=tags,
         artifacts=artifacts, table="episodes.parquet", sweep_key=sweep_key,
         parent_run_id=os.environ.get(PARENT_ENV) if sweep_key else None,
+        start_time_ms=started_ms, end_time_ms=now_ms(),
     )
     write_bundle(run_dir, bundle)
     if s.tracking.get("mode") == "offline":
         console.print(f"tracking offline: bundle written; upload with [bold]python -m evalkit.sync runs={run_dir}[/]")
+        print_where(run_dir, console=console)
         return None
     uri = resolve_uri(s.tracking.get("uri"))
     ok, why = reachable(uri)
     if not ok:
         console.print(f"[yellow]tracking store {uri} unreachable ({why}); run kept offline. "
                       f"Upload later: python -m evalkit.sync runs={run_dir} uri={s.tracking.get('uri')}[/]")
+        print_where(run_dir, console=console)
         return None
     try:
         run_id = sync_bundle(run_dir, uri)
+        experiment_id = experiment_of(uri, run_id)
     except Exception as e:  # the results are safe on disk; say how to finish the upload
         console.print(f"[yellow]MLflow upload failed ({type(e).__name__}: {e}); "
                       f"retry: python -m evalkit.sync runs={run_dir} uri={s.tracking.get('uri')}[/]")
+        print_where(run_dir, console=console)
         return None
     console.print(f"MLflow run {run_id} in {uri}")
+    print_where(run_dir, uri, experiment_id, run_id, console=console)
     return run_id
 
 
@@ -198,12 +215,63 @@ def _reset_foreign_start_method() -> None:
         mp.set_start_method("spawn", force=True)
 
 
+# -- interruption (SIGINT/SIGTERM) ---------------------------------------------------------------
+_run_dirs: list[Path] = []  # the run dir of the run in progress, once known (for the resume command)
+CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def resume_command(run_dir: Path, argv: list[str] | None = None) -> str:
+    """The one command that continues the run in `run_dir`: the job's own overrides (a multirun job's, not the
+    sweep's), the config-dir/name flags of the command line, and resume=<run dir>."""
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags: list[str] = []
+    given: list[str] = []  # the overrides as typed
+    i = 0
+    while i < len(argv):
+        if argv[i].split("=", 1)[0] in CONFIG_FLAGS:
+            taken = argv[i:i + 1] if "=" in argv[i] else argv[i:i + 2]
+            flags += taken
+            i += len(taken)
+            continue
+        if not argv[i].startswith("-"):
+            given.append(argv[i])
+        i += 1
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (called from Python): the command line as given
+        overrides = given
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
+    return shlex.join(["python", "-m", "evalkit", *flags, *keep, f"resume={Path(run_dir).absolute()}"])
+
+
 def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: Path, sweep_key: str | None) -> int:
+    """One run, stage by stage. Stopped by SIGINT/SIGTERM (evalkit.errors.Interrupted, raised by the handlers the
+    CLI installs): the env workers are closed, every finished episode is already in the journal, and the exception
+    leaves carrying the command that resumes the run."""
+    _run_dirs.clear()
+    try:
+        return _execute(s, fresh_dir, resolved_yaml, outputs_root, sweep_key)
+    except Interrupted as e:
+        if _run_dirs:
+            e.resume = resume_command(_run_dirs[-1])
+        raise
+
+
+def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: Path, sweep_key: str | None) -> int:
+    started_ms = int(time.time() * 1000)  # the MLflow run's start (it is created at the end, from the bundle)
     _reset_foreign_start_method()
     key = run_key(s)
     run_dir = find_resume_dir(s.resume, fresh_dir, key, outputs_root)
+    # Everything checkable before a model is built or the run dir written (baseline, tracking store, backend,
+    # calibration source, policy files): a mistake costs seconds and leaves no run folder (evalkit/validate.py).
+    pre = validate_run(s, run_dir)
     check_run_key(run_dir, key)
-    (run_dir / "resolved_config.yaml").write_text(resolved_yaml)
+    _run_dirs.append(run_dir)
+    write_text_atomic(run_dir / "resolved_config.yaml", resolved_yaml)
     sha, dirty = git_sha()
     versions = package_versions()
     spec = s.suite
@@ -211,16 +279,16 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
                   f"({len(spec.task_ids)} tasks × {spec.trials} trials, max {spec.max_steps} steps) · "
                   f"denoise_steps={s.denoise_steps} · {s.device} · run dir {run_dir}")
 
-    gate_cfg = GateConfig.from_dict(s.gate)
-    # the baseline is resolved before anything is built: a wrong name costs seconds, not a suite of episodes
-    baseline = resolve_run_baseline(s, gate_cfg)
+    gate_cfg, baseline = pre.gate, pre.baseline
     console.print(baseline.how)
+    for note in pre.notes:
+        console.print(f"[yellow]{escape(note)}[/]")
 
     policy, backend, device = build_policy_and_backend(s)
     calib = LazyCalibration(policy, s, gate_cfg.fidelity)
     report = apply_backend(policy, backend, device, calib)
     print_backend_report(report)
-    (run_dir / "backend_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    write_json_atomic(run_dir / "backend_report.json", report.to_dict(), indent=2)
     # a custom backend (backend.target=pkg.mod.Class) is named by its own class, never by the group default
     params = {"policy": s.policy["name"], "backend": backend.name if s.backend.get("target") else s.backend["name"],
               "suite": spec.name,
@@ -240,13 +308,17 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
         summary.gate = fidelity_verdict(fidelity)
         summary.verdict, summary.baseline = "regression", baseline.how
         write_results(run_dir, df, summary)
-        finish_tracking(s, run_dir, summary, versions, sweep_key)
+        finish_tracking(s, run_dir, summary, versions, sweep_key, started_ms)
         console.print("[bold red]REGRESSION[/] caught by fidelity before rollouts: "
                       + ", ".join(c.name for c in fidelity.failed()) + " (gate.always_rollout=true runs episodes anyway)")
         return EXIT_REGRESSION
 
     journal = Journal(run_dir / "episodes.jsonl")
-    previous = [r for r in journal.load() if r.suite == spec.name and r.key in set(spec.episodes())]
+    read = journal.recover()  # bad lines moved to episodes.rejected.jsonl: their episodes run again
+    for warning in (read.bad_warning(journal.path, journal.rejected_path), read.conflict_warning()):
+        if warning:
+            console.print(f"[yellow]{escape(warning)}[/]")
+    previous = [r for r in read.records if r.suite == spec.name and r.key in set(spec.episodes())]
     if previous:
         console.print(f"resuming: {len(previous)} of {len(spec.episodes())} episodes already in {journal.path}")
     # gate.sequential: an anytime-valid test on the paired outcomes can end the rollouts once it has decided
@@ -258,22 +330,25 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     options = RolloutOptions(workers=s.workers, video_mode=s.video, videos_per_task=s.videos_per_task,
                              video_dir=str(run_dir / "videos"), stage_timer=stage_timer_for(policy, device),
                              stop_rule=stop_rule, order="interleave" if stop_rule else "task")
-    with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}") as prog:
+    # library output (robosuite, LIBERO, warnings) of the rollouts, workers included, goes to run.log, not over the bar
+    with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}", log_path=run_dir / RUN_LOG,
+                     workers=s.workers) as prog:
         result = run_rollouts(policy, spec, journal, options, on_record=prog.update)
 
     df = episodes_frame(result.records)
-    latency = latency_summary(result.policy_call_s, result.policy_batch_sizes, result.stage_ms)
+    # latency and throughput of every episode that counts, from the journal: a resumed or re-run run reports
+    # what one uninterrupted run would (evalkit.results.timing)
+    timing = run_timing(result.records)
     from evalkit.gate.runs import (
         write_latency_calls,  # raw call times: the gate bootstraps the p50 ratio from them
     )
 
-    write_latency_calls(run_dir, result.policy_call_s, result.policy_batch_sizes)
-    new_eps = len(result.records) - result.resumed
+    write_latency_calls(run_dir, timing.call_s, timing.batch_sizes, warmup_calls=timing.warmup_calls)
     extra.update({"resumed_episodes": result.resumed,
                   # a remote policy's client round trip and server timing, kept apart (evalkit/policies/remote.py)
                   "policy_timing": policy.timing_summary() if hasattr(policy, "timing_summary") else None,
-                  "episodes_per_min": (new_eps / result.wall_s * 60.0) if result.wall_s > 0 and new_eps else None})
-    summary = build_summary(df, params, spec.protocol(), latency, result.wall_s, extra=extra)
+                  "episodes_per_min": timing.episodes_per_min})
+    summary = build_summary(df, params, spec.protocol(), timing.latency, timing.wall_s, extra=extra)
     if result.stop_reason:  # recorded for people; the judge re-derives the decision from the episodes
         summary.rollout_stop = RolloutStop(result.stop_reason, result.not_run)
         console.print(f"sequential gate stopped the rollouts: {result.stop_reason} ({result.not_run} episodes not run)")
@@ -297,21 +372,8 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
     summary.verdict, summary.baseline = verdict, baseline.how
     print_verdict(verdict, baseline.how)
     write_results(run_dir, df, summary)
-    finish_tracking(s, run_dir, summary, versions, sweep_key)
+    finish_tracking(s, run_dir, summary, versions, sweep_key, started_ms)
     return code
-
-
-def resolve_run_baseline(s: RunSettings, gate_cfg):
-    """`baseline=` (default auto), or `gate.baseline` when the run leaves it at auto; see evalkit.gate.baseline."""
-    from evalkit.gate.baseline import AUTO, resolve_baseline
-    from evalkit.tracking.store import resolve_uri
-
-    ref = s.baseline if s.baseline is not None else "none"
-    if str(ref).lower() == AUTO and gate_cfg.baseline:
-        ref = gate_cfg.baseline
-    like = {"policy": s.policy["name"], "suite": s.suite.name, "denoise_steps": s.denoise_steps, "device": s.device}
-    return resolve_baseline(ref, resolve_uri(s.tracking.get("uri")), like,
-                            offline=s.tracking.get("mode") == "offline")
 
 
 def print_verdict(verdict: str, how: str) -> None:
@@ -366,8 +428,9 @@ def run_fidelity_stage(s: RunSettings, policy, backend, report, device, gate_cfg
     return fid
 
 
-def finish_tracking(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None) -> None:
-    run_id = track(s, run_dir, summary, versions, sweep_key)
+def finish_tracking(s: RunSettings, run_dir: Path, summary: RunSummary, versions: dict, sweep_key: str | None,
+                    started_ms: int | None = None) -> None:
+    run_id = track(s, run_dir, summary, versions, sweep_key, started_ms)
     if run_id:  # local copy only: lets the nightly and `evalkit.gate` find this run in MLflow
         summary.mlflow_run_id = run_id
         write_summary(run_dir, summary)

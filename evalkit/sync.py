@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evalkit.sync: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         print(f"synced {r} -> run {run_id}")
+    from evalkit.tracking.sweep import sync_sweeps
+
+    for line in sync_sweeps(runs, uri):  # a sweep's cells side by side on its parent run
+        print(line)
     return 0
 
 

@@ -86,6 +86,9 @@ def test_multirun_creates_parent_and_child_runs(workdir):
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["backend"] for c in children) == ["bf16", "fp16"]
+    # the cells side by side: printed at the end, and on the parent run, which spans its cells (tests/test_tracking.py)
+    assert "2 cells" in p.stdout and parents[0].data.metrics["sweep/cells"] == 2
+    assert parents[0].info.end_time == max(c.info.end_time for c in children)
 
 
 @pytest.mark.parametrize(

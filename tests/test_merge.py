@@ -95,15 +95,16 @@ def test_shards_of_different_configs_are_refused(runs, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
-def test_rerun_episodes_count_once_and_the_latest_line_wins(runs, tmp_path):
+def test_rerun_episodes_count_once_the_latest_dir_wins_and_in_a_journal_the_first_record(runs, tmp_path):
     s1 = _copy(runs / "s1", tmp_path / "s1")
     rerun = _copy(runs / "s1", tmp_path / "s1_rerun")  # the same shard run again into another dir
     lines = (rerun / "episodes.jsonl").read_text().splitlines()
     rec = json.loads(lines[0])
     rec["steps"], rec["failure_reason"] = 7, "exception: rerun marker"
-    # a later line for the same episode in the same journal overrides the earlier one
-    with (rerun / "episodes.jsonl").open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    lines[0] = json.dumps(rec)  # the re-run recorded this episode differently: the later dir wins
+    # a second record of an episode in the same journal: the first one counts (docs/journal.md), and it is noted
+    second = {**json.loads(lines[1]), "steps": 1, "failure_reason": "exception: second record"}
+    (rerun / "episodes.jsonl").write_text("\n".join([*lines, json.dumps(second)]) + "\n")
     later = time.time() + 5
     os.utime(rerun / "episodes.jsonl", (later, later))  # written after s1's journal
     assert merge_main([f"runs=[{runs / 's0'},{s1},{rerun}]", f"out={tmp_path / 'm'}"]) == 0
@@ -112,7 +113,10 @@ def test_rerun_episodes_count_once_and_the_latest_line_wins(runs, tmp_path):
     assert len(df) == 9 and not df.duplicated(["task_id", "init_state_id"]).any()
     row = df[(df.task_id == rec["task_id"]) & (df.init_state_id == rec["init_state_id"])].iloc[0]
     assert row.steps == 7 and row.failure_reason == "exception: rerun marker"
+    row = df[(df.task_id == second["task_id"]) & (df.init_state_id == second["init_state_id"])].iloc[0]
+    assert row.failure_reason != "exception: second record"
     assert s["duplicates_dropped"] == 6  # 5 episodes recorded twice across dirs + 1 twice in one journal
+    assert any("1 episode(s) recorded again with another outcome" in n for n in s["merge_notes"])
     # merging again into the same output replaces it (no second copy of any episode)
     assert merge_main([f"runs=[{runs / 's0'},{s1}]", f"out={tmp_path / 'm'}"]) == 0
     assert len(pd.read_csv(tmp_path / "m" / "episodes.csv")) == 9

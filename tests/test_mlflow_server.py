@@ -75,6 +75,7 @@ def server(tmp_path):
 def test_two_concurrent_writers_both_land(server, workdir):
     args = [*FAST, "suite.tasks=[0]", "suite.trials=2", "suite.max_steps=4", f"tracking.uri={server.uri}"]
     env = {**os.environ, "MUJOCO_GL": "osmesa"}
+    launched = time.time() * 1000
     procs = [subprocess.Popen([sys.executable, "-m", "evalkit", *args, f"hydra.run.dir={workdir / f'w{i}'}"], cwd=workdir,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -82,9 +83,17 @@ def test_two_concurrent_writers_both_land(server, workdir):
     assert all(f"in {server.uri}" in o for o in outs), outs  # each uploaded, none fell back to offline
     client, runs = server.runs()
     assert len(runs) == 2 and {r.data.tags["evalkit.run_dir"] for r in runs} == {str(workdir / "w0"), str(workdir / "w1")}
+    exp = client.get_experiment(runs[0].info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as a classic ML experiment
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.metrics["success_rate"] == 0.0
+        assert r.data.metrics["Headline/success_rate"] == 0.0 and "Headline/latency_p50_ms" in r.data.metrics
         assert {"summary.json", "episodes_table.json"} <= {f.path for f in client.list_artifacts(r.info.run_id)}
+        # the run's own start and end (it is uploaded after it ended): it started before its upload and the two
+        # episodes' env alone take seconds
+        assert launched < r.info.start_time and r.info.end_time - r.info.start_time > 2000
+        out = outs[int(r.data.tags["evalkit.run_dir"].endswith("w1"))]
+        assert f"{server.uri}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}?workflowType=machine_learning" in out
 
 
 def test_server_stopped_mid_run_then_sync_loses_nothing(server, workdir):

@@ -21,7 +21,7 @@ ROOTS = {"evalkit": "evalkit", "evalkit.backends": "backends", "evalkit.suites":
 # Layers, lowest first: a module may import its own layer or any layer below, never one above. kernels import
 # nothing of evalkit at all (checked separately). The commands (run, cli, nightly, ...) sit on top.
 LAYERS: list[set[str]] = [
-    {"errors", "imports", "stats", "provenance", "_source_tree", "evalkit", "cli_args"},
+    {"errors", "imports", "stats", "provenance", "_source_tree", "evalkit", "cli_args", "atomic"},
     {"kernels"},
     {"latency", "backends", "tracking"},
     {"policies"},
@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"rollout", "fidelity"},
     {"results", "progress", "report", "gate"},
     {"config"},
+    {"validate"},
     {"run", "cli", "__main__", "merge", "nightly", "bench", "serve", "sync", "train", "demos"},
 ]
 

@@ -125,6 +125,8 @@ def test_mlflow_metric_names():
     s.policy_timing = {"client_roundtrip_ms": {"p50": 12.0}, "note": "kept apart"}
     m = s.metrics()
     assert list(m) == [
+        "Headline/success_rate", "Headline/success_rate_ci_low", "Headline/success_rate_ci_high",
+        "Headline/latency_p50_ms",  # first, rounded; then the DESIGN.md names (evalkit.tracking.names)
         "success_rate", "success_ci_low", "success_ci_high", "episodes_per_min",
         "success_rate/pick_up_the_alphabet_soup_and_place_it_in_the_basket",
         "success_rate/pick_up_the_cream_cheese_and_place_it_in_the_basket",
@@ -132,6 +134,7 @@ def test_mlflow_metric_names():
         "action_cosine_min", "layer_cosine_min", "policy_timing_ms/client_roundtrip_ms", "weight_bytes",
     ]
     assert m["latency_ms/denoise"] == 146.06 and m["weight_bytes"] == 4862222 and m["success_rate"] == 0.725
+    assert m["Headline/success_rate_ci_high"] == 0.8389 and m["Headline/latency_p50_ms"] == 176.07
     back = RunSummary.from_metrics({"success_rate": 0.8, "latency_ms_p50": 10.0, "latency_ms/denoise": 8.0, "hz": 100.0},
                                    {"suite": "libero_spatial"})
     assert back.latency.to_dict() == {"latency_ms_p50": 10.0} and back.extra == {"hz": 100.0}

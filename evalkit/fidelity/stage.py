@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from evalkit.errors import BadInput
 from evalkit.fidelity.budgets import class_of_backend
+from evalkit.fidelity.calib_sources import describe, load_observations, parse_calib
 from evalkit.fidelity.config import FidelityConfig
 from evalkit.fidelity.probes import load_check_probes, load_probes
 from evalkit.fidelity.report import FidelityReport
@@ -37,13 +38,22 @@ class CalibrationSet:
     digest: str  # sha1 of the observations' states: two runs calibrated on the same data share it
 
 
+DEMO_CALIB_BATCH = 8  # recorded observations per calibration predict call
+
+
 def calibration_set(policy, spec, fidelity: FidelityConfig | dict | None = None, source: str = "probes",
-                    cache_dir: str | Path = DEFAULT_PROBE_CACHE, make_env: Callable | None = None) -> CalibrationSet:
+                    cache_dir: str | Path = DEFAULT_PROBE_CACHE, make_env: Callable | None = None,
+                    demos_root: str | Path | None = None) -> CalibrationSet:
     """`backend.calib=probes`: each task's first init states at t = 0 (disjoint from the held-out check probes), one
-    predict call per task. Other sources are resolved by evalkit.calibration (demos, a path)."""
+    predict call per task. `demos:N` and a path: recorded observations (evalkit/fidelity/calib_sources.py)."""
     cfg = FidelityConfig.from_dict(fidelity)
-    if source != "probes":
-        raise BadInput(f"backend.calib={source!r}: this function serves 'probes' only")
+    src = parse_calib(source, spec, Path(demos_root) if demos_root is not None else None)
+    if src.kind != "probes":
+        if getattr(policy, "needs_images", True):
+            raise BadInput(f"backend.calib={src.text}: recorded demonstrations hold no camera images and policy "
+                           f"'{getattr(policy, 'name', '?')}' reads images; use backend.calib=probes")
+        return calibration_from_observations(policy, ObsBatch(load_observations(src)), group=DEMO_CALIB_BATCH,
+                                             seed=cfg.probe_noise_seed, source=describe(src))
     batch = load_probes(spec, cache_dir, per_task=cfg.calib_init_states, make_env=make_env,
                         images=bool(getattr(policy, "needs_images", True)))
     return calibration_from_observations(policy, batch, group=cfg.calib_init_states, seed=cfg.probe_noise_seed,

@@ -19,9 +19,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from evalkit.atomic import write_json_atomic
 from evalkit.errors import BadInput
 from evalkit.results.summary import RunSummary
-from evalkit.tracking.store import DEFAULT_URI
+from evalkit.tracking.names import with_design_names
+from evalkit.tracking.store import DEFAULT_URI, ensure_store
 
 DEFAULT_TRACKING_URI = DEFAULT_URI
 REFERENCES_DIR = Path(__file__).resolve().parents[2] / "references"
@@ -102,8 +104,7 @@ def write_latency_calls(run_dir: str | Path, call_s: list[float], batch_sizes: l
     doc = {"unit": "ms", "warmup_calls": int(warmup_calls) if len(call_s) > 1 else 0,
            "call_ms": [round(float(x) * 1e3, 6) for x in call_s],
            "batch_sizes": [int(b) for b in (batch_sizes or [])]}
-    path.write_text(json.dumps(doc))
-    return path
+    return write_json_atomic(path, doc)  # whole or absent, never torn (evalkit.atomic)
 
 
 def read_latency_calls(folder: str | Path) -> np.ndarray | None:
@@ -145,6 +146,7 @@ def _load_dir(path: Path) -> StoredRun:
 def _client(tracking_uri: str):
     import mlflow
 
+    ensure_store(tracking_uri)  # a sqlite store another run is creating right now: wait for its tables
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -175,7 +177,7 @@ def _load_mlflow(run_id: str, tracking_uri: str) -> StoredRun:
         episodes = _read_episodes(Path(tmp))
         calls = read_latency_calls(tmp)
     if summary is None:  # older runs: rebuild what the gate needs from metrics
-        m = run.data.metrics
+        m = with_design_names(run.data.metrics)  # a run logged with headline names only reads the same
         if "success_rate" not in m:
             raise BadInput(f"MLflow run {run_id} has neither summary.json nor a success_rate metric")
         summary = RunSummary.from_metrics(m, params)

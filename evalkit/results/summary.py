@@ -10,7 +10,6 @@ their own `to_dict` gives them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,8 +17,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
+from evalkit.atomic import write_atomic, write_json_atomic
 from evalkit.rollout.records import EpisodeRecord
 from evalkit.stats import sample_stats, wilson_interval
+from evalkit.tracking.names import headline_metrics, with_design_names
 
 
 # -- the typed summary --------------------------------------------------------------------------
@@ -108,7 +109,8 @@ class StageStats(Stored):
 
 @dataclass
 class LatencySummary(Stored):
-    """summary.json's `latency`: policy calls seen by the rollouts (a merge keeps each shard's quantiles)."""
+    """summary.json's `latency`: policy calls seen by the rollouts, rebuilt from the journal (evalkit.results.timing);
+    `calls` counts the calls in the quantiles, `warmup_calls` the first calls of each session left out of them."""
 
     stages: dict[str, StageStats] | None = _key(load=_map_of(StageStats))
     p50_ms: float | None = _key("latency_ms_p50")
@@ -118,6 +120,8 @@ class LatencySummary(Stored):
     std_ms: float | None = _key("latency_ms_std")
     hz: float | None = _key()
     calls: int | None = _key()
+    warmup_calls: int | None = _key()
+    unrecorded_episodes: int | None = _key()  # episodes journaled without their calls (older journals)
     mean_batch: float | None = _key()
     source: str | None = _key()
     shards: list[dict[str, Any]] | None = _key()  # merged runs: each shard's quantiles
@@ -258,11 +262,15 @@ class RunSummary(Stored):
     merge_notes: list[str] | None = _key()
 
     def metrics(self) -> dict[str, float]:
-        """The run's MLflow metrics (DESIGN.md names): success_rate, success_ci_low/high, episodes_per_min,
-        success_rate/<task>, the latency ones, action/layer_cosine_min, policy_timing_ms/<k>, weight_bytes."""
-        m = {name: v for name, v in (("success_rate", self.success_rate), ("success_ci_low", self.success_ci_low),
-                                     ("success_ci_high", self.success_ci_high),
-                                     ("episodes_per_min", self.episodes_per_min)) if v is not None}
+        """The run's MLflow metrics: first the headline ones (`Headline/success_rate`, `.._ci_low`, `.._ci_high`,
+        `Headline/latency_p50_ms`: evalkit.tracking.names), then the DESIGN.md names: success_rate,
+        success_ci_low/high, episodes_per_min, success_rate/<task>, the latency ones, action/layer_cosine_min,
+        policy_timing_ms/<k>, weight_bytes."""
+        m = headline_metrics({"success_rate": self.success_rate, "success_ci_low": self.success_ci_low,
+                              "success_ci_high": self.success_ci_high, "latency_ms_p50": self.latency.p50_ms})
+        m.update({name: v for name, v in (("success_rate", self.success_rate), ("success_ci_low", self.success_ci_low),
+                                          ("success_ci_high", self.success_ci_high),
+                                          ("episodes_per_min", self.episodes_per_min)) if v is not None})
         for name, t in self.per_task.items():
             m[f"success_rate/{name}"] = t.success_rate
         m.update(self.latency.metrics())
@@ -279,7 +287,8 @@ class RunSummary(Stored):
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, float], params: Mapping[str, Any]) -> "RunSummary":
         """What an MLflow run without summary.json (an old one) still tells: its metrics (named as in `metrics`)
-        at the top, the latency quantiles in `latency`, its params."""
+        at the top, the latency quantiles in `latency`, its params. Headline names count as their DESIGN.md ones."""
+        metrics = with_design_names(metrics)
         d: dict[str, Any] = {k: v for k, v in metrics.items() if not k.startswith("latency_ms")}
         d["latency"] = {k: v for k, v in metrics.items() if k.startswith("latency_ms_p")}
         d["params"] = dict(params)
@@ -297,7 +306,7 @@ class RunSummary(Stored):
 # -- building it from the episodes --------------------------------------------------------------
 EPISODE_COLUMNS = [
     "suite", "task_id", "task_name", "init_state_id", "seed", "success", "steps", "failure_reason",
-    "wall_time_s", "policy_time_s", "policy_calls", "video_path", "instruction",
+    "wall_time_s", "policy_time_s", "policy_calls", "video_path", "instruction", "video_error",
 ]
 
 
@@ -331,10 +340,11 @@ def _percentiles(ms: list[float]) -> dict[str, float]:
     return {k: st[k] for k in ("p50", "p90", "p99", "mean", "std", "n")}
 
 
-def stage_summary(stage_ms: list[dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+def stage_summary(stage_ms: list[dict[str, list[float]]], warmup: int = 1) -> dict[str, dict[str, float]]:
     """Per stage: percentiles of the stage's time per call (a stage that occurs N times per call, like
-    denoise, is summed per call) and, for repeated stages, of each occurrence (`<stage>_step`)."""
-    calls = stage_ms[1:] if len(stage_ms) > 1 else stage_ms  # first call = warm-up
+    denoise, is summed per call) and, for repeated stages, of each occurrence (`<stage>_step`). The first
+    `warmup` calls are left out (unless nothing would remain)."""
+    calls = stage_ms[warmup:] if len(stage_ms) > warmup else stage_ms
     out: dict[str, dict[str, float]] = {}
     names = sorted({n for c in calls for n in c})
     for n in names:
@@ -346,20 +356,31 @@ def stage_summary(stage_ms: list[dict[str, list[float]]]) -> dict[str, dict[str,
     return out
 
 
+ROLLOUT_SOURCE = "rollout policy calls (wall clock, batched across workers)"
+
+
 def latency_summary(call_s: list[float], batch_sizes: list[int], stage_ms: list | None = None) -> LatencySummary:
     """Policy-call latency seen by the rollouts (batched calls, wall clock, first call excluded as warm-up)."""
-    calls = np.asarray(call_s[1:] if len(call_s) > 1 else call_s, dtype=float) * 1e3
+    timed = call_s[1:] if len(call_s) > 1 else call_s
+    return calls_latency(timed, batch_sizes, stage_summary(stage_ms) if stage_ms else None)
+
+
+def calls_latency(timed_s: list[float], batch_sizes: list[int], stages: dict | None, source: str = ROLLOUT_SOURCE,
+                  **counts: int | None) -> LatencySummary:
+    """The latency summary of the timed calls (seconds; warm-ups already left out); `batch_sizes` of every call;
+    `counts`: further integer keys (warmup_calls, unrecorded_episodes), written when not None."""
+    calls = np.asarray(timed_s, dtype=float) * 1e3
     if calls.size == 0:
         return LatencySummary()
     st = sample_stats(calls)
     p50 = st["p50"]
-    stages = {"stages": stage_summary(stage_ms)} if stage_ms else {}
-    return LatencySummary.from_dict({**stages,
+    return LatencySummary.from_dict({**({"stages": stages} if stages else {}),
         "latency_ms_p50": p50, "latency_ms_p90": st["p90"], "latency_ms_p99": st["p99"],
         "latency_ms_mean": st["mean"], "latency_ms_std": st["std"],
         "hz": float(1e3 / p50) if p50 > 0 else None,
-        "calls": st["n"], "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
-        "source": "rollout policy calls (wall clock, batched across workers)",
+        "calls": st["n"], **{k: v for k, v in counts.items() if v is not None},
+        "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        "source": source,
     })
 
 
@@ -389,9 +410,7 @@ def build_summary(df: pd.DataFrame, params: dict, protocol: dict, latency: Laten
 
 
 def write_summary(run_dir: Path, summary: RunSummary) -> Path:
-    path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    return path
+    return write_json_atomic(run_dir / "summary.json", summary.to_dict(), indent=2, default=str)
 
 
 def write_results(run_dir: Path, df: pd.DataFrame, summary: RunSummary) -> dict[str, Path]:
@@ -401,7 +420,8 @@ def write_results(run_dir: Path, df: pd.DataFrame, summary: RunSummary) -> dict[
         "episodes_parquet": run_dir / "episodes.parquet",
         "summary": run_dir / "summary.json",
     }
-    df.to_csv(paths["episodes_csv"], index=False)
-    df.to_parquet(paths["episodes_parquet"], index=False)
+    # each file whole or not at all (evalkit.atomic): an empty table still has its header
+    write_atomic(paths["episodes_csv"], lambda tmp: df.to_csv(tmp, index=False))
+    write_atomic(paths["episodes_parquet"], lambda tmp: df.to_parquet(tmp, index=False))
     write_summary(run_dir, summary)
     return paths

@@ -4,14 +4,22 @@ Written here rather than with a library: the policy must stay in the main proces
 one GPU) while envs run in parallel, and each episode must be journaled the moment it ends.
 Loop: every worker that waits for actions is served by ONE `policy.predict` call as soon as no
 worker is still stepping; finished episodes go to the journal; a worker that dies is replaced
-and its episode recorded as failed with the reason.
+and its episode recorded as failed with the reason (unless SIGTERM/SIGINT ended it: that stops the run,
+evalkit.errors.Interrupted, and the episode runs again on resume).
+
+Each engine run is one session (an id that sorts by start time). Every record is journaled with its session,
+the time since the session started, and the policy calls that served it (`PolicyCall`, numbered within the
+session); a batched call that served several episodes is stored in each of their records and counted once by
+its (session, number) when the latency is summarized (evalkit.results.timing).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import time
+import uuid
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +28,10 @@ from typing import Callable
 
 import numpy as np
 
+from evalkit.errors import Interrupted
 from evalkit.policies.base import ObsBatch, Observation
 from evalkit.rollout.journal import Journal
-from evalkit.rollout.records import EXCEPTION, EpisodeRecord
+from evalkit.rollout.records import EXCEPTION, EpisodeRecord, PolicyCall
 from evalkit.rollout.worker import EpisodeRunner, EpisodeSpec, worker_main
 from evalkit.suites.specs import SuiteSpec
 
@@ -55,6 +64,7 @@ class RolloutResult:
     stage_ms: list[dict[str, list[float]]] = field(default_factory=list)  # per call: stage -> ms of each occurrence
     stop_reason: str | None = None  # why the stop rule ended the run early (None: every episode ran)
     not_run: int = 0  # episodes never started because of the stop rule
+    session: str = ""  # this engine run's id, stored in the records it journaled
 
 
 class _LocalWorker:
@@ -83,6 +93,8 @@ class _LocalWorker:
 
     def close(self):
         self.runner.close()
+
+    terminate = close
 
 
 # MuJoCo steps on one thread; math-library pools sized to every core in every worker only fight
@@ -115,7 +127,10 @@ class _ProcessWorker:
         child.close()
 
     def send(self, msg):
-        self.conn.send(msg)
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the worker died: the loop's liveness check records it (or stops the run if it was signalled)
 
     def ready(self) -> bool:
         return self.conn.poll()
@@ -138,6 +153,14 @@ class _ProcessWorker:
         if self.proc.is_alive():
             self.proc.kill()
 
+    def terminate(self):
+        """Stop now, abandoning the episode in flight (an interrupted run resumes it)."""
+        self.proc.terminate()
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+
 
 @dataclass
 class _Slot:
@@ -150,6 +173,12 @@ class _Slot:
     calls: int = 0
     policy_s: float = 0.0
     t_start: float = 0.0
+    served: list[PolicyCall] = field(default_factory=list)  # the policy calls of the current episode
+
+
+def _new_session_id() -> str:
+    """Unique, and sorting by it sorts sessions by start time."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def _order_for_reuse(todo: list[tuple[int, int]]) -> deque:
@@ -181,7 +210,7 @@ def run_rollouts(
 ) -> RolloutResult:
     """Run every episode of `spec` not already in `journal`; return all records (old + new)."""
     t0 = time.perf_counter()
-    done = {r.key: r for r in journal.load() if r.suite == spec.name}
+    done = {r.key: r for r in journal.recover().records if r.suite == spec.name}
     wanted = spec.episodes()
     done = {k: r for k, r in done.items() if k in set(wanted)}
     resumed = len(done)
@@ -196,7 +225,7 @@ def run_rollouts(
         if r.video_path:
             videos_used[r.task_id] = videos_used.get(r.task_id, 0) + 1
 
-    result = RolloutResult(records=[], resumed=resumed)
+    result = RolloutResult(records=[], resumed=resumed, session=_new_session_id())
     if options.stop_rule is not None and done:
         result.stop_reason = options.stop_rule(list(done.values()))
     if result.stop_reason:
@@ -223,13 +252,15 @@ def run_rollouts(
             video_allowed=allowed,
             video_dir=options.video_dir,
         )
-        slot.calls, slot.policy_s, slot.t_start = 0, 0.0, time.perf_counter()
+        slot.calls, slot.policy_s, slot.t_start, slot.served = 0, 0.0, time.perf_counter(), []
         slot.state = "stepping"
         slot.worker.send(("start", slot.ep))
 
     def finish(slot: _Slot, rec: EpisodeRecord) -> None:
         if rec.video_path:
             videos_used[rec.task_id] = videos_used.get(rec.task_id, 0) + 1
+        rec.session, rec.calls = result.session, list(slot.served)
+        rec.session_s = time.perf_counter() - t0
         journal.append(rec)
         done[rec.key] = rec
         if on_record:
@@ -286,12 +317,17 @@ def run_rollouts(
                         continue
                 if not s.worker.alive():
                     code = s.worker.exitcode()
+                    if code in (-signal.SIGTERM, -signal.SIGINT):  # stopped, not crashed: no result to record
+                        raise Interrupted(-code)
                     rec = crash_record(s, f"worker process died (exit code {code})")
                     s.worker = make()
                     finish(s, rec)
-    finally:
+    except BaseException:  # interrupted (or a bug): abandon the episodes in flight, stop the workers now
         for s in slots:
-            s.worker.close()
+            s.worker.terminate()
+        raise
+    for s in slots:
+        s.worker.close()
 
     result.records = [done[k] for k in wanted if k in done]
     result.wall_s = time.perf_counter() - t0
@@ -314,9 +350,12 @@ def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult, timer=Non
     except Exception as e:  # a policy crash fails these episodes, not the run
         actions, error = None, f"policy error: {type(e).__name__}: {e}"
     dt = time.perf_counter() - t
+    call = PolicyCall(n=len(result.policy_call_s), s=dt, batch=len(waiting),
+                      stage_ms=result.stage_ms[-1] if timer is not None and error is None else None)
     result.policy_call_s.append(dt)
     result.policy_batch_sizes.append(len(waiting))
     for i, s in enumerate(waiting):
+        s.served.append(call)
         s.calls += 1
         s.policy_s += dt
         s.obs = None

@@ -1,13 +1,35 @@
-"""The episode record (docs/architecture.md): one row per finished episode."""
+"""The episode record (docs/architecture.md): one row per finished episode, and its schema check.
+
+A record also carries the policy calls that served the episode (`calls`) and the rollout session that ran it,
+so the latency and throughput of a run can be rebuilt from the journal alone (docs/journal.md): resumed,
+re-run and merged runs then report what one uninterrupted run would.
+
+`RecordError`/`record_from_json` check a journal line against the dataclass fields' own type hints. Written
+here rather than with a validation library: the schema is this one flat dataclass (plus `PolicyCall`), and
+evalkit declares no such dependency.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 TIMEOUT = "timeout"
 NAN_ACTION = "nan_action"
 EXCEPTION = "exception"
+
+
+@dataclass
+class PolicyCall:
+    """One batched `policy.predict` that served the episode. A call that served several episodes at once is
+    stored in each of their records and counted once: its id is (the record's session, `n`)."""
+
+    n: int  # index of the call in its session (0: the session's first call, its warm-up)
+    s: float  # wall seconds of the whole batched call
+    batch: int  # observations it served
+    stage_ms: dict[str, list[float]] | None = None  # per stage, ms of each occurrence (policies with a timer)
 
 
 @dataclass
@@ -25,6 +47,10 @@ class EpisodeRecord:
     policy_calls: int
     video_path: str | None = None
     instruction: str = ""
+    video_error: str | None = None  # why a wanted video is missing (video_path is then None)
+    session: str | None = None  # the rollout session (one engine run in one process) that ran the episode
+    session_s: float | None = None  # seconds from its session's start until the episode was journaled
+    calls: list[PolicyCall] | None = None  # the policy calls that served it (None: journals of older versions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,8 +58,96 @@ class EpisodeRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EpisodeRecord":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if kw.get("calls") is not None:
+            kw["calls"] = [c if isinstance(c, PolicyCall) else PolicyCall(**c) for c in kw["calls"]]
+        return cls(**kw)
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.task_id, self.init_state_id)
+
+    def outcome(self) -> tuple:
+        """What two records of one episode must agree on to be the same result."""
+        return (self.success, self.steps, self.failure_reason)
+
+
+# -- schema check -------------------------------------------------------------------------------
+class RecordError(ValueError):
+    """A journal line that is not an episode record; the message says why (one line)."""
+
+
+def _type_name(v: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "bool", type(None): "null"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _check(value: Any, hint: Any, where: str) -> None:
+    """Raise RecordError unless `value` (parsed JSON) fits the type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: say what X wanted
+            return _check(value, options[0], where)
+        for option in options:
+            try:
+                return _check(value, option, where)
+            except RecordError:
+                pass
+        raise RecordError(f"{where}: unexpected {_type_name(value)}")
+    if hint is type(None):
+        if value is not None:
+            raise RecordError(f"{where}: expected null, got {_type_name(value)}")
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: expected a list, got {_type_name(value)}")
+        (item,) = typing.get_args(hint)
+        for i, v in enumerate(value):
+            _check(v, item, f"{where}[{i}]")
+        return
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise RecordError(f"{where}: expected an object, got {_type_name(value)}")
+        _, item = typing.get_args(hint)
+        for k, v in value.items():
+            _check(v, item, f"{where}.{k}")
+        return
+    elif is_dataclass(hint):
+        _check_fields(value, hint, where)
+        return
+    else:  # a hint this checker does not know: a bug here, not bad input
+        raise TypeError(f"records schema: unsupported type hint {hint!r} at {where}")
+    if not ok:
+        raise RecordError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {_type_name(value)} {value!r:.40}")
+
+
+def _check_fields(obj: Any, cls: type, where: str = "") -> None:
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where + ': ' if where else ''}JSON {_type_name(obj)}, not an object")
+    hints = typing.get_type_hints(cls)
+    missing = [f.name for f in fields(cls)
+               if f.name not in obj and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise RecordError(f"{where + ': ' if where else ''}missing field(s) {', '.join(missing)}")
+    for f in fields(cls):
+        if f.name in obj:
+            _check(obj[f.name], hints[f.name], f"{where + '.' if where else ''}{f.name}")
+
+
+def record_from_json(obj: Any) -> EpisodeRecord:
+    """The record a parsed journal line holds; RecordError (one line) when it is not one. Keys this version does
+    not know are ignored (a newer writer's)."""
+    _check_fields(obj, EpisodeRecord)
+    return EpisodeRecord.from_dict(obj)

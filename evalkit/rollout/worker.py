@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evalkit.atomic import write_atomic
 from evalkit.rollout.records import EXCEPTION, NAN_ACTION, TIMEOUT, EpisodeRecord
 from evalkit.suites.specs import SuiteSpec
 
@@ -135,9 +136,9 @@ class EpisodeRunner:
         if wanted and ep.video_allowed and ep.video_dir:
             try:
                 rec.video_path = self._write_video(success)
-            except Exception as e:  # a video must never cost the episode's result
-                rec.video_path = None
-                print(f"[evalkit] video for {self.env.episode_key} failed: {e}", flush=True)
+            except Exception as e:  # a video must never cost the episode's result; it is recorded as missing
+                rec.video_path, rec.video_error = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"[evalkit] video for {self.env.episode_key} failed: {rec.video_error}", flush=True)
         return rec
 
     def _record(self, success: bool, reason: str | None) -> EpisodeRecord:
@@ -163,8 +164,6 @@ class EpisodeRunner:
         MuJoCo is deterministic for the same initial state and action sequence, so the replay
         shows exactly the episode that was scored (checked in tests).
         """
-        import imageio
-
         ep = self.ep
         frames = self.frames
         if not ep.render:
@@ -179,14 +178,31 @@ class EpisodeRunner:
                 print(f"[evalkit] warning: replayed video of {env.episode_key} diverged from the scored episode", flush=True)
         tag = "success" if success else "failure"
         path = Path(ep.video_dir) / f"{self.spec.libero_name}_t{ep.task_id}_i{ep.init_state_id}_{tag}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        imageio.mimwrite(path, frames, fps=20, macro_block_size=1)
+        write_video(path, frames)
         return str(path)
 
     def _drop_env(self) -> None:
         """After an exception the env's state is unknown: rebuild it for the next episode."""
         self.close()
         self.env_key = None
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 20) -> None:
+    """Encode `frames` as an MP4 at `path`, atomically: a temp file that ffmpeg decodes back to every frame, then
+    renamed. A full disk or an encoder error raises and leaves no file under `path` (never a truncated video)."""
+    import imageio
+    import imageio_ffmpeg
+
+    def encode(tmp: Path) -> None:
+        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
+        try:  # a cut-off MP4 (no moov box) fails to decode; a short one decodes fewer frames
+            n, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+        except RuntimeError as e:
+            raise OSError(f"the encoded video does not decode ({str(e).splitlines()[0][:120]})") from None
+        if n != len(frames):
+            raise OSError(f"the encoded video holds {n} of {len(frames)} frames")
+
+    write_atomic(path, encode)
 
 
 def worker_main(conn, spec: SuiteSpec) -> None:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evalkit.atomic import write_json_atomic
+
 BUNDLE_DIR = "mlflow_bundle"
 
 
@@ -21,14 +23,17 @@ class RunBundle:
     table: str | None = None  # relative path of the episode table (parquet) to log with mlflow.log_table
     sweep_key: str | None = None  # multirun: children of one sweep share a parent run found by this key
     parent_run_id: str | None = None
+    # when the run really started and ended (ms since the epoch), so MLflow shows the run's own times and duration,
+    # not the upload's; None (bundles written before these existed): the upload's time
+    start_time_ms: int | None = None
+    end_time_ms: int | None = None
 
 
 def write_bundle(run_dir: Path, bundle: RunBundle) -> Path:
     d = Path(run_dir) / BUNDLE_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / "run.json"
-    path.write_text(json.dumps(asdict(bundle), indent=2, default=str))
-    return path
+    return write_json_atomic(path, asdict(bundle), indent=2, default=str)  # whole or absent (evalkit.atomic)
 
 
 def read_bundle(run_dir: Path) -> RunBundle:
