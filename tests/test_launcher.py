@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from tests.conftest import mlflow_runs as _runs
 from tests.conftest import run_cli
@@ -37,6 +38,7 @@ def test_joblib_shards_land_in_one_sqlite_store_and_merge(workdir):
     assert len(_runs(db)) == 4
 
 
+@pytest.mark.slow  # CI time; tests/test_tracking.py keeps concurrent store creation in the default tier
 def test_many_concurrent_writers_on_one_sqlite_store(workdir):
     """Six uploads at once into one sqlite store created beforehand (as the sweep callback does): none lost."""
     base = workdir / "r0"
@@ -58,6 +60,7 @@ def test_many_concurrent_writers_on_one_sqlite_store(workdir):
     assert all(r.data.metrics.get("success_rate") == 0.0 and r.data.params["policy"] == "noop" for r in runs)
 
 
+@pytest.mark.slow  # CI time
 def test_a_failing_job_fails_the_sweep(workdir):
     """Jobs run in joblib's processes: their exit codes still decide the sweep's (the worst wins)."""
     p = run_cli("-m", "hydra/launcher=local_joblib", "shard=0/2,7/2", "policy=noop", "suite=libero_spatial_quick",

@@ -115,6 +115,7 @@ def test_first_observation_matches_openpi_loop(libero_name, task_id):
     assert_parity(libero_name, task_id, [1, 3], render=False)
 
 
+@pytest.mark.slow  # rendering on CPU: the physics cases stay in the default tier
 def test_rendered_first_observation_matches_openpi_loop():
     assert_parity("libero_spatial", 5, [0, 2], render=True)
 

@@ -109,6 +109,7 @@ def test_openpi_client_speaks_to_evalkit_serve(random_server):
         client.infer({"observation/image": req["observation/image"]})
 
 
+@pytest.mark.slow  # a whole quick suite through the server (~75 s); the calls above cover the protocol
 def test_quick_suite_through_a_served_pi05_tiny(workdir):
     """A real evaluation: LIBERO envs here, pi05_tiny (images + prompt) in a server subprocess."""
     proc, port = start_server("policy=pi05_tiny", "device=cpu")

@@ -77,6 +77,7 @@ def _assert_stopped_cleanly(code: int, out: str, run_dir: Path, marker: str, tmp
     return line
 
 
+@pytest.mark.slow  # runs and resumes a real run; SIGTERM below keeps signals in the default tier
 def test_ctrl_c_stops_the_run_with_one_line_whose_command_resumes_it(tmp_path):
     code, out, run_dir, marker = _interrupt(tmp_path, signal.SIGINT, to_group=True, after_episodes=1)  # as Ctrl-C
     line = _assert_stopped_cleanly(code, out, run_dir, marker, tmp_path, signal.SIGINT)
@@ -121,6 +122,7 @@ class _TermsItsWorker:
         return None
 
 
+@pytest.mark.slow
 def test_a_worker_ended_by_sigterm_stops_the_run_instead_of_failing_its_episode(tmp_path):
     from evalkit.suites.specs import customize, get_suite
 
