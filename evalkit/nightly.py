@@ -5,7 +5,7 @@ The matrix (conf/experiment/nightly.yaml: backends x suites x denoise_steps) run
 family (evalkit.gate.family.judge_family) against their suite's baseline cell (paired on episodes when
 both have tables): Holm's adjustment by default, so an unchanged stack fails a night with probability
 <= alpha however many cells it has. With `gate.sequential` (on in nightly.yaml) each candidate cell is
-started with its baseline and the family size, so its run can stop early once the anytime-valid test
+started with its baseline and the family size, so its run can stop early once the group-sequential test
 has decided (evalkit.gate.sequential). The report (evalkit.report: Markdown + self-contained HTML) and
 every verdict are logged to MLflow under a parent run tagged evalkit.nightly=true. OmegaConf reads the
 config; MLflow's client does the logging.

@@ -21,7 +21,7 @@ class GateConfig:
     # Non-inferiority margin: "pass" needs the drop shown < max_drop (one-sided, level alpha); a drop shown > 0
     # but not < max_drop is a regression; neither shown is inconclusive.
     max_drop: float = 0.05
-    sequential: bool = False  # anytime-valid sequential test on paired episodes, can stop a run early (nightly: on)
+    sequential: bool = False  # group-sequential test on paired episodes, looked at after every block; can stop a run early (nightly: on)
     family_method: str = "holm"  # holm | bh | bonferroni | none: adjustment of regression p-values over a family
     family_size: int = 1  # comparisons judged together (nightly sets it); a cell judged alone uses alpha / family_size
     fail_inconclusive: bool = False  # exit 1 instead of 0 on an inconclusive verdict (strict: true)

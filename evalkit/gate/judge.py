@@ -176,20 +176,8 @@ def _paired_evidence(merged: pd.DataFrame, base_eps: pd.DataFrame, cfg: GateConf
             base_eps = base_eps[base_eps["suite"].isin(set(merged["suite"]))]
         base = {(int(t), int(i)): bool(s) for t, i, s in zip(base_eps["task_id"], base_eps["init_state_id"], base_eps["success"])}
         out = SEQ.evaluate(base, cand, cfg)
-        _, thr_reg, thr_ni = SEQ.thresholds(cfg)
-        if out.stage == "interim":
-            what = (f"regression (drop shown > {SEQ.regression_stop_drop(cfg):.3g})" if out.decision == "regression"
-                    else f"non-inferior within {cfg.max_drop}")
-            how = (f"decided '{what}' after {out.pairs_at_decision} pairs ({out.blocks} complete blocks: "
-                   f"{out.b} lost, {out.c} gained; E_reg {math.exp(out.log_e_regression):.3g}, "
-                   f"E_ni {math.exp(out.log_e_noninferior):.3g})")
-        else:
-            how = (f"no boundary crossed in {out.blocks} complete blocks ({out.pairs_at_decision} pairs; max E_reg "
-                   f"{math.exp(out.log_e_regression):.3g} < {math.exp(thr_reg):.3g}, max E_ni "
-                   f"{math.exp(out.log_e_noninferior):.3g} < {math.exp(thr_ni):.3g}); final analysis on all {n} pairs: "
-                   f"McNemar at the level left, non-inferiority (Tango, exact) p = {out.p_noninferior_final:.4g} "
-                   f"vs {cfg.alpha * (1 - SEQ.NI_INTERIM_SHARE):.3g}")
-        test = f"sequential (anytime-valid) test on {n} paired episodes, {b} lost, {c} gained: {how}"
+        how = out.describe(cfg)
+        test = f"sequential (group-sequential) test on {n} paired episodes, {b} lost, {c} gained: {how}"
         return SuccessEvidence("paired", "sequential", out.p_regression, out.decision == "pass", None, mde, need,
                                n, n, b, c, rates, test, note, out.to_dict())
     p = S.mcnemar_exact(b, c, "greater")
