@@ -84,6 +84,9 @@ class RunConfig:
     seed: int = 7
     device: str = "auto"  # auto: cuda if present, else cpu
     workers: int = 2  # env worker processes; 0 runs envs in the main process
+    # longest a worker waiting for actions waits for stepping workers to join its batch, and never longer than a
+    # policy call takes (evalkit/rollout/engine.py)
+    batch_window_ms: float = 50.0
     video: VideoMode = VideoMode.failures
     videos_per_task: int = 5
     resume: Optional[str] = None  # null: continue only if this run dir already holds a journal; "latest" or a run dir
@@ -209,6 +212,7 @@ class RunSettings:
     workers: int
     video: str
     videos_per_task: int
+    batch_window_ms: float
     resume: Optional[str]
     quiet: bool
     baseline: Optional[str]
@@ -246,6 +250,8 @@ def validate(cfg) -> RunSettings:
     check_denoise_steps(c["denoise_steps"])
     if c["workers"] < 0:
         raise BadInput(f"workers={c['workers']}: must be >= 0 (0 runs envs in the main process)")
+    if c["batch_window_ms"] < 0:
+        raise BadInput(f"batch_window_ms={c['batch_window_ms']}: must be >= 0 (0: serve waiting workers at once)")
     if c["videos_per_task"] < 0:
         raise BadInput(f"videos_per_task={c['videos_per_task']}: must be >= 0")
     s = c["suite"]
@@ -268,6 +274,6 @@ def validate(cfg) -> RunSettings:
     return RunSettings(
         policy=pol, backend=c["backend"], suite=spec, gate=c["gate"] or {}, tracking=c["tracking"],
         denoise_steps=c["denoise_steps"], seed=c["seed"], device=resolve_device(c["device"]), workers=c["workers"],
-        video=c["video"], videos_per_task=c["videos_per_task"], resume=c["resume"], quiet=c["quiet"],
+        video=c["video"], videos_per_task=c["videos_per_task"], batch_window_ms=c["batch_window_ms"], resume=c["resume"], quiet=c["quiet"],
         baseline=c["baseline"],
     )

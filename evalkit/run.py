@@ -32,6 +32,7 @@ from evalkit.results.summary import (
 from evalkit.results.table import print_summary, print_where
 from evalkit.results.timing import run_timing
 from evalkit.rollout.engine import RolloutOptions, run_rollouts
+from evalkit.rollout.records import episode_costs
 from evalkit.rollout.journal import Journal
 from evalkit.tracking.bundle import RunBundle, write_bundle
 from evalkit.validate import validate_run
@@ -321,7 +322,7 @@ def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: 
     previous = [r for r in read.records if r.suite == spec.name and r.key in set(spec.episodes())]
     if previous:
         console.print(f"resuming: {len(previous)} of {len(spec.episodes())} episodes already in {journal.path}")
-    # gate.sequential: an anytime-valid test on the paired outcomes can end the rollouts once it has decided
+    # gate.sequential: a group-sequential test on the paired outcomes can end the rollouts once it has decided
     stop_rule = None
     if baseline.run is not None and gate_cfg.sequential:
         from evalkit.gate.sequential import sequential_stop_rule
@@ -329,7 +330,8 @@ def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: 
         stop_rule = sequential_stop_rule(baseline.run, gate_cfg, spec)
     options = RolloutOptions(workers=s.workers, video_mode=s.video, videos_per_task=s.videos_per_task,
                              video_dir=str(run_dir / "videos"), stage_timer=stage_timer_for(policy, device),
-                             stop_rule=stop_rule, order="interleave" if stop_rule else "task")
+                             stop_rule=stop_rule, order="interleave" if stop_rule else "task",
+                             batch_window_ms=s.batch_window_ms)
     # library output (robosuite, LIBERO, warnings) of the rollouts, workers included, goes to run.log, not over the bar
     with RunProgress(len(spec.episodes()), previous, s.quiet, f"{spec.name}", log_path=run_dir / RUN_LOG,
                      workers=s.workers) as prog:
@@ -347,7 +349,8 @@ def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: 
     extra.update({"resumed_episodes": result.resumed,
                   # a remote policy's client round trip and server timing, kept apart (evalkit/policies/remote.py)
                   "policy_timing": policy.timing_summary() if hasattr(policy, "timing_summary") else None,
-                  "episodes_per_min": timing.episodes_per_min})
+                  "episodes_per_min": timing.episodes_per_min,
+                  "rollout": episode_costs(result.records)})  # env builds, resets, set-up, ms per step
     summary = build_summary(df, params, spec.protocol(), timing.latency, timing.wall_s, extra=extra)
     if result.stop_reason:  # recorded for people; the judge re-derives the decision from the episodes
         summary.rollout_stop = RolloutStop(result.stop_reason, result.not_run)

@@ -1,21 +1,27 @@
-"""LIBERO environment adapter: openpi's observation processing over `OffScreenRenderEnv`.
+"""LIBERO environment adapter: openpi's observation processing over LIBERO's `OffScreenRenderEnv`.
 
-- Cameras are rendered only when asked (`render=True`); a state-only policy runs physics only.
+- Cameras are rendered only when asked (`render=True`). A state-only env (`render=False`) has no offscreen
+  render context at all (LIBERO's `ControlEnv` with `has_offscreen_renderer=False`); its physics equal a
+  rendered env's bit for bit, and `render_frame` attaches a context on demand (failure videos by replay)
+  without touching the physics.
 - Images: agentview + wrist at `spec.resolution`, rotated 180° (LIBERO renders upside down),
   resized with padding to `spec.image_size` (PIL bilinear; pads with black to keep aspect).
 - Proprio state: eef pos (3) + eef axis-angle (3) + gripper qpos (2), as openpi's LIBERO example.
 - `reset` restores an official init state (or a seeded random placement) and runs the settle steps.
   Seeding follows `spec.seed_mode` (suites/seeding.py): `openpi` gives episode i exactly the scene of
   episode i in openpi's LIBERO loop; `independent` reseeds every episode from (seed, suite, task, episode).
+  The first reset of an env is robosuite's hard reset (recompile); later ones are cheap resets that start from
+  its snapshot and give bit-identical results (suites/seeding.py; `last_reset_kind`, `last_reset_s`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
-from evalkit.suites.seeding import OpenpiResetStream
+from evalkit.suites.seeding import OpenpiResetStream, ResetHook
 from evalkit.suites.specs import SuiteSpec
 
 from evalkit.policies.base import Observation
@@ -37,6 +43,18 @@ def _quiet_import_libero():
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def _control_env_class():
+    from libero.libero.envs.env_wrapper import ControlEnv  # OffScreenRenderEnv's base: lets the offscreen context go
+
+    return ControlEnv
+
+
+# (LIBERO suite name, task id) -> why a cheap reset is not bit-identical there; those envs keep robosuite's hard
+# reset for every episode. Empty: every task checked so far gives identical results (tests/test_cheap_reset.py,
+# scripts/gpu_rollouts/reset_check.py).
+HARD_RESET_ONLY: dict[tuple[str, int], str] = {}
 
 
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
@@ -90,7 +108,7 @@ def load_task(spec: SuiteSpec, task_id: int) -> tuple[TaskInfo, np.ndarray]:
 class LiberoEnv:
     """One LIBERO task's environment, reusable across episodes of that task."""
 
-    def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True):
+    def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True, cheap_resets: bool = True):
         _, _, OffScreenRenderEnv = _quiet_import_libero()
         self.spec = spec
         self.task_id = task_id
@@ -99,17 +117,25 @@ class LiberoEnv:
         self.info, self.init_states = load_task(spec, task_id)
         self.language = self.info.language
         self.bddl_path = self.info.bddl_file
-        self.raw = OffScreenRenderEnv(
+        # A state-only env gets no offscreen render context (OffScreenRenderEnv forces one on): no GL context per env
+        # and none recreated per hard reset. The context constructor's mj_forward is run explicitly instead
+        # (ResetHook), so the physics are those of a rendered env.
+        env_class = OffScreenRenderEnv if render else _control_env_class()
+        self.raw = env_class(
             bddl_file_name=self.bddl_path,
             use_camera_obs=render,
-            # Kept on so failure videos can be rendered on demand (replay) even in state-only runs;
-            # costs nothing measurable per step when no camera observation is asked for (docs/field_notes.md).
-            has_offscreen_renderer=True,
+            has_offscreen_renderer=render,
             camera_heights=spec.resolution,
             camera_widths=spec.resolution,
         )
         # openpi's loop seeds once per task env; our stream replays its resets (None: independent seeding)
-        self.stream = OpenpiResetStream(self.raw.env, spec.seed) if spec.seed_mode == "openpi" else None
+        self.stream = OpenpiResetStream(spec.seed) if spec.seed_mode == "openpi" else None
+        self.resets = ResetHook(self.raw.env, self.stream)
+        why = HARD_RESET_ONLY.get((spec.libero_name, task_id))
+        self.cheap_resets = cheap_resets and why is None
+        self.hard_reset_reason = why if why else (None if cheap_resets else "cheap resets turned off")
+        self.last_reset_kind: str | None = None  # "hard" | "cheap": what the last reset() did
+        self.last_reset_s: float | None = None  # seconds of the last reset(), settle steps included
         self.episode_key = ""
         self.steps = 0
 
@@ -121,23 +147,26 @@ class LiberoEnv:
         seed_mode=independent (and random placements): np.random is reseeded with `seed` (default: the
         episode's own seed from the spec).
         """
+        t0 = time.perf_counter()
         if init_state_id is not None and not (0 <= init_state_id < len(self.init_states)):
             raise IndexError(f"init state {init_state_id} out of range (task has {len(self.init_states)})")
+        # the first reset recompiles (and snapshots the fresh model); later ones start from that snapshot
+        kind = "cheap" if self.cheap_resets and self.resets.fresh is not None else "hard"
         if self.stream is not None and init_state_id is not None:
             self.stream.arm(init_state_id)  # openpi: episode i uses init state i and the stream after i resets
-            raw_obs = self.raw.reset()
-            self.stream.check()
         else:
             if seed is None:
                 seed = self.spec.episode_seed(self.task_id, init_state_id if init_state_id is not None else -1)
             self.raw.seed(int(seed))
-            raw_obs = self.raw.reset()
+        raw_obs = self.resets.reset(self.raw, cheap=kind == "cheap")
+        self.resets.check()
         if init_state_id is not None:
             raw_obs = self.raw.set_init_state(self.init_states[init_state_id])
         for _ in range(self.spec.num_steps_wait):
             raw_obs, _, _, _ = self.raw.step(SETTLE_ACTION)
         self.episode_key = f"{self.spec.libero_name}/{self.task_id}/{init_state_id if init_state_id is not None else f's{seed}'}"
         self.steps = 0
+        self.last_reset_kind, self.last_reset_s = kind, time.perf_counter() - t0
         return self._observation(raw_obs)
 
     def step(self, action: np.ndarray) -> tuple[Observation, bool]:
@@ -146,10 +175,30 @@ class LiberoEnv:
         return self._observation(raw_obs), bool(self.raw.check_success())
 
     def render_frame(self, size: int | None = None) -> np.ndarray:
-        """Agentview frame (rotated upright) rendered on demand, for videos of state-only runs."""
+        """Agentview frame (rotated upright) rendered on demand, for videos of state-only runs (the first call
+        attaches a render context to a state-only env, without changing its physics)."""
+        if self.raw.sim._render_context_offscreen is None:
+            self._attach_render_context()
         res = self.spec.resolution
         raw = self.raw.sim.render(camera_name="agentview", width=res, height=res)
         return process_image(raw, size or self.spec.image_size)
+
+    def _attach_render_context(self) -> None:
+        """robosuite's MjRenderContextOffscreen runs sim.forward() in its constructor, which would change the
+        solver's warm start mid-episode; it is skipped here (frames show the data as the last reset or step left
+        it, as a rendered env's own context does). The context lives until the next hard reset; cheap resets keep
+        it, and nothing in the physics depends on it."""
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
+
+        sim, inner = self.raw.sim, self.raw.env
+        sim.forward = lambda: None  # an instance attribute shadows the method during construction only
+        try:
+            MjRenderContextOffscreen(sim, device_id=inner.render_gpu_device_id)
+        finally:
+            del sim.forward
+        ctx = sim._render_context_offscreen
+        ctx.vopt.geomgroup[0] = 1 if inner.render_collision_mesh else 0  # as robosuite's _reset_internal sets them
+        ctx.vopt.geomgroup[1] = 1 if inner.render_visual_mesh else 0
 
     def close(self) -> None:
         try:

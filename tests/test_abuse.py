@@ -129,6 +129,7 @@ ROWS: list[tuple[str, Args, str]] = [
     ("denoise-text", [*NOOP, "denoise_steps=abc"], "denoise_steps='abc' is not an integer"),
     ("workers-neg", [*NOOP, "workers=-1"], "workers=-1: must be >= 0"),
     ("workers-text", [*NOOP, "workers=abc"], "workers='abc' is not an integer"),
+    ("batch-window-neg", [*NOOP, "batch_window_ms=-5"], "batch_window_ms=-5.0: must be >= 0"),
     ("seed-text", [*NOOP, "seed=abc"], "seed='abc' is not an integer"),
     ("seed-float", [*NOOP, "seed=1.5"], "seed='1.5' is not an integer"),
     ("device-tpu", [*NOOP, "device=tpu"], "device=tpu: valid: auto, cpu, cuda, cuda:N"),

@@ -3,6 +3,7 @@
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import numpy as np
 from evalkit.suites.specs import customize, get_suite
@@ -15,22 +16,42 @@ from evalkit.rollout.journal import Journal
 SPEC = customize(get_suite("libero_spatial_quick"), tasks=[0, 1], trials=2, max_steps=10)
 
 
+class SlowNoop(NoopPolicy):
+    """A policy call that takes longer than an action chunk's steps: worth waiting for a batch."""
+
+    def predict(self, batch, noise_seed=None):
+        time.sleep(0.5)
+        return super().predict(batch)
+
+
 def test_two_workers_batch_policy_calls_and_journal_every_episode(tmp_path):
     j = Journal(tmp_path / "e.jsonl")
-    res = run_rollouts(NoopPolicy(), SPEC, j, RolloutOptions(workers=2, video_mode="none"))
+    # the window is capped by a call's time (0.5 s here, longer than a 5-step chunk): a waiting worker waits for
+    # the stepping one, so calls serve both
+    res = run_rollouts(SlowNoop(), SPEC, j, RolloutOptions(workers=2, video_mode="none", batch_window_ms=1e4))
     assert sorted(r.key for r in res.records) == SPEC.episodes()
     assert all(not r.success and r.failure_reason == "timeout" and r.steps == 10 for r in res.records)
     assert max(res.policy_batch_sizes) == 2  # one predict served both workers
+    stats = res.stats()
+    # task-affine: each worker took a task of its own and kept its env, so 2 envs served 4 episodes
+    assert stats["env_builds"] == 2 and sum(r.env_built for r in res.records) == 2
+    assert stats["episodes"] == 4 and stats["batch_max"] == 2 and 0 <= stats["idle_share"] < 1
+    assert all(r.setup_s > 0 and r.reset_kind in ("hard", "cheap") for r in res.records)
     assert len(j.load()) == 4
     # Nothing left to do: a rerun takes every episode from the journal and starts no env.
     again = run_rollouts(NoopPolicy(), SPEC, j, RolloutOptions(workers=2, video_mode="none"))
     assert again.resumed == 4 and again.policy_call_s == []
 
 
+
 def test_results_do_not_depend_on_worker_count(tmp_path):
     a = run_rollouts(RandomPolicy(), SPEC, Journal(tmp_path / "a.jsonl"), RolloutOptions(workers=0, video_mode="none"))
-    b = run_rollouts(RandomPolicy(), SPEC, Journal(tmp_path / "b.jsonl"), RolloutOptions(workers=2, video_mode="none"))
+    b = run_rollouts(RandomPolicy(), SPEC, Journal(tmp_path / "b.jsonl"),
+                     RolloutOptions(workers=2, video_mode="none", batch_window_ms=1e4))
     assert [(r.key, r.success, r.steps) for r in a.records] == [(r.key, r.success, r.steps) for r in b.records]
+    # no barrier: a policy that costs nothing is served at once, however long the window, never held for a stepping
+    # worker (the window is capped by a call's time)
+    assert b.stats()["batch_wait_ms_p95"] < 50
 
 
 class NanPolicy(NoopPolicy):

@@ -2,15 +2,20 @@
 
 Written here rather than with a library: the policy must stay in the main process (one model,
 one GPU) while envs run in parallel, and each episode must be journaled the moment it ends.
-Loop: every worker that waits for actions is served by ONE `policy.predict` call as soon as no
-worker is still stepping; finished episodes go to the journal; a worker that dies is replaced
-and its episode recorded as failed with the reason (unless SIGTERM/SIGINT ended it: that stops the run,
-evalkit.errors.Interrupted, and the episode runs again on resume).
+
+Loop: workers that wait for actions are served by ONE `policy.predict` call as soon as no worker is
+still stepping an action chunk, or once the oldest of them has waited `batch_window_ms` (a bounded
+batching window: no lock-step barrier, and a worker building or resetting its env never holds the
+others back). Episodes are handed out so that envs live long (evalkit/rollout/schedule.py). Finished
+episodes go to the journal; a worker that dies is replaced and its episode recorded as failed with
+the reason (unless SIGTERM/SIGINT ended it: that stops the run, evalkit.errors.Interrupted, and the
+episode runs again on resume).
 
 Each engine run is one session (an id that sorts by start time). Every record is journaled with its session,
 the time since the session started, and the policy calls that served it (`PolicyCall`, numbered within the
 session); a batched call that served several episodes is stored in each of their records and counted once by
-its (session, number) when the latency is summarized (evalkit.results.timing).
+its (session, number) when the latency is summarized (evalkit.results.timing). `RolloutResult.stats()` says
+where the workers' time went (batch sizes, waiting, idle share, env builds and resets).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import signal
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_connections
@@ -31,7 +36,8 @@ import numpy as np
 from evalkit.errors import Interrupted
 from evalkit.policies.base import ObsBatch, Observation
 from evalkit.rollout.journal import Journal
-from evalkit.rollout.records import EXCEPTION, EpisodeRecord, PolicyCall
+from evalkit.rollout.records import EXCEPTION, EpisodeRecord, PolicyCall, episode_costs
+from evalkit.rollout.schedule import EpisodeQueue, next_in_rounds
 from evalkit.rollout.worker import EpisodeRunner, EpisodeSpec, worker_main
 from evalkit.suites.specs import SuiteSpec
 
@@ -52,6 +58,11 @@ class RolloutOptions:
     # then 1, ... (a worker still prefers its current task within the oldest round): what a sequential stop rule
     # needs for early rounds to stand for the whole suite.
     order: str = "task"
+    # Longest a waiting worker waits for stepping workers to join its batch (ms). The wait is also capped by how
+    # long a policy call takes (running average): waiting longer than a call would save costs more than it
+    # saves, so a cheap policy is served at once. 0: serve whoever waits at once (batches still form while a
+    # call runs).
+    batch_window_ms: float = 50.0
 
 
 @dataclass
@@ -65,6 +76,26 @@ class RolloutResult:
     stop_reason: str | None = None  # why the stop rule ended the run early (None: every episode ran)
     not_run: int = 0  # episodes never started because of the stop rule
     session: str = ""  # this engine run's id, stored in the records it journaled
+    batch_wait_ms: list[float] = field(default_factory=list)  # per call: how long its first observation waited
+    workers: int = 0
+    busy_s: float = 0.0  # worker-seconds spent building, resetting and stepping (the rest waited or had no work)
+
+    def stats(self) -> dict:
+        """Where the workers' time went in this session (episodes journaled here, not resumed ones)."""
+        new = [r for r in self.records if r.session == self.session]
+        sizes, waits = np.asarray(self.policy_batch_sizes or [0]), np.asarray(self.batch_wait_ms or [0.0])
+        capacity = self.workers * self.wall_s
+        return {
+            "episodes": len(new), "workers": self.workers, "wall_s": round(self.wall_s, 3),
+            "episodes_per_min": round(len(new) / self.wall_s * 60.0, 2) if self.wall_s > 0 else None,
+            "policy_calls": len(self.policy_call_s),
+            "batch_mean": round(float(sizes.mean()), 2), "batch_max": int(sizes.max()),
+            "batch_wait_ms_p50": round(float(np.median(waits)), 2),
+            "batch_wait_ms_p95": round(float(np.percentile(waits, 95)), 2),
+            "policy_share": round(sum(self.policy_call_s) / self.wall_s, 4) if self.wall_s > 0 else None,
+            "idle_share": round(1.0 - self.busy_s / capacity, 4) if capacity > 0 else None,
+            **episode_costs(new),
+        }
 
 
 class _LocalWorker:
@@ -168,8 +199,10 @@ class _Slot:
 
     worker: object
     ep: EpisodeSpec | None = None
-    state: str = "idle"  # idle | stepping | waiting
+    state: str = "idle"  # idle | setup (building/resetting its env) | stepping (an action chunk) | waiting
     obs: Observation | None = None
+    env_task: int | None = None  # the task whose env the worker holds (after its first episode of it)
+    since: float = 0.0  # when the current state began (busy time and batch waits are measured from it)
     calls: int = 0
     policy_s: float = 0.0
     t_start: float = 0.0
@@ -181,24 +214,7 @@ def _new_session_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def _order_for_reuse(todo: list[tuple[int, int]]) -> deque:
-    return deque(sorted(todo))
-
-
-def _next_episode(queue: deque, prefer_task: int | None, same_round: bool = False) -> tuple[int, int] | None:
-    """Pop the next episode, preferring the worker's current task so its env is reused (same_round: only
-    among the episodes of the oldest round, the head's init state id)."""
-    if not queue:
-        return None
-    if prefer_task is not None:
-        for i, (t, init) in enumerate(queue):
-            if same_round and init != queue[0][1]:
-                break
-            if t == prefer_task:
-                item = queue[i]
-                del queue[i]
-                return item
-    return queue.popleft()
+_next_episode = next_in_rounds  # (kept for callers of the old name)
 
 
 def run_rollouts(
@@ -214,12 +230,7 @@ def run_rollouts(
     wanted = spec.episodes()
     done = {k: r for k, r in done.items() if k in set(wanted)}
     resumed = len(done)
-    if options.order not in ("task", "interleave"):
-        raise ValueError(f"RolloutOptions.order={options.order!r}; valid: task, interleave")
-    queue = _order_for_reuse([k for k in wanted if k not in done])
-    interleave = options.order == "interleave"
-    if interleave:
-        queue = deque(sorted(queue, key=lambda k: (k[1], k[0])))
+    queue = EpisodeQueue([k for k in wanted if k not in done], options.order)
     videos_used: dict[int, int] = {}
     for r in done.values():
         if r.video_path:
@@ -229,16 +240,29 @@ def run_rollouts(
     if options.stop_rule is not None and done:
         result.stop_reason = options.stop_rule(list(done.values()))
     if result.stop_reason:
-        result.not_run, queue = len(queue), deque()
+        result.not_run = len(queue)
+        queue.clear()
     n_workers = min(options.workers, len(queue)) if options.workers > 0 else 1
     ctx = mp.get_context("spawn")  # fork + an initialised torch/OpenGL parent is not safe
     make = (lambda: _LocalWorker(spec)) if options.workers == 0 else (lambda: _ProcessWorker(spec, ctx))
-    slots = [_Slot(make()) for _ in range(n_workers)] if queue else []
+    slots = [_Slot(make()) for _ in range(n_workers)] if len(queue) else []
+    result.workers = len(slots)
+    cap_s = max(0.0, options.batch_window_ms) / 1e3
+    call_s = [0.0]  # running average of a policy call's wall time (the window never exceeds it)
 
-    def start(slot: _Slot, prefer: int | None) -> None:
-        item = None if result.stop_reason else _next_episode(queue, prefer, interleave)
+    def enter(slot: _Slot, state: str) -> None:
+        """Change state; the time spent setting up or stepping counts as the worker's busy time."""
+        now = time.perf_counter()
+        if slot.state in ("setup", "stepping"):
+            result.busy_s += now - slot.since
+        slot.state, slot.since = state, now
+
+    def start(slot: _Slot) -> None:
+        holders = Counter(s.env_task for s in slots if s is not slot and s.env_task is not None)
+        item = None if result.stop_reason else queue.pop_for(slot.env_task, holders)
         if item is None:
-            slot.ep, slot.state = None, "idle"
+            slot.ep = None
+            enter(slot, "idle")
             return
         task_id, init_id = item
         allowed = videos_used.get(task_id, 0) < options.videos_per_task
@@ -253,7 +277,8 @@ def run_rollouts(
             video_dir=options.video_dir,
         )
         slot.calls, slot.policy_s, slot.t_start, slot.served = 0, 0.0, time.perf_counter(), []
-        slot.state = "stepping"
+        slot.env_task = task_id
+        enter(slot, "setup")
         slot.worker.send(("start", slot.ep))
 
     def finish(slot: _Slot, rec: EpisodeRecord) -> None:
@@ -269,8 +294,7 @@ def run_rollouts(
             result.stop_reason = options.stop_rule(list(done.values()))
             if result.stop_reason:
                 result.not_run = len(queue)
-        prev = slot.ep.task_id
-        start(slot, prev)
+        start(slot)
 
     def crash_record(slot: _Slot, reason: str) -> EpisodeRecord:
         ep = slot.ep
@@ -287,26 +311,39 @@ def run_rollouts(
             if slot.calls == 0:
                 policy.reset(obs.episode_key)
             obs.noise_seed = (slot.ep.seed * 1_000_003 + slot.calls) & 0x7FFFFFFF
-            slot.obs, slot.state = obs, "waiting"
+            slot.obs = obs
+            enter(slot, "waiting")
         elif kind == "done":
+            enter(slot, "idle")
             finish(slot, reply[1])
         else:  # "error": a bug in the worker itself, not in the env
+            enter(slot, "idle")
             finish(slot, crash_record(slot, f"worker error: {reply[1].strip().splitlines()[-1]}"))
 
     try:
         for s in slots:
-            start(s, None)
+            start(s)
         while any(s.state != "idle" for s in slots):
-            stepping = [s for s in slots if s.state == "stepping"]
+            busy = [s for s in slots if s.state in ("setup", "stepping")]
             waiting = [s for s in slots if s.state == "waiting"]
-            if waiting and not stepping:
-                _serve_policy(policy, waiting, result, options.stage_timer)
-                continue
-            # Wait for any stepping worker to answer (or die).
-            conns = [s.worker.conn for s in stepping if s.worker.conn is not None]
+            timeout = 1.0
+            if waiting:
+                # Serve when nobody is mid-chunk (a worker in set-up may take seconds: it never holds others
+                # back), or when the oldest waiting worker has waited the window out.
+                waited = time.perf_counter() - min(s.since for s in waiting)
+                window_s = min(cap_s, call_s[0])
+                if not any(s.state == "stepping" for s in slots) or waited >= window_s:
+                    _serve_policy(policy, waiting, result, options.stage_timer, waited)
+                    call_s[0] += 0.2 * (result.policy_call_s[-1] - call_s[0])
+                    for s in waiting:
+                        enter(s, "stepping")
+                    continue
+                timeout = window_s - waited
+            # Wait for any busy worker to answer (or die), at most until the window closes.
+            conns = [s.worker.conn for s in busy if s.worker.conn is not None]
             if conns:
-                wait_connections(conns, timeout=1.0)
-            for s in stepping:
+                wait_connections(conns, timeout=timeout)
+            for s in busy:
                 if s.worker.ready():
                     try:
                         reply = s.worker.recv()
@@ -320,7 +357,8 @@ def run_rollouts(
                     if code in (-signal.SIGTERM, -signal.SIGINT):  # stopped, not crashed: no result to record
                         raise Interrupted(-code)
                     rec = crash_record(s, f"worker process died (exit code {code})")
-                    s.worker = make()
+                    s.worker, s.env_task = make(), None
+                    enter(s, "idle")
                     finish(s, rec)
     except BaseException:  # interrupted (or a bug): abandon the episodes in flight, stop the workers now
         for s in slots:
@@ -334,7 +372,7 @@ def run_rollouts(
     return result
 
 
-def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult, timer=None) -> None:
+def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult, timer=None, waited_s: float = 0.0) -> None:
     batch = ObsBatch([s.obs for s in waiting])
     t = time.perf_counter()
     try:
@@ -354,12 +392,12 @@ def _serve_policy(policy, waiting: list[_Slot], result: RolloutResult, timer=Non
                       stage_ms=result.stage_ms[-1] if timer is not None and error is None else None)
     result.policy_call_s.append(dt)
     result.policy_batch_sizes.append(len(waiting))
+    result.batch_wait_ms.append(waited_s * 1e3)
     for i, s in enumerate(waiting):
         s.served.append(call)
         s.calls += 1
         s.policy_s += dt
         s.obs = None
-        s.state = "stepping"
         if error is None:
             s.worker.send(("act", actions[i], dt))
         else:

@@ -51,6 +51,9 @@ class EpisodeRecord:
     session: str | None = None  # the rollout session (one engine run in one process) that ran the episode
     session_s: float | None = None  # seconds from its session's start until the episode was journaled
     calls: list[PolicyCall] | None = None  # the policy calls that served it (None: journals of older versions)
+    env_built: bool | None = None  # its worker built a new env for it (None: journals of older versions)
+    setup_s: float | None = None  # seconds from its start to its first observation: env build, reset, settle steps
+    reset_kind: str | None = None  # "hard" (model recompiled) or "cheap" (suites/env.py `LiberoEnv.reset`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,27 @@ class EpisodeRecord:
     def outcome(self) -> tuple:
         """What two records of one episode must agree on to be the same result."""
         return (self.success, self.steps, self.failure_reason)
+
+
+def episode_costs(records: list[EpisodeRecord]) -> dict[str, Any]:
+    """What the episodes cost their workers, from the records alone (so a resumed, re-run or merged run reports what
+    one uninterrupted run would): env builds, resets by kind, set-up seconds, and ms per env step outside the
+    policy calls and set-up. Records of older journals (no set-up fields) count as unknown, not as zero."""
+    known = [r for r in records if r.setup_s is not None]
+    n, steps = max(1, len(known)), sum(r.steps for r in known)
+    resets: dict[str, int] = {}
+    for r in known:
+        if r.reset_kind:
+            resets[r.reset_kind] = resets.get(r.reset_kind, 0) + 1
+    builds = sum(bool(r.env_built) for r in known)
+    return {
+        "episodes_with_costs": len(known),
+        "env_builds": builds,
+        "env_builds_per_episode": round(builds / n, 3),
+        "resets": dict(sorted(resets.items())),
+        "setup_s_mean": round(sum(r.setup_s for r in known) / n, 3),
+        "ms_per_step": round(sum(r.wall_time_s - r.policy_time_s - r.setup_s for r in known) / max(1, steps) * 1e3, 2),
+    }
 
 
 # -- schema check -------------------------------------------------------------------------------

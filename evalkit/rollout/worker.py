@@ -45,6 +45,7 @@ class EpisodeRunner:
         self.env = None
         self.env_key: tuple[int, bool] | None = None
         self.ep: EpisodeSpec | None = None
+        self.builds = 0  # envs built by this runner (a new task, or a rebuild after a crash)
 
     # -- message handling -------------------------------------------------------------------
     def handle(self, msg: tuple):
@@ -71,6 +72,7 @@ class EpisodeRunner:
             self.close()
             self.env = LiberoEnv(self.spec, task_id, render=render, privileged=True)
             self.env_key = key
+            self.builds += 1
         return self.env
 
     def _start(self, ep: EpisodeSpec):
@@ -81,12 +83,18 @@ class EpisodeRunner:
         self.actions: list[np.ndarray] = []
         self.frames: list[np.ndarray] = []
         self.task_name, self.instruction = "", ""
+        self.setup_s, self.reset_kind = None, None
+        builds = self.builds
         try:
             env = self._env_for(ep.task_id, ep.render)
             self.task_name, self.instruction = env.info.name, env.language
             obs = env.reset(ep.init_state_id, ep.seed)
         except Exception as e:
+            self.env_built = self.builds > builds
             return self._crashed(e)
+        self.env_built = self.builds > builds
+        self.setup_s = time.perf_counter() - self.t0
+        self.reset_kind = getattr(env, "last_reset_kind", "hard")
         self._keep_frame(obs)
         return self._reply(obs)
 
@@ -156,6 +164,9 @@ class EpisodeRunner:
             policy_time_s=self.policy_s,
             policy_calls=self.policy_calls,
             instruction=self.instruction,
+            env_built=getattr(self, "env_built", None),
+            setup_s=getattr(self, "setup_s", None),
+            reset_kind=getattr(self, "reset_kind", None),
         )
 
     def _write_video(self, success: bool) -> str:

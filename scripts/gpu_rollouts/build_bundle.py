@@ -13,10 +13,14 @@ What goes in, found by running the suite here rather than by a hand-kept list:
    --wheels beforehand (prepare.sh). The simulator is the one pinned in pyproject.toml on every machine
    (docs/simulator.md): the build refuses when the installed mujoco/robosuite or the mujoco wheel differ
    from the pin, and records the versions in manifest.json;
-4. placeholders for import-time-only dependencies (see PLACEHOLDERS): numba (robosuite calls it only
-   with its macro ENABLE_NUMBA on; the bundle's robosuite/macros.py turns it off instead of carrying
-   llvmlite, 40+ MB), cv2 and matplotlib (on-screen viewers only). Each raises on first use, and they
-   sit after the machine's own site-packages, so a real install there wins.
+4. placeholders for import-time-only dependencies (see PLACEHOLDERS): cv2 and matplotlib (on-screen
+   viewers only). Each raises on first use, and they sit after the machine's own site-packages, so a real
+   install there wins;
+5. `robosuite/macros_private.py` (MACROS_PRIVATE), robosuite's own hook for local macro settings: robosuite's
+   numba path on (ENABLE_NUMBA, CACHE_NUMBA). numba itself is not carried: the GPU machine's image has numba and
+   llvmlite (llvmlite alone is ~40 MB, too big for the 64 MiB carry), and setup.sh fails with one line there
+   when they do not import or robosuite's jitted functions are not numba's. robosuite's files are shipped as
+   they are.
 Everything is packed as site.tar.xz (paths relative to site-packages) + manifest.json.
 """
 
@@ -65,15 +69,24 @@ def __getattr__(name):
     raise PlaceholderError(f"{__name__}.{name}: {__name__} is not installed here (evalkit GPU bundle placeholder: {WHY})")
 '''
 PLACEHOLDERS = {
-    # robosuite imports numba at module level and calls it only with its macro ENABLE_NUMBA on (off in this bundle)
-    "numba/__init__.py": 'WHY = "robosuite runs with ENABLE_NUMBA=False"\n\n\ndef jit(*args, **kwargs):\n'
-                         '    raise RuntimeError("numba placeholder: keep robosuite ENABLE_NUMBA=False")\n',
     # robosuite.utils imports cv2 for OpenCVRenderer (an on-screen viewer); LIBERO's env_wrapper for imshow
     "cv2/__init__.py": 'WHY = "only on-screen viewers call OpenCV"\n' + _RAISE,
     # libero's env_wrapper imports matplotlib.cm for a segmentation-image colour map (display only)
     "matplotlib/__init__.py": 'WHY = "only the segmentation display of LIBERO uses matplotlib"\n' + _RAISE,
     "matplotlib/cm.py": 'WHY = "only the segmentation display of LIBERO uses matplotlib"\n' + _RAISE,
 }
+
+# robosuite imports `robosuite.macros_private` first thing (robosuite/__init__.py) and warns when it is missing.
+# In 1.4.0 that import lands in the package namespace, not in robosuite.macros (later versions star-import it
+# from macros.py), so the values are both defined here and set on robosuite.macros, before any robosuite module
+# reads them (robosuite/utils/numba.py reads ENABLE_NUMBA when it decorates).
+MACROS = {"ENABLE_NUMBA": True, "CACHE_NUMBA": True}
+MACROS_PRIVATE = (
+    '"""evalkit GPU bundle: robosuite macro settings (robosuite\'s own macros_private hook)."""\n'
+    + "".join(f"{k} = {v!r}\n" for k, v in MACROS.items())
+    + "\nimport robosuite.macros as _macros  # noqa: E402\n\n"
+    + "".join(f"_macros.{k} = {k}\n" for k in MACROS)
+)
 
 
 def _audit_opens(sink: set[str]):
@@ -216,13 +229,7 @@ def build(suite: str, out: Path, render: bool, repack: bool = False, wheels: Pat
                 chosen[p.relative_to(SITE).as_posix()] = p
     pkgs = sorted({n.split("/")[0].removesuffix(".py") for n in chosen if ".dist-info" not in n})
     out.mkdir(parents=True, exist_ok=True)
-    macros = (SITE / "robosuite" / "macros.py").read_text()
-    generated = dict(PLACEHOLDERS)
-    # robosuite 1.4.0 reads robosuite.macros.ENABLE_NUMBA (macros_private.py only lands in the package
-    # namespace), so the bundle's copy of macros.py itself turns numba off.
-    generated["robosuite/macros.py"] = (
-        "# evalkit GPU bundle: robosuite's macros with numba off (numba is a placeholder there)\n"
-        + re.sub(r"^ENABLE_NUMBA\s*=.*$", "ENABLE_NUMBA = False", macros, flags=re.M))
+    generated = {**PLACEHOLDERS, "robosuite/macros_private.py": MACROS_PRIVATE}
     for rel in generated:
         chosen.pop(rel, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +251,7 @@ def build(suite: str, out: Path, render: bool, repack: bool = False, wheels: Pat
         "raw_bytes": sum(p.stat().st_size for p in chosen.values()),
         "tar_xz_bytes": (out / "site.tar.xz").stat().st_size,
         "placeholders": sorted(PLACEHOLDERS),
+        "robosuite_macros": MACROS,  # robosuite/macros_private.py; numba and llvmlite come from the machine's image
         "asset_list": asset_files,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -1,8 +1,8 @@
 """Dump and compare the first processed observation of a few episodes across machines (CPU OSMesa vs GPU EGL).
 
-    # here (CPU, OSMesa): the committed reference dump
+    # here (CPU, OSMesa, robosuite's numba path on, as in openpi and in the GPU bundle): the committed reference dump
     MUJOCO_GL=osmesa python scripts/gpu_rollouts/first_obs_parity.py dump --out tests/data/first_obs_cpu.npz
-    # ... and with robosuite's numba path off, as the GPU bundle runs (macros.ENABLE_NUMBA=False), physics only:
+    # ... and with robosuite's numba path off (macros.ENABLE_NUMBA=False), physics only, for a machine without numba:
     ... dump --physics-only --out tests/data/first_obs_cpu_numba_off.npz
     # GPU machine (EGL), inside the bundle (scripts/gpu_rollouts/first_obs.sh does this):
     MUJOCO_GL=egl python scripts/gpu_rollouts/first_obs_parity.py compare --ref tests/data/first_obs_cpu.npz \
@@ -35,16 +35,27 @@ SCENE = ("body_pos", "body_quat", "qpos", "qvel")
 OBS = ("state", "agentview", "wrist")
 
 
+def robosuite_numba() -> bool | None:
+    """Whether robosuite's jitted functions really run under numba here (the macro on *and* numba's dispatcher);
+    None when that cannot be told."""
+    try:
+        import robosuite.utils.transform_utils as T
+        from robosuite import macros
+    except Exception:  # noqa: BLE001 (reported, not fatal)
+        return None
+    if not macros.ENABLE_NUMBA:
+        return False
+    try:
+        from numba.core.dispatcher import Dispatcher
+    except Exception:  # noqa: BLE001 (a placeholder or no numba: the macro cannot be in effect)
+        return False
+    return isinstance(T.mat2quat, Dispatcher)
+
+
 def _meta() -> dict:
     from evalkit.provenance import package_versions
 
-    try:
-        import robosuite.macros as macros
-
-        numba = bool(macros.ENABLE_NUMBA)
-    except Exception:  # noqa: BLE001 (reported, not fatal)
-        numba = None
-    return {"versions": package_versions(), "mujoco_gl": os.environ.get("MUJOCO_GL"), "robosuite_numba": numba,
+    return {"versions": package_versions(), "mujoco_gl": os.environ.get("MUJOCO_GL"), "robosuite_numba": robosuite_numba(),
             "python": sys.version.split()[0]}
 
 
@@ -105,13 +116,20 @@ def compare(ref_path: Path, out: Path | None) -> int:
     ref, ref_meta = _load(ref_path)
     here_meta = _meta()
     # robosuite's numba path changes the controller's float rounding (qpos differs in the last bits after the
-    # settle steps). The GPU bundle runs without numba: its physics is compared with a CPU dump made the same way.
+    # settle steps). The GPU bundle runs it (the image's numba), as the reference dump was made; a machine that
+    # runs without it has its physics compared with a CPU dump made the same way (numba off).
     alt = numba_off_path(ref_path)
     physics_ref = "reference"
-    if here_meta["robosuite_numba"] is False and ref_meta.get("robosuite_numba") is True and alt.exists():
-        off, _ = _load(alt)
-        ref.update(off)
-        physics_ref = alt.name
+    if here_meta["robosuite_numba"] is None:
+        raise SystemExit("cannot tell whether robosuite's numba path is on here (robosuite does not import)")
+    if here_meta["robosuite_numba"] != ref_meta.get("robosuite_numba"):
+        if here_meta["robosuite_numba"] is False and alt.exists():
+            off, _ = _load(alt)
+            ref.update(off)
+            physics_ref = alt.name
+        else:
+            print(f"warning: robosuite's numba path is {'on' if here_meta['robosuite_numba'] else 'off'} here but "
+                  f"{ref_meta.get('robosuite_numba')} in {ref_path.name}: physics may differ in the last bits", flush=True)
     cases = sorted({tuple(k.split("/")[:3]) for k in ref})
     here = render_cases([(s, int(t), int(e)) for s, t, e in cases])
     rows = {}

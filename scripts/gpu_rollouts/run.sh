@@ -6,7 +6,7 @@
 # Then, through the device tool:
 #   run(command="bash scripts/gpu_rollouts/run.sh", carry=[".carry"])
 # Knobs (environment): POLICY (noop|reference|...), WORKERS (default: all cores), SUITE, TRIALS,
-# MAX_STEPS (default: the suite's), BENCH_TASKS, BENCH_TRIALS, BENCH_WORKERS.
+# MAX_STEPS (default: the suite's), BENCH_TRIALS.
 set -uo pipefail
 OUT=${OUT:-/tmp/evalkit_gpu_out}
 mkdir -p "$OUT"
@@ -31,15 +31,12 @@ print(f"smoke: {(time.perf_counter() - t) / 20 * 1e3:.1f} ms/step with two 256x2
 env.close()
 EOF
 
-# 4. The throughput benchmark (bench/throughput.py): evalkit's engine vs a bare loop, same episodes.
-BENCH_TASKS=${BENCH_TASKS:-"0 1 2 3 4 5 6 7 8 9"}
+# 4. The throughput benchmark (bench/throughput.py): the engine's episodes/min and where the time goes
+#    (scripts/gpu_rollouts/throughput.sh runs the full set of rows).
 BENCH_TRIALS=${BENCH_TRIALS:-2}
-BENCH_WORKERS=${BENCH_WORKERS:-$WORKERS}
-RENDER_FLAG=""  # RENDER=1: both cameras in both loops (image policies); reference and noop are state-only
-[ "${RENDER:-0}" = "1" ] && RENDER_FLAG="--render"
-timeout ${BENCH_TIMEOUT:-200} python3 bench/throughput.py --suite "$SUITE" --policy "$POLICY" --workers $BENCH_WORKERS \
-    --tasks $BENCH_TASKS --trials "$BENCH_TRIALS" --max-steps "${MAX_STEPS:-220}" $RENDER_FLAG \
-    --out "$OUT/throughput_gpu.json" || echo "throughput benchmark failed or timed out (rc $?)"
+timeout ${BENCH_TIMEOUT:-200} python3 bench/throughput.py suite="$SUITE" rows=[$POLICY] tasks=[] workers="$WORKERS" \
+    trials="$BENCH_TRIALS" device=cuda ${MAX_STEPS:+max_steps=$MAX_STEPS} \
+    out="$OUT/throughput_gpu.json" || echo "throughput benchmark failed or timed out (rc $?)"
 
 # 5. The suite through the CLI, one worker per core, policy batched on the GPU (needs pandas + pyarrow there).
 if python3 -c "import pandas, pyarrow" 2>/dev/null; then

@@ -30,4 +30,22 @@ for m in ("numpy", "scipy", "PIL", "torch", "mujoco", "robosuite", "libero.liber
     except Exception as e:
         print(f"  {m:14s} MISSING ({type(e).__name__}: {e})")
 EOF
+# robosuite's numba path (the bundle's robosuite/macros_private.py turns it on): numba and llvmlite come from
+# the image, not the bundle (llvmlite alone is ~40 MB). Without them this machine would run a slower physics
+# path whose last bits differ from the CPU reference (docs/simulator.md), so setup stops with one line.
+python3 - <<'EOF' || return 2
+import sys
+try:
+    import llvmlite
+    import numba
+    from numba.core.dispatcher import Dispatcher
+    import robosuite.macros as macros
+    import robosuite.utils.transform_utils as T
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"setup: robosuite's numba path needs numba + llvmlite from this machine's image: {type(e).__name__}: {e}")
+if not (macros.ENABLE_NUMBA and isinstance(T.mat2quat, Dispatcher)):
+    sys.exit(f"setup: robosuite's numba path is off here (ENABLE_NUMBA={macros.ENABLE_NUMBA}, mat2quat is "
+             f"{type(T.mat2quat).__name__}); rebuild the bundle with scripts/gpu_rollouts/prepare.sh")
+print(f"  robosuite numba path on: numba {numba.__version__}, llvmlite {llvmlite.__version__}")
+EOF
 
