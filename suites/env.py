@@ -30,6 +30,7 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 _IMAGE_KEYS = ("agentview_image", "robot0_eye_in_hand_image")
+_CAMERA_NAMES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}  # Observation view -> robosuite camera
 
 
 def _quiet_import_libero():
@@ -108,12 +109,18 @@ def load_task(spec: SuiteSpec, task_id: int) -> tuple[TaskInfo, np.ndarray]:
 class LiberoEnv:
     """One LIBERO task's environment, reusable across episodes of that task."""
 
-    def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True, cheap_resets: bool = True):
+    def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True, cheap_resets: bool = True,
+                 cameras: tuple[str, ...] = ("agentview", "wrist")):
         _, _, OffScreenRenderEnv = _quiet_import_libero()
         self.spec = spec
         self.task_id = task_id
         self.render = render
         self.privileged = privileged
+        # only the views the policy reads are rendered: on a GPU box under contention a camera costs ~15 ms a step
+        unknown = [c for c in cameras if c not in _CAMERA_NAMES]
+        if unknown or (render and not cameras):
+            raise ValueError(f"cameras={cameras}: valid: {', '.join(_CAMERA_NAMES)} (at least one when render=True)")
+        self.cameras = tuple(cameras) if render else ()
         self.info, self.init_states = load_task(spec, task_id)
         self.language = self.info.language
         self.bddl_path = self.info.bddl_file
@@ -125,6 +132,7 @@ class LiberoEnv:
             bddl_file_name=self.bddl_path,
             use_camera_obs=render,
             has_offscreen_renderer=render,
+            camera_names=[_CAMERA_NAMES[c] for c in (self.cameras or _CAMERA_NAMES)],  # state-only: LIBERO's own list
             camera_heights=spec.resolution,
             camera_widths=spec.resolution,
         )
@@ -221,8 +229,10 @@ class LiberoEnv:
         )
         if self.render:
             size = self.spec.image_size
-            obs.agentview = process_image(raw["agentview_image"], size)
-            obs.wrist = process_image(raw["robot0_eye_in_hand_image"], size)
+            if "agentview" in self.cameras:
+                obs.agentview = process_image(raw["agentview_image"], size)
+            if "wrist" in self.cameras:
+                obs.wrist = process_image(raw["robot0_eye_in_hand_image"], size)
         if self.privileged:
             obs.privileged = {
                 k: np.asarray(v, dtype=np.float32)

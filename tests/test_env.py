@@ -51,6 +51,30 @@ def test_rendered_env_gives_upright_224_images(spec):
         env.close()
 
 
+def test_an_env_renders_only_the_cameras_the_policy_reads():
+    """One view asked: the other is never rendered; the view rendered and the physics equal a two-camera env's."""
+    from evalkit.policies.base import policy_cameras
+    from evalkit.policies.noop import NoopPolicy
+    from evalkit.suites.specs import customize
+
+    assert policy_cameras(NoopPolicy()) == () and policy_cameras(NoopPolicy(needs_images=True)) == ("agentview", "wrist")
+    small = customize(get_suite("libero_spatial_quick"), resolution=64)  # CPU rendering is slow
+    one, both = LiberoEnv(small, 0, render=True, cameras=("agentview",)), LiberoEnv(small, 0, render=True)
+    try:
+        a, b = one.reset(0), both.reset(0)
+        assert a.wrist is None and b.wrist is not None
+        assert one.raw.env.camera_names == ["agentview"]
+        for act in np.random.default_rng(1).uniform(-1, 1, (3, 7)):
+            a, b = one.step(act)[0], both.step(act)[0]
+        np.testing.assert_array_equal(a.agentview, b.agentview)
+        np.testing.assert_array_equal(a.state, b.state)
+    finally:
+        one.close()
+        both.close()
+    with pytest.raises(ValueError, match="valid: agentview, wrist"):
+        LiberoEnv(small, 0, render=True, cameras=("top",))
+
+
 def test_openpi_stream_checks_every_reset_against_its_replay():
     """seed_mode=openpi: a fresh env fast-forwards to episode i, and a reset whose draws disagree with the
     replayed stream is an error, not a silently different scene."""

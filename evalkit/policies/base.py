@@ -74,6 +74,21 @@ def check_denoise_steps(value: Any = None) -> int:
     return steps
 
 
+CAMERAS = ("agentview", "wrist")  # the views an Observation can carry (LIBERO's agentview and eye-in-hand cameras)
+
+
+def policy_cameras(policy) -> tuple[str, ...]:
+    """The camera views envs must render for `policy`: none for a state-only policy, else its `cameras` (all by
+    default). Rendering costs most of a step's time, so a policy that reads one view should say so."""
+    if not getattr(policy, "needs_images", False):
+        return ()
+    cams = tuple(getattr(policy, "cameras", CAMERAS))
+    unknown = [c for c in cams if c not in CAMERAS]
+    if unknown or not cams:
+        raise ValueError(f"policy {getattr(policy, 'name', '?')} reads cameras {cams}; valid: {', '.join(CAMERAS)}")
+    return cams
+
+
 @runtime_checkable
 class Policy(Protocol):
     """What the rollout engine, backends and fidelity checks rely on."""
@@ -82,6 +97,8 @@ class Policy(Protocol):
     needs_images: bool  # False: envs run without cameras (a state-only policy must not pay for rendering)
     needs_privileged: bool  # True: observations carry simulator object poses
     action_horizon: int  # H of the returned chunk
+    # Optional `cameras`: the views it reads, of CAMERAS (default: all of them when needs_images); envs render only
+    # those (policy_cameras).
 
     def predict(self, batch: ObsBatch, noise_seed: int | None = None) -> np.ndarray:
         """Return float32 actions [B, H, 7] in LIBERO's action space.

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from evalkit.errors import Interrupted
-from evalkit.policies.base import ObsBatch, Observation
+from evalkit.policies.base import ObsBatch, Observation, policy_cameras
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EXCEPTION, EpisodeRecord, PolicyCall, episode_costs
 from evalkit.rollout.schedule import EpisodeQueue, next_in_rounds
@@ -247,6 +247,7 @@ def run_rollouts(
     make = (lambda: _LocalWorker(spec)) if options.workers == 0 else (lambda: _ProcessWorker(spec, ctx))
     slots = [_Slot(make()) for _ in range(n_workers)] if len(queue) else []
     result.workers = len(slots)
+    cameras = policy_cameras(policy)
     cap_s = max(0.0, options.batch_window_ms) / 1e3
     call_s = [0.0]  # running average of a policy call's wall time (the window never exceeds it)
 
@@ -270,7 +271,8 @@ def run_rollouts(
             task_id=task_id,
             init_state_id=init_id,
             seed=spec.episode_seed(task_id, init_id),
-            render=bool(policy.needs_images),
+            render=bool(cameras),
+            cameras=cameras,
             privileged=bool(getattr(policy, "needs_privileged", False)),
             video_mode=options.video_mode,
             video_allowed=allowed,

@@ -33,6 +33,7 @@ class EpisodeSpec:
     video_mode: str  # "none" | "failures" | "all"
     video_allowed: bool  # the per-task video budget is not spent yet
     video_dir: str | None
+    cameras: tuple[str, ...] = ("agentview", "wrist")  # the views rendered when `render` (policy_cameras)
 
 
 def _short_error(e: BaseException) -> str:
@@ -43,7 +44,7 @@ class EpisodeRunner:
     def __init__(self, spec: SuiteSpec):
         self.spec = spec
         self.env = None
-        self.env_key: tuple[int, bool] | None = None
+        self.env_key: tuple | None = None
         self.ep: EpisodeSpec | None = None
         self.builds = 0  # envs built by this runner (a new task, or a rebuild after a crash)
 
@@ -64,13 +65,13 @@ class EpisodeRunner:
             self.env = None
 
     # -- episode lifecycle ------------------------------------------------------------------
-    def _env_for(self, task_id: int, render: bool):
+    def _env_for(self, task_id: int, render: bool, cameras: tuple[str, ...]):
         from evalkit.suites.env import LiberoEnv
 
-        key = (task_id, render)
+        key = (task_id, render, cameras)
         if self.env is None or self.env_key != key:
             self.close()
-            self.env = LiberoEnv(self.spec, task_id, render=render, privileged=True)
+            self.env = LiberoEnv(self.spec, task_id, render=render, privileged=True, cameras=cameras)
             self.env_key = key
             self.builds += 1
         return self.env
@@ -86,7 +87,7 @@ class EpisodeRunner:
         self.setup_s, self.reset_kind = None, None
         builds = self.builds
         try:
-            env = self._env_for(ep.task_id, ep.render)
+            env = self._env_for(ep.task_id, ep.render, ep.cameras)
             self.task_name, self.instruction = env.info.name, env.language
             obs = env.reset(ep.init_state_id, ep.seed)
         except Exception as e:
@@ -177,7 +178,7 @@ class EpisodeRunner:
         """
         ep = self.ep
         frames = self.frames
-        if not ep.render:
+        if not frames:  # a state-only run (or one whose policy reads no agentview): replayed and rendered
             env = self.env
             scored_state = self.last_state
             env.reset(ep.init_state_id, ep.seed)

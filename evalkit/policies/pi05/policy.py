@@ -100,6 +100,7 @@ class Pi05Policy(TorchPolicy):
         if num_views not in (1, 2):
             raise BadInput(f"pi05 num_views must be 1 or 2, got {num_views}")
         self.num_views = num_views
+        self.cameras = VIEW_ORDER[:num_views]  # envs render only the views the model reads
         self.action_horizon = self.cfg.action_horizon
         self.needs_images = self.cfg.prefix_inputs == "images"
         self.needs_privileged = self.cfg.prefix_inputs == "state_tokens"
