@@ -3,10 +3,11 @@
 Written here rather than with a library: the policy must stay in the main process (one model,
 one GPU) while envs run in parallel, and each episode must be journaled the moment it ends.
 
-Loop: workers that wait for actions are served by ONE `policy.predict` call as soon as no worker is
-still stepping an action chunk, or once the oldest of them has waited `batch_window_ms` (a bounded
-batching window: no lock-step barrier, and a worker building or resetting its env never holds the
-others back). Episodes are handed out so that envs live long (evalkit/rollout/schedule.py). Finished
+Loop: workers that wait for actions are served by ONE `policy.predict` call at once, unless a worker
+still stepping an action chunk is due (by the running average of a chunk's time) before the oldest
+waiter has waited `batch_window_ms` or one policy call's time, whichever is shorter: a bounded
+batching window, no lock-step barrier, and a worker building or resetting its env never holds the
+others back. Episodes are handed out so that envs live long (evalkit/rollout/schedule.py). Finished
 episodes go to the journal; a worker that dies is replaced and its episode recorded as failed with
 the reason (unless SIGTERM/SIGINT ended it: that stops the run, evalkit.errors.Interrupted, and the
 episode runs again on resume).
@@ -250,12 +251,15 @@ def run_rollouts(
     cameras = policy_cameras(policy)
     cap_s = max(0.0, options.batch_window_ms) / 1e3
     call_s = [0.0]  # running average of a policy call's wall time (the window never exceeds it)
+    chunk_s: list[float | None] = [None]  # running average of a worker's action chunk (when the next one is due)
 
     def enter(slot: _Slot, state: str) -> None:
         """Change state; the time spent setting up or stepping counts as the worker's busy time."""
         now = time.perf_counter()
         if slot.state in ("setup", "stepping"):
             result.busy_s += now - slot.since
+        if slot.state == "stepping" and state == "waiting":  # a whole action chunk: how long one takes
+            chunk_s[0] = now - slot.since if chunk_s[0] is None else chunk_s[0] + 0.2 * (now - slot.since - chunk_s[0])
         slot.state, slot.since = state, now
 
     def start(slot: _Slot) -> None:
@@ -330,11 +334,14 @@ def run_rollouts(
             waiting = [s for s in slots if s.state == "waiting"]
             timeout = 1.0
             if waiting:
-                # Serve when nobody is mid-chunk (a worker in set-up may take seconds: it never holds others
-                # back), or when the oldest waiting worker has waited the window out.
-                waited = time.perf_counter() - min(s.since for s in waiting)
+                # Serve now unless a worker mid-chunk is due to join before the window closes (a worker in set-up
+                # may take seconds: it never holds others back); the window is the oldest waiter's.
+                now = time.perf_counter()
+                waited = now - min(s.since for s in waiting)
                 window_s = min(cap_s, call_s[0])
-                if not any(s.state == "stepping" for s in slots) or waited >= window_s:
+                stepping = [s for s in slots if s.state == "stepping"]
+                due = min((s.since + chunk_s[0] - now for s in stepping), default=None) if chunk_s[0] else 0.0
+                if not stepping or waited >= window_s or (due is not None and due > window_s - waited):
                     _serve_policy(policy, waiting, result, options.stage_timer, waited)
                     call_s[0] += 0.2 * (result.policy_call_s[-1] - call_s[0])
                     for s in waiting:
