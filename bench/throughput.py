@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(o.device)
     o.workers = o.workers or os.cpu_count() or 1
+    import torch
+
+    # as `python -m evalkit` does: the main process's math threads would fight the env workers for the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - o.workers))
     base = get_suite(o.suite)
     spec = customize(base, tasks=o.tasks or list(base.task_ids), trials=o.trials, max_steps=o.max_steps)
     rows = []

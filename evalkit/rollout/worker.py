@@ -65,13 +65,14 @@ class EpisodeRunner:
             self.env = None
 
     # -- episode lifecycle ------------------------------------------------------------------
-    def _env_for(self, task_id: int, render: bool, cameras: tuple[str, ...]):
+    def _env_for(self, task_id: int, render: bool, cameras: tuple[str, ...], privileged: bool):
         from evalkit.suites.env import LiberoEnv
 
-        key = (task_id, render, cameras)
+        # privileged only for policies that read it: gathering the scene state costs ~10 ms per step
+        key = (task_id, render, cameras, privileged)
         if self.env is None or self.env_key != key:
             self.close()
-            self.env = LiberoEnv(self.spec, task_id, render=render, privileged=True, cameras=cameras)
+            self.env = LiberoEnv(self.spec, task_id, render=render, privileged=privileged, cameras=cameras)
             self.env_key = key
             self.builds += 1
         return self.env
@@ -87,7 +88,7 @@ class EpisodeRunner:
         self.setup_s, self.reset_kind = None, None
         builds = self.builds
         try:
-            env = self._env_for(ep.task_id, ep.render, ep.cameras)
+            env = self._env_for(ep.task_id, ep.render, ep.cameras, ep.privileged)
             self.task_name, self.instruction = env.info.name, env.language
             obs = env.reset(ep.init_state_id, ep.seed)
         except Exception as e:
