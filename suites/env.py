@@ -177,10 +177,13 @@ class LiberoEnv:
         self.last_reset_kind, self.last_reset_s = kind, time.perf_counter() - t0
         return self._observation(raw_obs)
 
-    def step(self, action: np.ndarray) -> tuple[Observation, bool]:
+    def step(self, action: np.ndarray, observe: bool = True) -> tuple[Observation, bool]:
+        """One env step. observe=False: the observation holds the proprio state only (no images, no privileged
+        scene state): within an action chunk nobody reads the rest, and gathering the scene state costs more
+        than the physics on some tasks. The simulation is the same either way."""
         raw_obs, _, _, _ = self.raw.step(np.asarray(action, dtype=np.float64))
         self.steps += 1
-        return self._observation(raw_obs), bool(self.raw.check_success())
+        return self._observation(raw_obs, full=observe), bool(self.raw.check_success())
 
     def render_frame(self, size: int | None = None) -> np.ndarray:
         """Agentview frame (rotated upright) rendered on demand, for videos of state-only runs (the first call
@@ -215,7 +218,7 @@ class LiberoEnv:
             pass
 
     # -- observation processing ---------------------------------------------------------------
-    def _observation(self, raw: dict) -> Observation:
+    def _observation(self, raw: dict, full: bool = True) -> Observation:
         state = np.concatenate(
             [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         ).astype(np.float32)
@@ -227,6 +230,8 @@ class LiberoEnv:
             task={"suite": self.spec.name, "task_id": self.task_id, "bddl_file": self.bddl_path,
                   "language": self.language, "task_name": self.info.name},
         )
+        if not full:
+            return obs
         if self.render:
             size = self.spec.image_size
             if "agentview" in self.cameras:

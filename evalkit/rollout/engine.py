@@ -250,7 +250,7 @@ def run_rollouts(
     result.workers = len(slots)
     cameras = policy_cameras(policy)
     cap_s = max(0.0, options.batch_window_ms) / 1e3
-    call_s = [0.0]  # running average of a policy call's wall time (the window never exceeds it)
+    call_s: list[float | None] = [None]  # running average of a policy call's wall time (the window never exceeds it)
     chunk_s: list[float | None] = [None]  # running average of a worker's action chunk (when the next one is due)
 
     def enter(slot: _Slot, state: str) -> None:
@@ -338,12 +338,13 @@ def run_rollouts(
                 # may take seconds: it never holds others back); the window is the oldest waiter's.
                 now = time.perf_counter()
                 waited = now - min(s.since for s in waiting)
-                window_s = min(cap_s, call_s[0])
+                window_s = min(cap_s, call_s[0] or 0.0)  # before the first call: no window
                 stepping = [s for s in slots if s.state == "stepping"]
                 due = min((s.since + chunk_s[0] - now for s in stepping), default=None) if chunk_s[0] else 0.0
                 if not stepping or waited >= window_s or (due is not None and due > window_s - waited):
                     _serve_policy(policy, waiting, result, options.stage_timer, waited)
-                    call_s[0] += 0.2 * (result.policy_call_s[-1] - call_s[0])
+                    last = result.policy_call_s[-1]
+                    call_s[0] = last if call_s[0] is None else call_s[0] + 0.2 * (last - call_s[0])
                     for s in waiting:
                         enter(s, "stepping")
                     continue

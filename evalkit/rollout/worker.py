@@ -108,11 +108,15 @@ class EpisodeRunner:
         if len(actions) == 0:
             return ("done", self._record(False, f"{EXCEPTION}: policy returned an empty action chunk"))
         try:
-            for a in actions[: self.spec.replan_steps]:
+            chunk = actions[: self.spec.replan_steps]
+            # the full observation (images, scene state) only where it is read: the chunk's last step, or every
+            # step whose frame goes into a video
+            filming = self.ep.render and self.ep.video_mode != "none"
+            for k, a in enumerate(chunk):
                 if not np.all(np.isfinite(a)):
                     return ("done", self._finish(False, NAN_ACTION))
                 self.actions.append(np.asarray(a, dtype=np.float64))
-                obs, success = env.step(a)
+                obs, success = env.step(a, observe=filming or k == len(chunk) - 1)
                 self.last_state = obs.state
                 self._keep_frame(obs)
                 if success:
