@@ -24,13 +24,13 @@ import numpy as np
 from evalkit.suites.seeding import OpenpiResetStream, ResetHook
 from evalkit.suites.specs import SuiteSpec
 
-from evalkit.policies.base import Observation
+from evalkit.policies.base import CAMERAS, Observation
 
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 _IMAGE_KEYS = ("agentview_image", "robot0_eye_in_hand_image")
-_CAMERA_NAMES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}  # Observation view -> robosuite camera
+_CAMERA_NAMES = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}  # each of CAMERAS -> robosuite's camera
 
 
 def _quiet_import_libero():
@@ -110,16 +110,16 @@ class LiberoEnv:
     """One LIBERO task's environment, reusable across episodes of that task."""
 
     def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True, cheap_resets: bool = True,
-                 cameras: tuple[str, ...] = ("agentview", "wrist")):
+                 cameras: tuple[str, ...] = CAMERAS):
         _, _, OffScreenRenderEnv = _quiet_import_libero()
         self.spec = spec
         self.task_id = task_id
         self.render = render
         self.privileged = privileged
         # only the views the policy reads are rendered: on a GPU box under contention a camera costs ~15 ms a step
-        unknown = [c for c in cameras if c not in _CAMERA_NAMES]
+        unknown = [c for c in cameras if c not in CAMERAS]
         if unknown or (render and not cameras):
-            raise ValueError(f"cameras={cameras}: valid: {', '.join(_CAMERA_NAMES)} (at least one when render=True)")
+            raise ValueError(f"cameras={cameras}: valid: {', '.join(CAMERAS)} (at least one when render=True)")
         self.cameras = tuple(cameras) if render else ()
         self.info, self.init_states = load_task(spec, task_id)
         self.language = self.info.language
@@ -132,7 +132,7 @@ class LiberoEnv:
             bddl_file_name=self.bddl_path,
             use_camera_obs=render,
             has_offscreen_renderer=render,
-            camera_names=[_CAMERA_NAMES[c] for c in (self.cameras or _CAMERA_NAMES)],  # state-only: LIBERO's own list
+            camera_names=[_CAMERA_NAMES[c] for c in (self.cameras or CAMERAS)],  # state-only: LIBERO's own list
             camera_heights=spec.resolution,
             camera_widths=spec.resolution,
         )

@@ -81,6 +81,11 @@ def _grippers(robot) -> list:
     return list(g.values()) if isinstance(g, dict) else [g] if g is not None else []
 
 
+def _acting_grippers(inner) -> list:
+    """The gripper models that integrate their commands in `current_action` (state an episode changes)."""
+    return [g for r in inner.robots for g in _grippers(r) if hasattr(g, "current_action")]
+
+
 def _libero_objects(inner) -> list:
     return [*getattr(inner, "objects_dict", {}).values(), *getattr(inner, "fixtures_dict", {}).values()]
 
@@ -97,8 +102,7 @@ class _FreshModel:
         self.property_samplers = property_samplers  # this load's joint samplers (stateless)
         # Python state that lives in objects a hard reset re-creates, and that an episode changes:
         # the gripper integrates its actions in `current_action`; stoves flip their `vis_site_names` flags.
-        self.gripper_actions = [np.array(g.current_action, copy=True) for r in inner.robots for g in _grippers(r)
-                                if hasattr(g, "current_action")]
+        self.gripper_actions = [np.array(g.current_action, copy=True) for g in _acting_grippers(inner)]
         self.vis_sites = [(o, copy.deepcopy(o.object_properties["vis_site_names"])) for o in _libero_objects(inner)
                           if "vis_site_names" in getattr(o, "object_properties", {})]
 
@@ -109,8 +113,7 @@ class _FreshModel:
         for name, fresh in self.arrays.items():
             np.copyto(getattr(model, name), fresh)
         self.sim.data._data = copy.copy(self.data)
-        grippers = [g for r in self.inner.robots for g in _grippers(r) if hasattr(g, "current_action")]
-        for g, a in zip(grippers, self.gripper_actions, strict=True):
+        for g, a in zip(_acting_grippers(self.inner), self.gripper_actions, strict=True):
             g.current_action = a.copy()
         for obj, flags in self.vis_sites:
             obj.object_properties["vis_site_names"] = copy.deepcopy(flags)

@@ -20,6 +20,7 @@ from evalkit.gate import sequential as SEQ
 from evalkit.rollout import engine
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EpisodeRecord
+from evalkit.rollout.schedule import next_in_rounds
 
 TASKS = 10
 
@@ -280,7 +281,7 @@ def test_engine_resumed_records_can_decide_before_anything_runs(fake_engine, tmp
 
 def test_interleaved_queue_prefers_the_workers_task_only_within_the_oldest_round():
     q = deque(sorted([(t, i) for t in range(3) for i in range(3)], key=lambda k: (k[1], k[0])))
-    assert engine._next_episode(q, prefer_task=2, same_round=True) == (2, 0)
-    assert engine._next_episode(q, prefer_task=2, same_round=True) == (0, 0)  # (2, 1) waits for round 0 to empty
+    assert next_in_rounds(q, prefer_task=2, same_round=True) == (2, 0)
+    assert next_in_rounds(q, prefer_task=2, same_round=True) == (0, 0)  # (2, 1) waits for round 0 to empty
     q2 = deque(sorted([(t, i) for t in range(3) for i in range(3)]))
-    assert engine._next_episode(q2, prefer_task=2) == (2, 0)  # default: the worker's task wherever it is
+    assert next_in_rounds(q2, prefer_task=2) == (2, 0)  # default: the worker's task wherever it is

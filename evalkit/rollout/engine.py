@@ -38,7 +38,7 @@ from evalkit.errors import Interrupted
 from evalkit.policies.base import ObsBatch, Observation, policy_cameras
 from evalkit.rollout.journal import Journal
 from evalkit.rollout.records import EXCEPTION, EpisodeRecord, PolicyCall, episode_costs
-from evalkit.rollout.schedule import EpisodeQueue, next_in_rounds
+from evalkit.rollout.schedule import EpisodeQueue
 from evalkit.rollout.worker import EpisodeRunner, EpisodeSpec, worker_main
 from evalkit.suites.specs import SuiteSpec
 
@@ -213,9 +213,6 @@ class _Slot:
 def _new_session_id() -> str:
     """Unique, and sorting by it sorts sessions by start time."""
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-_next_episode = next_in_rounds  # (kept for callers of the old name)
 
 
 def run_rollouts(

@@ -46,10 +46,12 @@ class EpisodeQueue:
         if order not in ORDERS:
             raise ValueError(f"RolloutOptions.order={order!r}; valid: {', '.join(ORDERS)}")
         self.order = order
-        self._rounds = deque(sorted(todo, key=lambda k: (k[1], k[0])))  # interleave
-        self._by_task: dict[int, deque] = {}  # task
-        for t, i in sorted(todo):
-            self._by_task.setdefault(t, deque()).append(i)
+        # one structure per order: interleave pops (task, init) in round order; task keeps each task's inits
+        self._rounds = deque(sorted(todo, key=lambda k: (k[1], k[0]))) if order == "interleave" else deque()
+        self._by_task: dict[int, deque] = {}
+        if order == "task":
+            for t, i in sorted(todo):
+                self._by_task.setdefault(t, deque()).append(i)
 
     def __len__(self) -> int:
         if self.order == "interleave":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from evalkit.atomic import write_atomic
+from evalkit.policies.base import CAMERAS
 from evalkit.rollout.records import EXCEPTION, NAN_ACTION, TIMEOUT, EpisodeRecord
 from evalkit.suites.specs import SuiteSpec
 
@@ -33,7 +34,7 @@ class EpisodeSpec:
     video_mode: str  # "none" | "failures" | "all"
     video_allowed: bool  # the per-task video budget is not spent yet
     video_dir: str | None
-    cameras: tuple[str, ...] = ("agentview", "wrist")  # the views rendered when `render` (policy_cameras)
+    cameras: tuple[str, ...] = CAMERAS  # the views rendered when `render` (policy_cameras)
 
 
 def _short_error(e: BaseException) -> str:
@@ -47,6 +48,10 @@ class EpisodeRunner:
         self.env_key: tuple | None = None
         self.ep: EpisodeSpec | None = None
         self.builds = 0  # envs built by this runner (a new task, or a rebuild after a crash)
+        # the current episode's set-up, for its record
+        self.env_built: bool | None = None
+        self.setup_s: float | None = None
+        self.reset_kind: str | None = None
 
     # -- message handling -------------------------------------------------------------------
     def handle(self, msg: tuple):
@@ -85,18 +90,17 @@ class EpisodeRunner:
         self.actions: list[np.ndarray] = []
         self.frames: list[np.ndarray] = []
         self.task_name, self.instruction = "", ""
-        self.setup_s, self.reset_kind = None, None
+        self.env_built, self.setup_s, self.reset_kind = False, None, None
         builds = self.builds
         try:
             env = self._env_for(ep.task_id, ep.render, ep.cameras, ep.privileged)
+            self.env_built = self.builds > builds
             self.task_name, self.instruction = env.info.name, env.language
             obs = env.reset(ep.init_state_id, ep.seed)
         except Exception as e:
-            self.env_built = self.builds > builds
             return self._crashed(e)
-        self.env_built = self.builds > builds
         self.setup_s = time.perf_counter() - self.t0
-        self.reset_kind = getattr(env, "last_reset_kind", "hard")
+        self.reset_kind = env.last_reset_kind
         self._keep_frame(obs)
         return self._reply(obs)
 
@@ -170,9 +174,9 @@ class EpisodeRunner:
             policy_time_s=self.policy_s,
             policy_calls=self.policy_calls,
             instruction=self.instruction,
-            env_built=getattr(self, "env_built", None),
-            setup_s=getattr(self, "setup_s", None),
-            reset_kind=getattr(self, "reset_kind", None),
+            env_built=self.env_built,
+            setup_s=self.setup_s,
+            reset_kind=self.reset_kind,
         )
 
     def _write_video(self, success: bool) -> str:
