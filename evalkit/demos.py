@@ -9,11 +9,16 @@
 - `round_size=K`: fill all tasks to K episodes, then 2K, ... so a run stopped early stays balanced.
 
 Dataset format (one `.npz` per episode, `DIR/task{TT}_ep{AAAA}.npz`, AAAA = attempt index):
-    features   float32 [T, 29]  reference-policy state features (evalkit/policies/reference.py)
+    features   float32 [T, D]   reference-policy state features when recorded (evalkit/policies/reference.py;
+                                `python -m evalkit.train` recomputes them from p:* and stage:*)
     state      float32 [T, 8]   openpi proprio: eef pos, eef axis-angle, gripper qpos
     actions    float32 [T, 7]   the action executed after observing step t (OSC delta pose + gripper)
     instruction, suite, task_id, seed, obj, target (0-d string/int arrays)
     p:<key>    float32 [T, ...] every raw privileged LIBERO observation array (to re-featurize later)
+    agentview, wrist  uint8 [T, S, S, 3]  (images=true only) the views as the policy sees them (rotated,
+                                resized with padding to the suite's image_size); such files are stored uncompressed
+    stage:<k>  [T, ...]         the expert's stage when it planned the step's chunk: skill, skill_index, phase,
+                                phase_index, obj, target (strings/ints) and command (pose target xyz, quat xyzw, grip)
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class DemoConfig:
     seed: int = 100_000  # demo seed namespace (evaluation uses the official init states)
     max_attempts_factor: float = 2.0  # give up on a task after this many attempts per wanted episode
     round_size: int = 0  # >0: fill every task up to k*round_size episodes, round by round (a run stopped early stays balanced)
+    images: bool = False  # also record both camera views (policy=reference_vision's data; an EGL GPU box renders fast)
 
 
 def demo_seed(base: int, libero_name: str, task_id: int, attempt: int) -> int:
@@ -82,19 +88,21 @@ def attempts_to_run(out: Path, task_id: int, wanted: int, max_attempts: int) -> 
 
 def write_episode(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    # camera frames barely compress and zlib would cost more than rendering them: such episodes are stored plain
+    (np.savez if "agentview" in arrays else np.savez_compressed)(tmp, **arrays)
     os.replace(tmp, path)
 
 
 def record_episode(env, policy, seed: int) -> tuple[bool, dict[str, np.ndarray]]:
     """One scripted episode under the evaluation protocol (replan every `replan_steps` actions)."""
     from evalkit.policies.base import ObsBatch
-    from evalkit.policies.reference import features_from_privileged
+    from evalkit.policies.reference import planner_features, stage_of
 
     spec = env.spec
     obs = env.reset(None, seed=seed)
     policy.reset(obs.episode_key)
-    feats, states, acts, privs = [], [], [], []
+    feats, states, acts, privs, stages = [], [], [], [], []
+    views: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
     ok = False
     steps = 0
     obj = target = ""
@@ -102,8 +110,12 @@ def record_episode(env, policy, seed: int) -> tuple[bool, dict[str, np.ndarray]]
         chunk = policy.predict(ObsBatch([obs]))[0]
         plan = policy.plans[obs.episode_key]
         obj, target = plan.obj, plan.target
+        stage = stage_of(plan, plan.last_command)
         for a in chunk[: spec.replan_steps]:
-            feats.append(features_from_privileged(obs.privileged, obj, target))
+            feats.append(planner_features(obs.privileged, stage))
+            stages.append(stage_arrays(plan, stage))
+            for c, frames in views.items():
+                frames.append(getattr(obs, c))
             states.append(obs.state)
             privs.append(obs.privileged)
             acts.append(a)
@@ -124,7 +136,21 @@ def record_episode(env, policy, seed: int) -> tuple[bool, dict[str, np.ndarray]]
     }
     for k in privs[0]:
         arrays[f"p:{k}"] = np.stack([p[k] for p in privs]).astype(np.float32)
+    for c, frames in views.items():
+        arrays[c] = np.stack(frames).astype(np.uint8)
+    for k in stages[0]:
+        arrays[f"stage:{k}"] = np.stack([np.asarray(st[k]) for st in stages])
     return ok, arrays
+
+
+def stage_arrays(plan, stage) -> dict[str, np.ndarray]:
+    """Where the scripted expert is when it plans a chunk: its skill (kind, index, phase) and what the skill
+    handles (per step, since a multi-skill task changes object), plus the pose target it steers to."""
+    return {
+        "skill": np.array(stage.skill), "skill_index": np.array(plan.index, np.int16),
+        "phase": np.array(plan.current.phase_name), "phase_index": np.array(stage.phase, np.int16),
+        "obj": np.array(stage.obj), "target": np.array(stage.target), "command": stage.command,
+    }
 
 
 def run_task(args: tuple[DemoConfig, int, int]) -> dict:
@@ -145,7 +171,7 @@ def run_task(args: tuple[DemoConfig, int, int]) -> dict:
         if not todo:
             break
         if env is None:
-            env = LiberoEnv(spec, task_id, render=False, privileged=True)
+            env = LiberoEnv(spec, task_id, render=cfg.images, privileged=True)
         for a in todo:
             seed = demo_seed(cfg.seed, spec.libero_name, task_id, a)
             ok, arrays = record_episode(env, policy, seed)

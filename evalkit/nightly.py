@@ -42,12 +42,14 @@ DEFAULT_CONFIG = CONF_DIR / "experiment" / "nightly.yaml"
 
 @dataclass
 class NightlyConfig:
-    policy: str = "pi05"  # the policy every cell runs
+    policy: str = "reference"  # the policy every cell runs
     baseline_backend: str = "bf16"  # backend of each suite's baseline cell (baseline=matrix)
     baseline_denoise_steps: int = DEFAULT_DENOISE_STEPS  # denoise steps of each suite's baseline cell (baseline=matrix)
     baseline: str = "matrix"  # matrix | latest | ref:<key>
     backends: list[str] = field(default_factory=lambda: ["bf16"])  # matrix: candidate backends
-    suites: list[str] = field(default_factory=lambda: ["libero_spatial_quick"])  # matrix: suites
+    suites: list[str] = field(default_factory=lambda: ["libero_spatial_quick"])  # matrix: suites ([]: `covers`)
+    # the suites each policy succeeds on, so its success rates can show a drop (a suite at 0 % cannot)
+    covers: dict = field(default_factory=dict)
     denoise_steps: list[int] = field(default_factory=lambda: [DEFAULT_DENOISE_STEPS])  # matrix: denoise steps
     overrides: list[str] = field(default_factory=list)  # extra overrides of every cell's run, e.g. [suite.trials=2]
     output_dir: str = "outputs/nightly"  # the night's folder <output_dir>/<timestamp> (cells, report)
@@ -91,6 +93,11 @@ def load_config(argv: list[str], path: Path = DEFAULT_CONFIG) -> NightlyConfig:
     """nightly.yaml merged with key=value overrides (config=<file> picks another file), validated by the dataclass."""
     cfg = parse(NightlyConfig, argv, prog="python -m evalkit.nightly", config=path,
                 about="run the nightly matrix, judge every cell, report, exit 1 on regression")
+    if not cfg.suites:
+        if cfg.policy not in cfg.covers:
+            raise BadInput(f"nightly suites=[] takes the suites policy '{cfg.policy}' covers, but `covers` lists only "
+                           f"{sorted(cfg.covers)}: name the suites (suites=[libero_spatial,...]) or add it to covers")
+        cfg.suites = list(cfg.covers[cfg.policy])
     if not cfg.backends or not cfg.suites or not cfg.denoise_steps:
         raise BadInput("nightly matrix is empty: backends, suites and denoise_steps need at least one value each")
     return cfg

@@ -31,6 +31,7 @@ from evalkit.config import CONF_DIR
 from evalkit.errors import BadInput
 
 DEFAULT_CONFIG = CONF_DIR / "train" / "reference.yaml"
+FIT_PROBE_STEPS = 200  # steps timed before a max_seconds run fits its schedule to the time left
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -40,6 +41,9 @@ class TrainConfig:
     have no default here; null leaves a key to the trainer's own default."""
 
     data: list[str] = opt(help="episode folders written by `python -m evalkit.demos`")
+    inputs: Optional[str] = opt(None, "state_tokens (planner features; policy=reference) | images (two camera views + "
+                                      "the state in the prompt; policy=reference_vision)")
+    augment_shift: Optional[int] = opt(None, "images: random shift of each view by up to this many pixels (0: none)")
     packed: str = opt(help="packed training arrays + norm stats (built from `data` when missing)")
     repack: Optional[bool] = opt(None, "rebuild `packed` even if it exists")
     pack_only: Optional[bool] = opt(None, "only build `packed`, no training")
@@ -93,10 +97,13 @@ def pack(cfg: dict[str, Any]) -> Path:
     out = Path(cfg["packed"])
     if out.is_file() and not cfg.get("repack", False):
         return out
+    from evalkit.policies.reference import episode_features
+
     files = sorted(f for d in cfg["data"] for f in Path(d).glob("*.npz"))
     if not files:
         raise BadInput(f"no episode files (*.npz) under {cfg['data']}; run `python -m evalkit.demos` first")
-    feats, acts, states, lengths, instr_ids, episode_ids = [], [], [], [], [], []
+    images = inputs_of(cfg) == "images"
+    feats, acts, states, lengths, instr_ids, episode_ids, views = [], [], [], [], [], [], []
     instructions: list[str] = []
     for i, f in enumerate(files):
         with np.load(f) as d:
@@ -104,36 +111,77 @@ def pack(cfg: dict[str, Any]) -> Path:
             if text not in instructions:
                 instructions.append(text)
             n = len(d["actions"])
-            feats.append(d["features"])
+            if images:
+                missing = [c for c in CAMERA_KEYS if c not in d.files]
+                if missing:
+                    raise BadInput(f"{f}: no {missing} frames; record image demos with "
+                                   "`python -m evalkit.demos images=true`")
+                views.append(np.stack([d[c] for c in CAMERA_KEYS], axis=1))
+            else:
+                feats.append(episode_features(d))  # recomputed from p:* and stage:* (the recorded copy may be older)
             acts.append(d["actions"])
             states.append(d["state"])
             lengths.append(n)
             instr_ids.append(np.full(n, instructions.index(text), np.int64))
             episode_ids.append(np.full(n, i, np.int64))
-    feats_a, acts_a, states_a = np.concatenate(feats), np.concatenate(acts), np.concatenate(states)
+    acts_a, states_a = np.concatenate(acts), np.concatenate(states)
     stats = {
-        "features": {"mean": feats_a.mean(0).tolist(), "std": np.maximum(feats_a.std(0), 1e-3).tolist()},
         "actions": quantile_stats(acts_a, min_half_range=cfg.get("action_min_half_range", 0.1)),
         "state": quantile_stats(states_a, min_half_range=1e-3),
     }
+    arrays = {"actions": acts_a, "states": states_a}
+    if images:
+        arrays["images"] = np.concatenate(views)  # uint8 [N, V, S, S, 3]
+    else:
+        feats_a = np.concatenate(feats)
+        stats["features"] = {"mean": feats_a.mean(0).tolist(), "std": np.maximum(feats_a.std(0), 1e-3).tolist()}
+        arrays["features"] = feats_a
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        out, features=feats_a, actions=acts_a, chunks=chunk_indices(lengths, cfg["horizon"]),
+    (np.savez if images else np.savez_compressed)(  # frames barely compress
+        out, **arrays, chunks=chunk_indices(lengths, cfg["horizon"]),
         instr_ids=np.concatenate(instr_ids), episode_ids=np.concatenate(episode_ids),
         instructions=np.array(instructions), lengths=np.array(lengths), stats=np.array(json.dumps(stats)),
         files=np.array([str(f) for f in files]),
     )
-    print(f"packed {len(files)} episodes, {len(feats_a)} steps, {len(instructions)} instructions -> {out}", flush=True)
+    print(f"packed {len(files)} episodes, {len(acts_a)} steps, {len(instructions)} instructions -> {out}", flush=True)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- model
+CAMERA_KEYS = ("agentview", "wrist")  # the order of pi05's VIEW_ORDER
+
+
+def inputs_of(cfg: dict[str, Any]) -> str:
+    inputs = cfg.get("inputs") or "state_tokens"
+    if inputs not in ("state_tokens", "images"):
+        raise BadInput(f"train inputs must be state_tokens or images, got {inputs!r}")
+    return inputs
+
+
 def model_config(cfg: dict[str, Any], feature_dim: int):
     from evalkit.policies.pi05.config import tiny_config
 
     m = dict(cfg["model"])
+    if inputs_of(cfg) == "images":  # openpi's π0.5: views + the quantile-binned state in the prompt
+        return tiny_config(prefix_inputs="images", state_in_prompt=True, num_views=len(CAMERA_KEYS),
+                           action_horizon=cfg["horizon"], **m)
     return tiny_config(prefix_inputs="state_tokens", state_feature_dim=feature_dim, action_horizon=cfg["horizon"],
                        **m)
+
+
+def shift_views(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation of each view by up to `max_shift` pixels (edges replicated): float [B, V, 3, S, S]."""
+    if max_shift <= 0:
+        return images
+    b, v, c, h, w = images.shape
+    flat = images.reshape(b * v, c, h, w)
+    shift = (torch.rand(b * v, 2, generator=gen, device=images.device) * 2 - 1) * (2 * max_shift / w)
+    theta = torch.zeros(b * v, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift
+    grid = torch.nn.functional.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(flat, grid, padding_mode="border", align_corners=False)
+    return out.reshape(b, v, c, h, w)
 
 
 def normalize_features(x: np.ndarray, stats: dict) -> np.ndarray:
@@ -175,20 +223,38 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
     dev = resolve_device(cfg.get("device", "auto"))
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    feats = torch.from_numpy(normalize_features(packed["features"], stats)).to(dev)
+    images = inputs_of(cfg) == "images"
     acts = torch.from_numpy(normalize_actions(packed["actions"], stats, float(cfg.get("action_clip", 1.5)))).to(dev)
     chunks = torch.from_numpy(packed["chunks"]).to(dev)
     instr = torch.from_numpy(packed["instr_ids"]).to(dev)
-    mcfg = model_config(cfg, feats.shape[1])
-    tok, mask = tokenize(list(packed["instructions"]), mcfg.vocab_size, mcfg.max_token_len)
+    if images:
+        views = torch.from_numpy(packed["images"]).to(dev)  # uint8 on the device; floats made per batch
+        feats = None
+        mcfg = model_config(cfg, 0)
+        # the prompt carries each step's binned state, so every sample has its own tokens (computed once)
+        from evalkit.policies.pi05 import processing as proc
+
+        norm_state = proc.QuantileStats(np.asarray(stats["state"]["q01"], np.float32),
+                                        np.asarray(stats["state"]["q99"], np.float32)).normalize(packed["states"])
+        texts = [str(packed["instructions"][i]) for i in packed["instr_ids"]]
+        tok, mask = proc.tokenize_batch(proc.ByteTokenizer(mcfg.vocab_size), texts, norm_state, mcfg.max_token_len,
+                                        False)
+        longest = int(mask.sum(1).max())
+        if longest >= mcfg.max_token_len:
+            raise BadInput(f"prompts reach max_token_len={mcfg.max_token_len}: raise model.max_token_len")
+    else:
+        feats = torch.from_numpy(normalize_features(packed["features"], stats)).to(dev)
+        mcfg = model_config(cfg, feats.shape[1])
+        tok, mask = tokenize(list(packed["instructions"]), mcfg.vocab_size, mcfg.max_token_len)
     tok_t, mask_t = torch.from_numpy(tok).to(dev), torch.from_numpy(mask).to(dev)
+    shift = int(cfg.get("augment_shift") or 0)
 
     # Hold out whole episodes for a validation loss (same noise/time draws every evaluation).
     n_ep = len(packed["lengths"])
     val_eps = set(rng.choice(n_ep, size=max(1, int(n_ep * cfg.get("val_fraction", 0.05))), replace=False).tolist())
     is_val = np.isin(packed["episode_ids"], list(val_eps))
     train_idx = torch.from_numpy(np.flatnonzero(~is_val)).to(dev)
-    val_idx = torch.from_numpy(np.flatnonzero(is_val)[:4096]).to(dev)
+    val_idx = torch.from_numpy(np.flatnonzero(is_val)[: 512 if images else 4096]).to(dev)  # one batch's memory
 
     with torch.device(dev):
         model = Pi05Model(mcfg)
@@ -211,16 +277,24 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator(device=dev).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed + 1)
 
-    def batch(idx: torch.Tensor):
-        ii = instr[idx]
+    def batch(idx: torch.Tensor, augment: bool):
+        ii = idx if images else instr[idx]  # image prompts are per sample, state_tokens prompts per instruction
         m = mask_t[ii]
-        return tok_t[ii], (None if bool(m.all()) else m), acts[chunks[idx]], feats[idx]
+        cols = int(m.sum(1).max())  # trim the padding the whole set needs but this batch does not
+        tokens, m = tok_t[ii][:, :cols], m[:, :cols]
+        inputs = {"state_features": feats[idx]} if feats is not None else {}
+        if images:
+            from evalkit.policies.pi05.processing import images_to_model
 
-    def loss_on(idx: torch.Tensor, noise_gen: torch.Generator) -> torch.Tensor:
-        tokens, tmask, a, f = batch(idx)
+            x = images_to_model(views[idx])
+            inputs["images"] = shift_views(x, shift, gen) if augment else x
+        return tokens, (None if bool(m.all()) else m), acts[chunks[idx]], inputs
+
+    def loss_on(idx: torch.Tensor, noise_gen: torch.Generator, augment: bool = True) -> torch.Tensor:
+        tokens, tmask, a, inputs = batch(idx, augment)
         noise = torch.randn(a.shape, generator=noise_gen, device=dev)
         t = torch.distributions.Beta(1.5, 1.0).sample((len(idx),)).to(dev) * 0.999 + 0.001
-        return model.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, state_features=f)
+        return model.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, **inputs)
 
     def val_loss() -> float:
         model.eval()
@@ -228,7 +302,7 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
         state = torch.random.get_rng_state()
         torch.manual_seed(12345)
         with torch.no_grad():
-            v = float(loss_on(val_idx, g))
+            v = float(loss_on(val_idx, g, augment=False))
         torch.random.set_rng_state(state)
         model.train()
         return v
@@ -239,7 +313,15 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
     ema = None
     done = 0
     print(f"device={dev} params={params} train_steps={len(train_idx)} val_steps={len(val_idx)} episodes={n_ep}", flush=True)
-    for s in range(steps):
+    planned = steps
+    s = 0
+    while s < steps:
+        if s == FIT_PROBE_STEPS and max_seconds and not cfg.get("stop_after"):
+            # a time-limited run lays its lr schedule over the steps that fit, so it ends annealed, not cut mid-way
+            fit = int(s / (time.time() - t0) * max_seconds * 0.97)
+            if fit < steps:
+                steps = max(fit, s + 1)
+                print(f"schedule: {steps} steps fit in max_seconds={max_seconds} (of {planned} configured)", flush=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(s)
         pick = torch.randint(len(train_idx), (bs,), generator=cpu_gen).to(dev)
@@ -262,17 +344,18 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
         if max_seconds and time.time() - t0 > max_seconds:
             print(f"stopping at step {done}: max_seconds={max_seconds} reached", flush=True)
             break
+        s += 1
     final = {"step": done, "val_loss": val_loss(), "seconds": round(time.time() - t0, 1)}
     log.append(final)
     out = Path(cfg["out"])
     model.eval()
-    norm = {"state": stats["state"], "actions": stats["actions"], "features": stats["features"]}
-    save_checkpoint(model.cpu(), out, norm_stats=norm, asset_id="libero_state")
-    run_cfg = {**cfg, "steps_done": done}
+    norm = {k: stats[k] for k in ("state", "actions", "features") if k in stats}
+    save_checkpoint(model.cpu(), out, norm_stats=norm, asset_id="libero_images" if images else "libero_state")
+    run_cfg = {**cfg, "steps": steps, "steps_done": done}  # steps: the schedule as run (replayable with max_seconds=0)
     (out / "train_config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False))
     summary = {"params": params, "device": str(dev), "torch": torch.__version__, "episodes": n_ep,
-               "samples": int(len(feats)), "instructions": list(map(str, packed["instructions"])),
-               "steps_done": done, "log": log}
+               "samples": int(len(acts)), "instructions": list(map(str, packed["instructions"])),
+               "steps_done": done, "steps_planned": planned, "steps_scheduled": steps, "log": log}
     (out / "train_log.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out} ({done} steps, {final['seconds']} s, final val_loss {final['val_loss']:.4f})", flush=True)
     return summary

@@ -151,3 +151,11 @@ def test_subprocess_runner_calls_the_evalkit_cli(monkeypatch, tmp_path):
     assert code == 1 and seen["timeout"] == 60
     assert seen["cmd"][1:] == ["-m", "evalkit", "policy=pi05", "backend=int8", "suite=libero_spatial", "denoise_steps=5",
                                f"hydra.run.dir={tmp_path / 'c'}", "workers=2"]
+
+
+def test_default_suites_are_those_the_policy_covers():
+    assert load_config([]).suites == ["libero_spatial", "libero_object", "libero_goal", "libero_10"]
+    assert load_config(["policy=reference_vision"]).suites == ["libero_spatial"]
+    assert load_config(["policy=reference_vision", "suites=[libero_goal]"]).suites == ["libero_goal"]
+    with pytest.raises(BadInput, match="covers"):
+        load_config(["policy=random"])

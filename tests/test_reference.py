@@ -1,4 +1,5 @@
-"""policy=reference: the committed checkpoint loads strictly (no missing/unexpected keys) and predicts finite chunks."""
+"""policy=reference: planner features, the planner tracked alongside the policy as when demos were recorded, and the
+committed checkpoint (loads strictly, predicts finite chunks, acts in one short episode of each suite it covers)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from evalkit.policies.base import ObsBatch, Observation
 from evalkit.policies.reference import (
     DEFAULT_DIR,
     FEATURE_DIM,
-    features_from_privileged,
+    SKILLS,
+    Stage,
+    StageTracker,
+    planner_features,
+    stage_of,
 )
 from evalkit.policies.registry import build_policy
 
@@ -39,10 +44,54 @@ def _obs(tmp_path: Path, k: int) -> Observation:
 def test_features_layout():
     priv = {"robot0_eef_pos": np.zeros(3), "robot0_eef_quat": np.array([1.0, 0, 0, 0]),
             "robot0_gripper_qpos": np.zeros(2), "a_1_pos": np.ones(3), "a_1_quat": np.array([0, 0, 0, 1.0]),
-            "b_1_pos": np.full(3, 2.0)}
-    f = features_from_privileged(priv, "a_1", "b_1")
+            "b_1_pos": np.full(3, 2.0), "b_1_joint_pos": np.array([0.1, 0.2])}
+    cmd = np.array([0.5, 0.5, 0.5, 0, 0, 0, 1, 1.0])
+    f = planner_features(priv, Stage("pick_place", 3, "a_1", "b_1", cmd))
     assert f.shape == (FEATURE_DIM,) and f.dtype == np.float32
-    assert np.allclose(f[11:14], 1.0) and np.allclose(f[20:23], 1.0) and np.allclose(f[23:26], 2.0)
+    n = 11 + len(SKILLS)
+    assert f[11] == 1 and f[12:n].sum() == 0  # skill one-hot
+    assert f[n + 3] == 1 and f[n:n + 16].sum() == 1  # phase one-hot
+    o = n + 16
+    assert np.allclose(f[o:o + 3], 1.0) and np.allclose(f[o + 9:o + 12], 1.0) and np.allclose(f[o + 12:o + 15], 0)
+    t = o + 15
+    assert np.allclose(f[t:t + 6], 2.0) and np.allclose(f[t + 6:t + 9], [0.1, 0.2, 0.0])
+    assert np.allclose(f[t + 9:t + 12], 0.5) and f[-1] == 1.0
+    with pytest.raises(BadInput, match="unknown planner skill"):
+        planner_features(priv, Stage("juggle", 0, "a_1", "b_1", cmd))
+
+
+def test_tracker_follows_the_expert_as_recorded():
+    """The tracker, fed the observations of a scripted episode once per chunk, is in the stage the expert recorded
+    (libero_10 task 0: two pick-and-places, so the handled object changes mid-episode); repeated and reordered
+    calls (the fidelity gate's) see the same stage."""
+    from evalkit.policies.base import ObsBatch
+    from evalkit.policies.scripted import ScriptedPolicy
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import get_suite
+
+    spec = get_suite("libero_10")
+    env = LiberoEnv(spec, 0, render=False)
+    expert, tracker = ScriptedPolicy(), StageTracker()
+    try:
+        obs = env.reset(0)
+        seen, objs = [], set()
+        for _ in range(48):  # 240 steps: the first object placed, the second under way
+            chunk = expert.predict(ObsBatch([obs]))[0]
+            plan = expert.plans[obs.episode_key]
+            want = stage_of(plan, plan.last_command)
+            got = tracker.stage(obs)
+            assert (got.skill, got.phase, got.obj, got.target) == (want.skill, want.phase, want.obj, want.target)
+            assert np.array_equal(got.command, want.command)
+            seen.append((obs, got))
+            objs.add(got.obj)
+            for a in chunk[: spec.replan_steps]:
+                obs, done = env.step(a)
+        assert len(objs) == 2, objs
+    finally:
+        env.close()
+    other = StageTracker()  # a second policy instance, asked in reverse order, sees the same stages
+    for o, st in reversed(seen):
+        assert other.stage(o) == st or np.array_equal(other.stage(o).command, st.command)
 
 
 @pytest.mark.skipif(not (DEFAULT_DIR / "model.safetensors").is_file(), reason="reference checkpoint not trained yet")
@@ -65,3 +114,27 @@ def test_missing_checkpoint_is_bad_input(tmp_path):
 def test_unknown_field_is_bad_input():
     with pytest.raises(BadInput):
         build_policy({"kind": "reference", "denoise_stepz": 3}, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not (DEFAULT_DIR / "model.safetensors").is_file(), reason="reference checkpoint not trained yet")
+@pytest.mark.parametrize("suite", ["libero_spatial", "libero_object", "libero_goal", "libero_10"])
+def test_reference_acts_in_a_short_episode_of_each_suite(suite):
+    """One short episode (40 steps) per covered suite: the checkpoint loads, acts, and moves the arm."""
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import get_suite
+
+    policy = build_policy({"kind": "reference", "denoise_steps": 3}, torch.device("cpu"))
+    spec = get_suite(suite)
+    env = LiberoEnv(spec, 0, render=False)
+    try:
+        obs = env.reset(0)
+        policy.reset(obs.episode_key)
+        start = np.asarray(obs.privileged["robot0_eef_pos"]).copy()
+        for _ in range(8):
+            chunk = policy.predict(ObsBatch([obs]), noise_seed=0)[0]
+            assert chunk.shape == (10, 7) and np.isfinite(chunk).all()
+            for a in chunk[: spec.replan_steps]:
+                obs, _ = env.step(a)
+        assert np.linalg.norm(np.asarray(obs.privileged["robot0_eef_pos"]) - start) > 0.02
+    finally:
+        env.close()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from evalkit.errors import BadInput
+from evalkit.policies.reference import FEATURE_DIM
 from evalkit.train import chunk_indices, fit, load_config, pack
 
 
@@ -16,15 +17,30 @@ def test_chunk_indices_repeat_last_step_per_episode():
     assert idx.tolist() == [[0, 1, 2, 2], [1, 2, 2, 2], [2, 2, 2, 2], [3, 4, 4, 4], [4, 4, 4, 4]]
 
 
-def _fake_episodes(d, n=6, steps=30, seed=0):
-    """Synthetic episodes whose actions are a fixed function of the features (learnable)."""
+def _fake_episodes(d, n=6, steps=30, seed=0, image_size=0):
+    """Synthetic episodes in `python -m evalkit.demos`'s format (privileged arrays p:*, the planner's stage:*,
+    optional camera frames) whose actions are a fixed function of the eef-to-command offset (learnable)."""
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(29, 7)) * 0.3
+    quat = np.tile([0.0, 0.0, 0.0, 1.0], (steps, 1)).astype(np.float32)
     for i in range(n):
-        f = rng.normal(size=(steps, 29)).astype(np.float32)
-        a = np.tanh(f @ w).astype(np.float32)
-        np.savez(d / f"task00_ep{i:04d}.npz", features=f, actions=a, state=f[:, :8],
-                 instruction=np.array(["pick up the thing" if i % 2 else "place the other thing"]))
+        eef = rng.normal(size=(steps, 3)).astype(np.float32) * 0.1
+        cmd = rng.normal(size=(steps, 3)).astype(np.float32) * 0.1
+        a = np.zeros((steps, 7), np.float32)
+        a[:, :3] = np.tanh((cmd - eef) * 10)
+        a[:, 6] = np.where(cmd[:, 0] > 0, 1.0, -1.0)
+        arrays = {
+            "p:robot0_eef_pos": eef, "p:robot0_eef_quat": quat, "p:robot0_gripper_qpos": np.zeros((steps, 2), np.float32),
+            "p:thing_1_pos": eef + 0.05, "p:thing_1_quat": quat, "p:plate_1_pos": eef - 0.05,
+            "stage:skill": np.array(["pick_place"] * steps), "stage:phase_index": rng.integers(0, 8, steps),
+            "stage:obj": np.array(["thing_1"] * steps), "stage:target": np.array(["plate_1"] * steps),
+            "stage:command": np.concatenate([cmd, quat, a[:, 6:7]], axis=1),
+            "actions": a, "state": np.concatenate([eef, np.zeros((steps, 5), np.float32)], axis=1),
+            "instruction": np.array(["pick up the thing" if i % 2 else "place the other thing"]),
+        }
+        if image_size:
+            for cam in ("agentview", "wrist"):
+                arrays[cam] = rng.integers(0, 255, (steps, image_size, image_size, 3), dtype=np.uint8)
+        np.savez(d / f"task00_ep{i:04d}.npz", **arrays)
 
 
 def test_config_overrides_and_unknown_key():
@@ -44,7 +60,7 @@ def test_training_reduces_loss_and_writes_checkpoint(tmp_path):
     cfg["model"]["prefix"] = dict(size)
     cfg["model"]["expert"] = dict(size)
     packed = np.load(pack(cfg))
-    assert packed["features"].shape == (180, 29) and packed["chunks"].shape == (180, 10)
+    assert packed["features"].shape == (180, FEATURE_DIM) and packed["chunks"].shape == (180, 10)
     assert len(packed["instructions"]) == 2
     summary = fit(cfg)
     first, last = summary["log"][0]["val_loss"], summary["log"][-1]["val_loss"]
@@ -54,3 +70,44 @@ def test_training_reduces_loss_and_writes_checkpoint(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "train_config.yaml").is_file()
     stats = json.loads(next(out.rglob("norm_stats.json")).read_text())["norm_stats"]
     assert set(stats) >= {"state", "actions", "features"}
+
+
+def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_path):
+    """The images path: frames packed per step, per-sample prompts with the binned state, a checkpoint that
+    policy=reference_vision loads and runs on two 32-pixel views."""
+    import torch
+
+    from evalkit.policies.base import ObsBatch, Observation
+    from evalkit.policies.registry import build_policy
+
+    (tmp_path / "eps").mkdir()
+    _fake_episodes(tmp_path / "eps", n=4, steps=12, image_size=32)
+    size = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+    cfg = load_config(["config=conf/train/reference_vision.yaml", f"data=[{tmp_path / 'eps'}]",
+                       f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'ckpt'}", "steps=3", "batch_size=4",
+                       "log_every=1000", "device=cpu", "val_fraction=0.25", "augment_shift=2"])
+    cfg["model"].update(prefix=dict(size), expert=dict(size),
+                        vision={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "patch_size": 8,
+                                "image_size": 32})
+    packed = np.load(pack(cfg))
+    assert packed["images"].shape == (48, 2, 32, 32, 3) and packed["images"].dtype == np.uint8
+    assert "features" not in packed.files
+    summary = fit(cfg)
+    assert summary["steps_done"] == 3 and np.isfinite(summary["log"][-1]["val_loss"])
+    policy = build_policy({"kind": "reference_vision", "checkpoint": str(tmp_path / "ckpt"), "denoise_steps": 2},
+                          torch.device("cpu"))
+    assert policy.name == "reference_vision" and policy.needs_images and not policy.needs_privileged
+    img = np.zeros((32, 32, 3), np.uint8)
+    obs = Observation(state=np.zeros(8, np.float32), instruction="pick up the thing", episode_key="e", step=0,
+                      agentview=img, wrist=img)
+    a = policy.predict(ObsBatch([obs]), noise_seed=0)
+    assert a.shape == (1, 10, 7) and np.isfinite(a).all()
+
+
+def test_image_training_refuses_state_only_episodes(tmp_path):
+    (tmp_path / "eps").mkdir()
+    _fake_episodes(tmp_path / "eps", n=2)
+    cfg = load_config(["config=conf/train/reference_vision.yaml", f"data=[{tmp_path / 'eps'}]",
+                       f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'ckpt'}", "device=cpu"])
+    with pytest.raises(BadInput, match="images=true"):
+        pack(cfg)

@@ -2,11 +2,14 @@
 
 It is `evalkit.policies.pi05.policy.Pi05Policy` itself (same model code, backends and latency stages),
 built from `references/reference_policy/` (safetensors + config.json + assets/*/norm_stats.json) with
-the reference feature function below: privileged object poses -> normalized features.
+the reference feature function below: the scripted planner's stage and privileged poses -> normalized features.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +18,146 @@ from scipy.spatial.transform import Rotation
 
 from evalkit.errors import BadInput
 from evalkit.policies.base import ObsBatch, Observation
-from evalkit.policies.scripted import pick_place_goal
-from evalkit.policies.scripted_goal import parse_goal
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "references" / "reference_policy"
 
 # ---------------------------------------------------------------------------------------------- features
-# State features (prefix input `state_tokens`): a fixed-size float vector per step, goal objects first so one
-# small model serves every pick-and-place task:
+# The reference policy is hierarchical: the scripted expert's planner (privileged; goals from the task's BDDL, skills
+# and their phases from `policy=scripted`) says which skill runs, in which phase, on which object and towards which
+# pose target; the learned π0.5 (this checkpoint) turns that into action chunks. The state features, one fixed-size
+# vector per step (prefix input `state_tokens`):
 #     eef pos (3), eef rotation as the first two columns of its matrix (6, continuous unlike axis-angle),
-#     gripper qpos (2), object to move: pos (3), rotation 6D (6), pos - eef (3), goal target: pos (3), pos - eef (3).
-# Which object is "to move" and which is the "target" is read from the task's BDDL goal, exactly as the
-# scripted expert does (the policy is privileged on purpose: it stands in for π0.5 on CPU-only machines).
-FEATURE_DIM = 29
+#     gripper qpos (2), skill one-hot (9), phase one-hot (16),
+#     object handled: pos (3), rotation 6D (6), pos - eef (3), its joints (3: drawers, knob, door; else 0),
+#     goal target: pos (3), pos - eef (3), its joints (3),
+#     the planner's pose target: pos - eef (3), rotation 6D (6), gripper command (1).
+SKILLS = ("pick_place", "push", "open_drawer", "close_drawer", "turn_on", "put_through", "close_door", "open_door",
+          "hold")
+MAX_PHASES = 16
+JOINTS = 3
+FEATURE_DIM = 11 + len(SKILLS) + MAX_PHASES + 15 + 9 + 10
 
 
 def rot6d(quat_xyzw: np.ndarray) -> np.ndarray:
     return Rotation.from_quat(np.asarray(quat_xyzw, np.float64)).as_matrix()[:, :2].T.ravel()
 
 
-def features_from_privileged(priv: dict[str, np.ndarray], obj: str, target: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Stage:
+    """Where the planner is when a chunk is planned (what `python -m evalkit.demos` records as `stage:*`)."""
+    skill: str
+    phase: int
+    obj: str
+    target: str
+    command: np.ndarray  # [8]: pose target xyz, quat xyzw, gripper command
+
+
+def _joints(priv: dict[str, np.ndarray], name: str) -> np.ndarray:
+    out = np.zeros(JOINTS)
+    j = priv.get(f"{name}_joint_pos") if name else None
+    if j is not None:
+        j = np.asarray(j, np.float64).ravel()[:JOINTS]
+        out[: j.size] = j
+    return out
+
+
+def planner_features(priv: dict[str, np.ndarray], stage: Stage) -> np.ndarray:
+    if stage.skill not in SKILLS:
+        raise BadInput(f"reference features: unknown planner skill '{stage.skill}' (known: {', '.join(SKILLS)})")
+    if not 0 <= stage.phase < MAX_PHASES:
+        raise BadInput(f"reference features: phase {stage.phase} of '{stage.skill}' exceeds {MAX_PHASES}")
     eef = np.asarray(priv["robot0_eef_pos"], np.float64)
-    o = np.asarray(priv[f"{obj}_pos"], np.float64)
-    t = np.asarray(priv[f"{target}_pos"], np.float64)
+    skill = np.zeros(len(SKILLS))
+    skill[SKILLS.index(stage.skill)] = 1.0
+    phase = np.zeros(MAX_PHASES)
+    phase[stage.phase] = 1.0
+    if stage.obj:
+        o = np.asarray(priv[f"{stage.obj}_pos"], np.float64)
+        obj = np.concatenate([o, rot6d(priv[f"{stage.obj}_quat"]), o - eef, _joints(priv, stage.obj)])
+    else:  # a plan's final hold
+        obj = np.concatenate([eef, rot6d(priv["robot0_eef_quat"]), np.zeros(3 + JOINTS)])
+    t = np.asarray(priv[f"{stage.target}_pos"], np.float64) if stage.target else eef
+    cmd = np.asarray(stage.command, np.float64)
     out = np.concatenate([
-        eef, rot6d(priv["robot0_eef_quat"]), np.asarray(priv["robot0_gripper_qpos"], np.float64),
-        o, rot6d(priv[f"{obj}_quat"]), o - eef,
-        t, t - eef,
+        eef, rot6d(priv["robot0_eef_quat"]), np.asarray(priv["robot0_gripper_qpos"], np.float64), skill, phase,
+        obj, t, t - eef, _joints(priv, stage.target),
+        cmd[:3] - eef, rot6d(cmd[3:7]), cmd[7:8],
     ])
     assert out.shape == (FEATURE_DIM,)
     return out.astype(np.float32)
 
 
-def goal_names(obs: Observation) -> tuple[str, str]:
-    bddl = obs.task.get("bddl_file")
-    if not bddl or not obs.privileged:
+def episode_features(d) -> np.ndarray:
+    """[T, FEATURE_DIM] features of one recorded episode (an npz from `python -m evalkit.demos`)."""
+    priv_keys = [k for k in d.files if k.startswith("p:")]
+    if "stage:skill" not in d.files:
+        raise BadInput("episode has no planner stage (stage:* arrays): re-record it with `python -m evalkit.demos`")
+    priv = {k[2:]: d[k] for k in priv_keys}
+    skill, phase, obj, target, cmd = (d["stage:skill"], d["stage:phase_index"], d["stage:obj"], d["stage:target"],
+                                      d["stage:command"])
+    return np.stack([
+        planner_features({k: v[t] for k, v in priv.items()},
+                         Stage(str(skill[t]), int(phase[t]), str(obj[t]), str(target[t]), cmd[t]))
+        for t in range(len(skill))
+    ])
+
+
+def stage_of(plan, command) -> Stage:
+    """The Stage of a scripted `EpisodePlan` right after it planned `command` (demos and the tracker share this)."""
+    skill = plan.current
+    return Stage(skill.name, int(skill.phase), plan.obj, plan.target,
+                 np.concatenate([command.pos, command.rot.as_quat(), [command.grip]]).astype(np.float32))
+
+
+# Stages already computed, shared by every reference policy in the process: the fidelity gate calls the reference
+# and a candidate on the same observations in different orders, and both must see the same features.
+_STAGE_MEMO: OrderedDict[tuple, Stage] = OrderedDict()
+_MEMO_SIZE = 8192
+
+
+def _digest(o: Observation) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(o.privileged):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(o.privileged[k]).tobytes())
+    return h.digest()
+
+
+class StageTracker:
+    """Runs the scripted planner alongside the learned policy: one plan per episode, advanced once per chunk (as
+    when the demonstrations were recorded). An observation at an earlier step than the last seen for its
+    episode starts a new plan (a new episode under the same key)."""
+
+    def __init__(self) -> None:
+        from evalkit.policies.scripted import ScriptedPolicy
+
+        self.planner = ScriptedPolicy()
+        self.last_step: dict[str, int] = {}
+
+    def reset(self, episode_key: str) -> None:
+        self.planner.reset(episode_key)
+        self.last_step.pop(episode_key, None)
+
+    def stage(self, o: Observation) -> Stage:
+        key = (o.episode_key, o.step, o.task.get("bddl_file"), _digest(o))
+        hit = _STAGE_MEMO.get(key)
+        if hit is not None:
+            _STAGE_MEMO.move_to_end(key)
+            return hit
+        if o.step < self.last_step.get(o.episode_key, -1):
+            self.reset(o.episode_key)
+        self.last_step[o.episode_key] = o.step
+        plan = self.planner._plan(o)
+        st = stage_of(plan, self.planner._command(plan, o))
+        _STAGE_MEMO[key] = st
+        if len(_STAGE_MEMO) > _MEMO_SIZE:
+            _STAGE_MEMO.popitem(last=False)
+        return st
+
+
+def check_observation(obs: Observation) -> None:
+    if not obs.task.get("bddl_file") or not obs.privileged:
         raise BadInput("reference policy needs privileged observations and Observation.task['bddl_file']")
-    return pick_place_goal(parse_goal(bddl), obs.privileged)
-
-
-def observation_features(obs: Observation) -> np.ndarray:
-    obj, target = goal_names(obs)
-    return features_from_privileged(obs.privileged, obj, target)
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -77,10 +178,15 @@ def make_feature_fn(stats: dict[str, Any]):
     if (std <= 0).any():
         raise BadInput(f"{where}: {key}.std must be > 0, not at dims {np.flatnonzero(std <= 0)[:8].tolist()}")
 
+    tracker = StageTracker()
+
     def feature_fn(batch: ObsBatch) -> np.ndarray:
-        x = np.stack([observation_features(o) for o in batch.observations])
+        for o in batch.observations:
+            check_observation(o)
+        x = np.stack([planner_features(o.privileged, tracker.stage(o)) for o in batch.observations])
         return np.clip((x - mean) / std, -5.0, 5.0).astype(np.float32)  # same transform as evalkit.train
 
+    feature_fn.tracker = tracker
     return feature_fn
 
 
@@ -145,6 +251,7 @@ def build(cfg: dict[str, Any], device) -> Any:
 
     policy = build_pi05(pi_cfg, torch.device(device))
     policy.feature_fn = feature_fn
+    policy.reset = feature_fn.tracker.reset  # a new episode drops its plan
     policy.name = "reference"
     policy.needs_images = False
     policy.needs_privileged = True

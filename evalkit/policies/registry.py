@@ -19,6 +19,7 @@ BUILDERS: dict[str, str] = {
     "pi05": "evalkit.policies.pi05.policy:build",
     "scripted": "evalkit.policies.scripted:build",
     "reference": "evalkit.policies.reference:build",
+    "reference_vision": "evalkit.policies.reference_vision:build",
     "remote": "evalkit.policies.remote:build",
 }
 
@@ -36,6 +37,7 @@ def build_policy(cfg: dict[str, Any], device: torch.device):
 PRECHECKS: dict[str, str] = {
     "pi05": "evalkit.policies.pi05.policy:precheck",
     "reference": "evalkit.policies.reference:precheck",
+    "reference_vision": "evalkit.policies.reference_vision:precheck",
     "remote": "evalkit.policies.registry:precheck_remote",
 }
 LIGHT = {"noop", "random", "scripted"}

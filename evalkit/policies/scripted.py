@@ -55,6 +55,7 @@ class EpisodePlan:
     skills: list[Skill]
     index: int = 0
     hold: Hold = field(default_factory=Hold)
+    last_command: Command | None = None  # the pose target of the last chunk (demos record it)
 
     @property
     def current(self) -> Skill:
@@ -133,7 +134,8 @@ class ScriptedPolicy:
             return cmd
 
     def act(self, o: Observation) -> np.ndarray:
-        cmd = self._command(self._plan(o), o)
+        plan = self._plan(o)
+        cmd = plan.last_command = self._command(plan, o)
         p = o.privileged
         pos = p["robot0_eef_pos"].astype(np.float64).copy()
         rot = Rotation.from_quat(p["robot0_eef_quat"])

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The reference policies' GPU work in one detached pipeline on the lent GPU machine (results under $WORK, which
+# outlives a call while the machine stays warm; `poll` copies it to $OUT):
+#   1. policy=reference: train on the packed demos carried in .carry/reference/reference.npz (packed on the CPU
+#      machine: python -m evalkit.train pack_only=true), then the denoise-step table on libero_spatial.
+#   2. policy=reference_vision: render libero_spatial demos with both cameras (EGL, one worker per task), train,
+#      then evaluate on libero_spatial.
+# Here first: bash scripts/gpu_rollouts/prepare.sh (SUITE=libero_spatial) and the pack above, then
+#   run(command="bash scripts/reference/gpu_pipeline.sh start", carry=[".carry"]) and ... poll, until DONE.
+set -uo pipefail
+WORK=${WORK:-/tmp/evalkit_reference}
+OUT=${OUT:-/tmp/evalkit_gpu_out}
+REF_SECONDS=${REF_SECONDS:-450}
+VIS_SECONDS=${VIS_SECONDS:-420}
+VIS_EPISODES=${VIS_EPISODES:-30}
+DENOISE=${DENOISE:-"1 2 3 5 10"}
+TRIALS=${TRIALS:-20}
+
+pipeline() {
+  echo "$(date +%T) start" >> "$WORK/status"
+  source scripts/gpu_rollouts/setup.sh || { echo "setup failed" >> "$WORK/status"; touch "$WORK/DONE"; exit 2; }
+  echo "$(date +%T) setup done" >> "$WORK/status"
+  export OMP_NUM_THREADS=1
+  run() { python3 -m evalkit tracking=offline video=none quiet=true "$@"; }
+  (  # policy=reference: train, then the denoise table (the GPU box's CPU cores step the envs)
+    python3 -m evalkit.train packed=.carry/reference/reference.npz out="$WORK/reference_policy" device=cuda \
+      max_seconds="$REF_SECONDS" > "$WORK/reference_train.log" 2>&1 || exit 1
+    for k in $DENOISE; do
+      run policy=reference policy.checkpoint="$WORK/reference_policy" suite=libero_spatial suite.trials=10 \
+        hydra.run.dir="$WORK/runs/denoise_$k" \
+        denoise_steps="$k" workers=8 > "$WORK/denoise_$k.log" 2>&1
+      cp "$WORK/runs/denoise_$k/summary.json" "$WORK/denoise_$k.summary.json"
+    done
+  ) &
+  ref=$!
+  (  # policy=reference_vision: render, train, evaluate
+    python3 -m evalkit.demos suite=libero_spatial images=true episodes_per_task="$VIS_EPISODES" workers=10 \
+      out=data/demos_images/libero_spatial > "$WORK/vision_demos.log" 2>&1 || exit 1
+    python3 -m evalkit.train config=conf/train/reference_vision.yaml out="$WORK/reference_vision" device=cuda \
+      max_seconds="$VIS_SECONDS" > "$WORK/vision_train.log" 2>&1 || exit 1
+    run policy=reference_vision policy.checkpoint="$WORK/reference_vision" suite=libero_spatial \
+      suite.trials="$TRIALS" workers=8 hydra.run.dir="$WORK/runs/vision_eval" > "$WORK/vision_eval.log" 2>&1
+    cp "$WORK/runs/vision_eval/summary.json" "$WORK/vision_eval.summary.json"
+  ) &
+  vis=$!
+  wait $ref; echo "$(date +%T) reference: exit $?" >> "$WORK/status"
+  wait $vis; echo "$(date +%T) vision: exit $?" >> "$WORK/status"
+  touch "$WORK/DONE"
+}
+
+collect() {
+  mkdir -p "$OUT"
+  (cd "$WORK" && tar --exclude='*.npz' -cf - .) | (cd "$OUT" && tar -xf -)
+  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt"
+  tail -n 3 "$WORK"/*.log 2>/dev/null | cut -c1-300
+  cat "$WORK/status" 2>/dev/null
+}
+
+case ${1:-poll} in
+  start)
+    rm -rf "$WORK"; mkdir -p "$WORK"
+    setsid bash "$0" pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    sleep "${WAIT:-560}"; collect ;;
+  pipeline) pipeline ;;
+  poll)
+    for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/DONE" ] && break; sleep 1; done
+    collect ;;
+esac
