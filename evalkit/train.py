@@ -64,6 +64,8 @@ class TrainConfig:
     action_min_half_range: Optional[float] = opt(None, "floor on each action dim's quantile half-range")
     action_clip: Optional[float] = opt(None, "clip normalized action targets to +-this (0: none)")
     steps_done: Optional[int] = opt(None, "written by a run into its train_config.yaml; ignored as input")
+    init_from: Optional[str] = opt(None, "a checkpoint folder to resume from: its weights and normalization statistics "
+                                         "(training continues across sessions; the lr schedule starts anew)")
 
 
 def load_config(argv: list[str]) -> dict[str, Any]:
@@ -217,6 +219,12 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
 
     packed = np.load(pack(cfg))
     stats = json.loads(str(packed["stats"]))
+    resume = Path(str(cfg["init_from"])).expanduser() if cfg.get("init_from") else None
+    if resume is not None:  # the checkpoint's statistics, so its weights see inputs scaled as they were trained
+        from evalkit.policies.pi05.checkpoint import find_norm_stats, read_norm_stats_json
+
+        saved, _ = read_norm_stats_json(find_norm_stats(resume))
+        stats = {k: saved[k] for k in ("state", "actions", "features") if k in saved}
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -263,6 +271,14 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
         for name, p in model.named_parameters():
             if ".dense." in name or name.endswith("modulation.weight") or "norm.dense" in name:
                 p.zero_()
+    if resume is not None:
+        from evalkit.policies.pi05.checkpoint import load_state_dict_into
+
+        try:
+            load_state_dict_into(model, resume)  # the loader of policy=pi05: strict keys and shapes
+        except BadInput as e:
+            raise BadInput(f"init_from: {e}") from None
+        print(f"resumed weights and normalization statistics from {resume}", flush=True)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 1e-4),

@@ -266,7 +266,7 @@ REFERENCE_CASES = [
      "no 'norm_stats.features' statistics"),
     ("features_wrong_dims", lambda d: {"norm_stats": {**d["norm_stats"], "features": {"mean": [0.0] * 5,
                                                                                      "std": [1.0] * 5}}},
-     "norm_stats.features need 29 dims"),
+     "norm_stats.features need 70 dims"),
     ("features_zero_std", lambda d: {"norm_stats": {**d["norm_stats"], "features": {
         **d["norm_stats"]["features"], "std": [0.0] + d["norm_stats"]["features"]["std"][1:]}}},
      "norm_stats.features.std must be > 0"),
@@ -292,7 +292,7 @@ def test_reference_policy_files_checked(tmp_path, edit, text, no_model_build):
 
 
 @pytest.mark.parametrize("cfg,text", [
-    ({"kind": "nope"}, "unknown policy kind 'nope'; valid: noop, pi05, random, reference, remote, scripted"),
+    ({"kind": "nope"}, "unknown policy kind 'nope'; valid: noop, pi05, random, reference, reference_vision, remote, scripted"),
     ({"kind": "noop", "action_horizon": 0}, "policy noop: action_horizon must be an integer >= 1, got 0"),
     ({"kind": "noop", "acton_horizon": 5}, "unknown noop policy fields ['acton_horizon']"),
     ({"kind": "random", "scale": "big"}, "policy random: bad setting"),

@@ -46,3 +46,31 @@ def test_parse_args():
         parse_args(["bogus=1"])
     with pytest.raises(BadInput):
         parse_args(["workers=0"])
+
+
+def test_recorded_episode_holds_planner_stage_and_views():
+    """A short recorded episode (real env, both views rendered): per-step planner stage, the features the
+    reference policy computes from it, and the two camera views as the policy sees them."""
+    from evalkit.demos import record_episode
+    from evalkit.policies.reference import FEATURE_DIM, episode_features
+    from evalkit.policies.scripted import ScriptedPolicy
+    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.specs import customize, get_suite
+
+    spec = customize(get_suite("libero_spatial"), max_steps=12)
+    env = LiberoEnv(spec, 0, render=True)
+    try:
+        ok, arrays = record_episode(env, ScriptedPolicy(), seed=demo_seed(100_000, spec.libero_name, 0, 0))
+    finally:
+        env.close()
+    assert not ok and len(arrays["actions"]) == 12
+    for cam in ("agentview", "wrist"):
+        assert arrays[cam].shape == (12, spec.image_size, spec.image_size, 3) and arrays[cam].dtype == np.uint8
+    assert set(arrays["stage:skill"]) == {"pick_place"} and arrays["stage:command"].shape == (12, 8)
+    assert arrays["stage:obj"][0] == "akita_black_bowl_1"
+
+    class Npz(dict):  # what np.load gives: .files and item access
+        files = property(lambda self: list(self))
+
+    feats = episode_features(Npz(arrays))
+    assert feats.shape == (12, FEATURE_DIM) and np.array_equal(feats, arrays["features"])

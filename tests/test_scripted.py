@@ -12,13 +12,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from evalkit.errors import BadInput, CapabilityError
-from evalkit.policies.scripted import (
-    ScriptedPolicy,
-    category,
-    pick_place_goal,
-    resolve_target,
-)
+from evalkit.errors import BadInput
+from evalkit.policies.scripted import ScriptedPolicy, category, owner
 from evalkit.policies.scripted_goal import (
     Predicate,
     parse_goal,
@@ -60,12 +55,9 @@ def test_parse_goal_without_and_and_missing_goal():
 def test_region_resolves_to_owner_object():
     priv = {"basket_1_pos": np.zeros(3), "basket_1_quat": np.array([0, 0, 0, 1.0]), "milk_1_pos": np.zeros(3),
             "milk_1_quat": np.array([0, 0, 0, 1.0]), "robot0_eef_pos": np.zeros(3)}
-    assert resolve_target("basket_1_contain_region", priv) == "basket_1"
-    assert pick_place_goal((Predicate("in", ("milk_1", "basket_1_contain_region")),), priv) == ("milk_1", "basket_1")
+    assert owner("basket_1_contain_region", priv) == "basket_1"
     with pytest.raises(BadInput):
-        resolve_target("plate_1", priv)
-    with pytest.raises(CapabilityError):
-        pick_place_goal((Predicate("open", ("drawer_1",)),), priv)
+        owner("plate_1", priv)
     assert category("akita_black_bowl_1") == "akita_black_bowl" and category("plate") == "plate"
 
 

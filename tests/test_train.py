@@ -70,6 +70,12 @@ def test_training_reduces_loss_and_writes_checkpoint(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "train_config.yaml").is_file()
     stats = json.loads(next(out.rglob("norm_stats.json")).read_text())["norm_stats"]
     assert set(stats) >= {"state", "actions", "features"}
+    # resuming (init_from) starts from the saved weights: after one tiny warm-up step its validation loss is the
+    # last run's final one, not a fresh model's
+    again = fit({**cfg, "init_from": str(out), "out": str(tmp_path / "ckpt2"), "steps": 1})
+    assert abs(again["log"][0]["val_loss"] - last) < 0.05 * (first - last)
+    with pytest.raises(BadInput, match="init_from"):
+        fit({**cfg, "init_from": str(out), "model": {**cfg["model"], "prefix": {**size, "width": 64}}})
 
 
 def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_path):

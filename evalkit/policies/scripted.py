@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from evalkit.errors import BadInput, CapabilityError
+from evalkit.errors import BadInput
 from evalkit.policies.base import ObsBatch, Observation
-from evalkit.policies.scripted_goal import Predicate, parse_goal, parse_init
+from evalkit.policies.scripted_goal import parse_goal, parse_init
 from evalkit.policies.scripted_objects import GRASPS, SURFACE, Grasp, category, owner  # noqa: F401  (re-exported)
 from evalkit.policies.scripted_plan import bind, plan_steps
 from evalkit.policies.scripted_skills import (
@@ -35,19 +35,6 @@ from evalkit.policies.scripted_skills import (
 
 POS_SCALE = 0.05  # metres of OSC goal motion per unit of action (robosuite OSC_POSE output_max)
 ROT_SCALE = 0.5  # radians per unit of action
-
-
-def resolve_target(region: str, priv: dict[str, np.ndarray]) -> str:
-    """'basket_1_contain_region' -> 'basket_1' (longest object name that prefixes the region)."""
-    return owner(region, priv)
-
-
-def pick_place_goal(preds: tuple[Predicate, ...], priv: dict[str, np.ndarray]) -> tuple[str, str]:
-    """(object, target owner) of the first On/In goal predicate: what the reference policy's features use."""
-    for p in preds:
-        if p.name in ("on", "in") and len(p.args) == 2:
-            return p.args[0], resolve_target(p.args[1], priv)
-    raise CapabilityError(f"expected an (On a b)/(In a b) goal; got {[(p.name, *p.args) for p in preds]}")
 
 
 @dataclass

@@ -6,7 +6,9 @@
 #   2. policy=reference_vision: render libero_spatial demos with both cameras (EGL, one worker per task), train,
 #      then evaluate on libero_spatial.
 # Here first: bash scripts/gpu_rollouts/prepare.sh (SUITE=libero_spatial) and the pack above, then
-#   run(command="bash scripts/reference/gpu_pipeline.sh start", carry=[".carry"]) and ... poll, until DONE.
+#   run(command="bash scripts/reference/gpu_pipeline.sh start", carry=[".carry"]) and ... poll, until DONE
+#   (call again within the machine's idle release: the pipeline lives as long as the machine).
+# PARTS=vision VIS_INIT=references/reference_vision VIS_SECONDS=...: only the vision policy, resuming its weights.
 set -uo pipefail
 WORK=${WORK:-/tmp/evalkit_reference}
 OUT=${OUT:-/tmp/evalkit_gpu_out}
@@ -15,6 +17,8 @@ VIS_SECONDS=${VIS_SECONDS:-420}
 VIS_EPISODES=${VIS_EPISODES:-30}
 DENOISE=${DENOISE:-"1 2 3 5 10"}
 TRIALS=${TRIALS:-20}
+PARTS=${PARTS:-"reference vision"}          # which of the two to run
+VIS_INIT=${VIS_INIT:-}                       # e.g. references/reference_vision: resume its training (init_from)
 
 pipeline() {
   echo "$(date +%T) start" >> "$WORK/status"
@@ -23,6 +27,7 @@ pipeline() {
   export OMP_NUM_THREADS=1
   run() { python3 -m evalkit tracking=offline video=none quiet=true "$@"; }
   (  # policy=reference: train, then the denoise table (the GPU box's CPU cores step the envs)
+    [[ " $PARTS " == *" reference "* ]] || exit 0
     python3 -m evalkit.train packed=.carry/reference/reference.npz out="$WORK/reference_policy" device=cuda \
       max_seconds="$REF_SECONDS" > "$WORK/reference_train.log" 2>&1 || exit 1
     for k in $DENOISE; do
@@ -34,10 +39,11 @@ pipeline() {
   ) &
   ref=$!
   (  # policy=reference_vision: render, train, evaluate
+    [[ " $PARTS " == *" vision "* ]] || exit 0
     python3 -m evalkit.demos suite=libero_spatial images=true episodes_per_task="$VIS_EPISODES" workers=10 \
       out=data/demos_images/libero_spatial > "$WORK/vision_demos.log" 2>&1 || exit 1
     python3 -m evalkit.train config=conf/train/reference_vision.yaml out="$WORK/reference_vision" device=cuda \
-      max_seconds="$VIS_SECONDS" > "$WORK/vision_train.log" 2>&1 || exit 1
+      max_seconds="$VIS_SECONDS" ${VIS_INIT:+init_from=$VIS_INIT} > "$WORK/vision_train.log" 2>&1 || exit 1
     run policy=reference_vision policy.checkpoint="$WORK/reference_vision" suite=libero_spatial \
       suite.trials="$TRIALS" workers=8 hydra.run.dir="$WORK/runs/vision_eval" > "$WORK/vision_eval.log" 2>&1
     cp "$WORK/runs/vision_eval/summary.json" "$WORK/vision_eval.summary.json"
@@ -48,9 +54,10 @@ pipeline() {
   touch "$WORK/DONE"
 }
 
-collect() {
+collect() {  # one tar (the device tool returns a limited number of files): checkpoints, logs, summaries
   mkdir -p "$OUT"
-  (cd "$WORK" && tar --exclude='*.npz' -cf - .) | (cd "$OUT" && tar -xf -)
+  (cd "$WORK" && tar -cf "$OUT/results.tar" status ./*.log ./*.summary.json reference_policy reference_vision \
+    runs/*/summary.json runs/*/episodes.csv 2>/dev/null)
   nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt"
   tail -n 3 "$WORK"/*.log 2>/dev/null | cut -c1-300
   cat "$WORK/status" 2>/dev/null
