@@ -102,14 +102,14 @@ def bare_loop(spec, records, workers: int, render: bool) -> float:
 def build_row_policy(row: str, device: str, cuda_graph: bool):
     import torch
 
-    from evalkit.bench import load_policy_cfg
+    from evalkit.config import load_policy_file
     from evalkit.policies.registry import build_policy
 
     name, *extra = row.split(":")
     over = list(ROW_OVERRIDES.get(name, [])) + extra
     if name == "pi05" and device.startswith("cuda") and cuda_graph:
         over.append("cuda_graph=true")
-    cfg = load_policy_cfg(name, over)
+    cfg = load_policy_file(name, over)
     cfg.setdefault("name", row)
     cfg.setdefault("denoise_steps", 10)
     return build_policy(cfg, torch.device(device)), cfg

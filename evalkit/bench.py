@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from evalkit.cli_args import opt, parse, split_group
-from evalkit.config import CONF_DIR
+from evalkit.config import load_policy_file
 from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
 from evalkit.latency import LatencyReport, measure
 from evalkit.policies.base import ObsBatch, Observation
 
-CONF = CONF_DIR / "policy"
 INSTRUCTION = "put the black bowl on the plate"
 
 
@@ -44,19 +43,6 @@ class BenchOptions:
     cuda_graph: bool = opt(False, "capture the policy in CUDA graphs (CUDA only)")
     out: Optional[str] = opt(None, "JSON path (default bench/results/bench_<policy>_<backend>.json)")
     mlflow: bool = opt(True, "log one MLflow run per row")
-
-
-def load_policy_cfg(name: str, overrides: list[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    path = CONF / f"{name}.yaml"
-    if not path.is_file():
-        valid = sorted(p.stem for p in CONF.glob("*.yaml"))
-        raise BadInput(f"unknown policy '{name}'; valid: {', '.join(valid)}")
-    cfg = OmegaConf.load(path)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def synthetic_batch(batch: int, seed: int = 0) -> ObsBatch:
@@ -93,7 +79,7 @@ def run(args: BenchOptions, policy_overrides: list[str] | None = None) -> dict[s
     steps_list, views_list = list(args.denoise_steps), list(args.views)
     if not steps_list or not views_list:
         raise BadInput("denoise_steps and views need at least one value each")
-    cfg = load_policy_cfg(args.policy, policy_overrides or [])
+    cfg = load_policy_file(args.policy, policy_overrides or [])
     cfg["denoise_steps"] = steps_list[0]
     # compile / graphs are switched on after the backend has rewritten the model
     want_compile = bool(cfg.pop("compile", False)) or args.compile

@@ -131,6 +131,20 @@ def group_options(group: str, config_dirs: "list[Path] | tuple[Path, ...]" = ())
     return sorted(names)
 
 
+def load_policy_file(name: str, overrides: list[str]) -> dict[str, Any]:
+    """conf/policy/<name>.yaml with `key=value` overrides, as a plain dict (the tools that build a policy without
+    the whole run config: serve, bench); its `name` defaults to the file's."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "policy" / f"{name}.yaml"
+    if not path.is_file():
+        raise BadInput(unknown_choice("policy", name, group_options("policy")))
+    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    out: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    out.setdefault("name", name)
+    return out
+
+
 # -- typos: "did you mean" and the keys the schema knows -----------------------------------------
 def did_you_mean(word: str, choices) -> str:
     """" did you mean 'x'?" for the closest of `choices` (difflib), or "" when none is close."""

@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 
 from evalkit.cli_args import opt, parse, split_group
-from evalkit.config import CONF_DIR
+from evalkit.config import load_policy_file
 from evalkit.errors import EXIT_BAD_INPUT, BadInput, CapabilityError
 from evalkit.policies.base import ObsBatch, Observation
 from evalkit.policies.remote import EPISODE_KEY, NOISE_SEED_KEY
 
-CONF_POLICY = CONF_DIR / "policy"
 DEFAULT_MAX_MESSAGE_MB = 8.0
 log = logging.getLogger("evalkit.serve")
 # A path not glued to a word: "/home/u/x.py", "./a/b", "~/a", "C:\\x\\y"; not "observation/image" nor "1.5/2".
@@ -49,18 +48,10 @@ def client_error(e: BaseException, limit: int = 300) -> str:
 
 
 def load_policy_config(name: str, overrides: list[str]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    path = CONF_POLICY / f"{name}.yaml"
-    if not path.exists():
-        valid = sorted(p.stem for p in CONF_POLICY.glob("*.yaml") if p.stem != "remote")
-        raise BadInput(f"unknown policy '{name}'; valid: {', '.join(valid)}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = load_policy_file(name, overrides)
     if c.get("kind") == "remote":
         raise BadInput("evalkit.serve cannot serve policy=remote (it would call itself)")
-    c.setdefault("name", name)  # denoise_steps left unset: the policy's default
-    return c
+    return c  # denoise_steps left unset: the policy's default
 
 
 def to_observation(req: dict[str, Any], n: int) -> Observation:

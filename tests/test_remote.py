@@ -143,7 +143,7 @@ def test_no_server_is_bad_input_with_how_to_start_one(workdir):
 def test_serve_rejects_unknown_policy():
     p = subprocess.run([sys.executable, "-m", "evalkit.serve", "policy=nope", "port=0"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "unknown policy 'nope'; valid: " in p.stderr
+    assert p.returncode == 2 and "unknown policy 'nope'; did you mean 'noop'? valid: noop, " in p.stderr
 
 
 @contextlib.contextmanager
