@@ -44,6 +44,7 @@ class TrainConfig:
     inputs: Optional[str] = opt(None, "state_tokens (planner features; policy=reference) | images (two camera views + "
                                       "the state in the prompt; policy=reference_vision)")
     augment_shift: Optional[int] = opt(None, "images: random shift of each view by up to this many pixels (0: none)")
+    amp: Optional[bool] = opt(None, "forward passes under bf16 autocast (weights and optimizer stay float32)")
     packed: str = opt(help="packed training arrays + norm stats (built from `data` when missing)")
     repack: Optional[bool] = opt(None, "rebuild `packed` even if it exists")
     pack_only: Optional[bool] = opt(None, "only build `packed`, no training")
@@ -306,11 +307,15 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
             inputs["images"] = shift_views(x, shift, gen) if augment else x
         return tokens, (None if bool(m.all()) else m), acts[chunks[idx]], inputs
 
+    amp = bool(cfg.get("amp"))
+
     def loss_on(idx: torch.Tensor, noise_gen: torch.Generator, augment: bool = True) -> torch.Tensor:
         tokens, tmask, a, inputs = batch(idx, augment)
         noise = torch.randn(a.shape, generator=noise_gen, device=dev)
         t = torch.distributions.Beta(1.5, 1.0).sample((len(idx),)).to(dev) * 0.999 + 0.001
-        return model.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, **inputs)
+        # bf16 autocast lets attention take the fused kernels (the vision tower's 392 image tokens a sample)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            return model.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, **inputs).float()
 
     def val_loss() -> float:
         model.eval()

@@ -91,7 +91,7 @@ def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_pat
     size = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
     cfg = load_config(["config=conf/train/reference_vision.yaml", f"data=[{tmp_path / 'eps'}]",
                        f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'ckpt'}", "steps=3", "batch_size=4",
-                       "log_every=1000", "device=cpu", "val_fraction=0.25", "augment_shift=2"])
+                       "log_every=1000", "device=cpu", "val_fraction=0.25", "augment_shift=2", "amp=true"])
     cfg["model"].update(prefix=dict(size), expert=dict(size),
                         vision={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "patch_size": 8,
                                 "image_size": 32})
