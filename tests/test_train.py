@@ -78,6 +78,26 @@ def test_training_reduces_loss_and_writes_checkpoint(tmp_path):
         fit({**cfg, "init_from": str(out), "model": {**cfg["model"], "prefix": {**size, "width": 64}}})
 
 
+def test_ema_checkpoint_is_the_moving_average_not_the_last_step(tmp_path):
+    """ema_decay=1.0 freezes the average at its first update (the weights after step 1): a 3-step run then saves
+    exactly what a 1-step run saves, and different weights from its own last step."""
+    from safetensors.numpy import load_file
+
+    (tmp_path / "eps").mkdir()
+    _fake_episodes(tmp_path / "eps", n=4, steps=12)
+    size = {"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+    base = load_config([f"data=[{tmp_path / 'eps'}]", f"packed={tmp_path / 'p.npz'}", "batch_size=8",
+                        "lr=0.003", "warmup=1", "log_every=1000", "device=cpu", "val_fraction=0.25"])
+    base["model"]["prefix"], base["model"]["expert"] = dict(size), dict(size)
+    runs = {"one": (1, 0), "ema": (3, 1.0), "last": (3, 0)}
+    weights = {}
+    for name, (steps, decay) in runs.items():
+        fit({**base, "steps": steps, "ema_decay": decay, "out": str(tmp_path / name)})
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert all(np.array_equal(weights["one"][k], weights["ema"][k]) for k in weights["one"])
+    assert any(not np.array_equal(weights["last"][k], weights["ema"][k]) for k in weights["one"])
+
+
 def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_path):
     """The images path: frames packed per step, per-sample prompts with the binned state, a checkpoint that
     policy=reference_vision loads and runs on two 32-pixel views."""
@@ -117,3 +137,39 @@ def test_image_training_refuses_state_only_episodes(tmp_path):
                        f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'ckpt'}", "device=cpu"])
     with pytest.raises(BadInput, match="images=true"):
         pack(cfg)
+
+
+def test_time_limited_run_fits_its_schedule_to_the_time_left(tmp_path, monkeypatch):
+    """max_seconds lays the lr schedule over the steps that fit, timed after the warm-up steps: with a clock
+    where the first step costs 20 s and every later one 10 ms, a 40 s run schedules ~(40*0.97-20)/0.01 steps
+    (timing the first 200 steps whole would plan 352) and ends by that schedule (annealed), not by the time limit."""
+    import types
+
+    import evalkit.train as train
+
+    (tmp_path / "eps").mkdir()
+    _fake_episodes(tmp_path / "eps", n=2, steps=12)
+    size = {"width": 16, "depth": 1, "mlp_dim": 32, "num_heads": 1, "num_kv_heads": 1, "head_dim": 16}
+    cfg = load_config([f"data=[{tmp_path / 'eps'}]", f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'c'}",
+                       "steps=100000", "batch_size=4", "log_every=100000", "device=cpu", "max_seconds=40"])
+    cfg["model"]["prefix"], cfg["model"]["expert"] = dict(size), dict(size)
+    clock = {"now": 0.0, "steps": 0}
+
+    def now() -> float:
+        return clock["now"]
+
+    import torch
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        clock["now"] += 20.0 if clock["steps"] == 0 else 0.01
+        clock["steps"] += 1
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=now))
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    summary = train.fit(cfg)
+    expected = int((40 * 0.97 - 20) / 0.01)
+    assert abs(summary["steps_scheduled"] - expected) <= 5, summary["steps_scheduled"]
+    assert summary["steps_done"] == summary["steps_scheduled"]

@@ -3,8 +3,8 @@
 # outlives a call while the machine stays warm; `poll` copies it to $OUT):
 #   1. policy=reference: train on the packed demos carried in .carry/reference/reference.npz (packed on the CPU
 #      machine: python -m evalkit.train pack_only=true), then the denoise-step table on libero_spatial.
-#   2. policy=reference_vision: render libero_spatial demos with both cameras (EGL, one worker per task), train,
-#      then evaluate on libero_spatial.
+#   2. policy=reference_vision: render libero_spatial demos with both cameras (EGL, two renderers of one worker per
+#      task), train, then evaluate on libero_spatial.
 # Here first: bash scripts/gpu_rollouts/prepare.sh (SUITE=libero_spatial) and the pack above, then
 #   run(command="bash scripts/reference/gpu_pipeline.sh start", carry=[".carry"]) and ... poll, until DONE
 #   (call again within the machine's idle release: the pipeline lives as long as the machine).
@@ -14,7 +14,8 @@ WORK=${WORK:-/tmp/evalkit_reference}
 OUT=${OUT:-/tmp/evalkit_gpu_out}
 REF_SECONDS=${REF_SECONDS:-450}
 VIS_SECONDS=${VIS_SECONDS:-420}
-VIS_EPISODES=${VIS_EPISODES:-30}
+VIS_EPISODES=${VIS_EPISODES:-20}          # per renderer: twice this per task
+EVAL_WORKERS=${EVAL_WORKERS:-16}
 DENOISE=${DENOISE:-"1 2 3 5 10"}
 TRIALS=${TRIALS:-20}
 PARTS=${PARTS:-"reference vision"}          # which of the two to run
@@ -40,12 +41,22 @@ pipeline() {
   ref=$!
   (  # policy=reference_vision: render, train, evaluate
     [[ " $PARTS " == *" vision "* ]] || exit 0
-    python3 -m evalkit.demos suite=libero_spatial images=true episodes_per_task="$VIS_EPISODES" workers=10 \
-      out=data/demos_images/libero_spatial > "$WORK/vision_demos.log" 2>&1 || exit 1
+    # two renderers of 10 workers each (one task a worker, other seed namespaces): 20 processes keep the 16
+    # cores busy where one pool of 16 would leave 6 idle on its last 4 of 10 tasks
+    dirs=(); pids=()
+    for i in 0 1; do
+      python3 -m evalkit.demos suite=libero_spatial images=true episodes_per_task="$VIS_EPISODES" workers=10 \
+        seed=$((100000 + 100000 * i)) out=data/demos_images/libero_spatial_$i > "$WORK/vision_demos_$i.log" 2>&1 &
+      dirs+=("data/demos_images/libero_spatial_$i"); pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || exit 1; done
+    echo "$(date +%T) vision demos rendered" >> "$WORK/status"
     python3 -m evalkit.train config=conf/train/reference_vision.yaml out="$WORK/reference_vision" device=cuda \
-      max_seconds="$VIS_SECONDS" ${VIS_INIT:+init_from=$VIS_INIT} > "$WORK/vision_train.log" 2>&1 || exit 1
+      "data=[$(IFS=,; echo "${dirs[*]}")]" max_seconds="$VIS_SECONDS" ${VIS_INIT:+init_from=$VIS_INIT} \
+      > "$WORK/vision_train.log" 2>&1 || exit 1
+    echo "$(date +%T) vision trained" >> "$WORK/status"
     run policy=reference_vision policy.checkpoint="$WORK/reference_vision" suite=libero_spatial \
-      suite.trials="$TRIALS" workers=8 hydra.run.dir="$WORK/runs/vision_eval" > "$WORK/vision_eval.log" 2>&1
+      suite.trials="$TRIALS" workers="$EVAL_WORKERS" hydra.run.dir="$WORK/runs/vision_eval" > "$WORK/vision_eval.log" 2>&1
     cp "$WORK/runs/vision_eval/summary.json" "$WORK/vision_eval.summary.json"
   ) &
   vis=$!
