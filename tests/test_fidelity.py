@@ -155,7 +155,7 @@ def test_identical_candidate_passes_every_check():
         "calls", "action_sqnr", "layer_cosine", "layer_states", "execution_order", "denoise_steps", "weight_match",
         "weight_distinct", "silent_fallback",
     ]
-    assert rep.calls == 4 and rep.check("denoise_steps").value == 5 and len(rep.layers) == 5  # 6 probes: 1, 1, 2, 2
+    assert rep.calls == 5 and rep.check("denoise_steps").value == 5 and len(rep.layers) == 5  # 6 probes: 1, 1, 2, 2 + 2 again
     assert rep.layers[0].layer == "prefix.layers.0" and rep.layers[-1].calls == 5 * rep.calls  # expert: one per step
     json.dumps(rep.to_dict())
     assert {"action_cosine_min", "layer_cosine_min"} <= set(rep.metrics())  # identical: the SQNRs are inf, not metrics
@@ -293,9 +293,11 @@ def test_split_calls_repeat_every_size():
     from evalkit.fidelity.run import split_calls
 
     calls = split_calls(9, 10)
-    assert [len(c) for c in calls] == [1, 1, 2, 2, 3]
-    assert sorted(i for c in calls for i in c) == list(range(9)) and calls[0] == [8]  # reversed order
-    assert [len(c) for c in split_calls(100, 4)] == [1, 1, 2, 96]
+    assert [len(c) for c in calls] == [1, 1, 2, 2, 3, 2]
+    assert sorted(i for c in calls[:-1] for i in c) == list(range(9)) and calls[0] == [8]  # reversed order
+    assert calls[-1] == calls[2][::-1]  # the first batch of two again, rows swapped: same shapes, other rows
+    assert [len(c) for c in split_calls(100, 4)] == [1, 1, 2, 96, 2]
+    assert split_calls(1, 10) == [[0]]
 
 
 @pytest.mark.parametrize("text,bits", [("torch.float8_e4m3fn", 8), ("torch.uint8 (int4 x2 nibble-packed)", 4),

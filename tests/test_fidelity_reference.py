@@ -72,7 +72,7 @@ HEALTHY += [pytest.param(c, True, id=c["name"] + "-strict", marks=pytest.mark.sl
 def test_healthy_backends_pass(references, probes, cfg, strict):
     fr = judge(references, probes, cfg, strict)
     assert fr.passed, [(c.name, c.detail) for c in fr.failed()]
-    assert fr.calls == 4 and fr.check("denoise_steps").value == 10
+    assert fr.calls == 5 and fr.check("denoise_steps").value == 10  # 1, 1, 2, 2 + the first 2 again
 
 
 @pytest.mark.parametrize("strict", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["default", "strict"])
@@ -138,3 +138,79 @@ def test_budgets_follow_the_class(references, probes):
     fr = judge(references, probes, {"name": "int4"})
     assert fr.precision_class == "4-bit" and fr.budget["weight"] < FidelityConfig().budget("8-bit").weight
     assert math.isfinite(fr.check("weight_match").value) and fr.check("weight_match").value < 25  # int4: ~20 dB
+
+
+def test_replayed_probes_give_the_reference_the_stage_of_their_rollout(tmp_path):
+    """The reference policy follows episodes (its planner's stage). A held-out probe at step 30, replayed from the
+    cache in a process that never ran that rollout, must get the stage the rollout had: the same features (so the
+    same verdict) whether the probes were just recorded or read back. Without Observation.context a cold planner
+    restarts at step 30 and the features differ."""
+    import numpy as np
+
+    import evalkit.policies.reference as ref
+    from evalkit.fidelity.probes import load_check_probes
+
+    spec = customize(get_suite("libero_spatial_quick"), tasks=[0])
+    recorded = load_check_probes(spec, tmp_path, steps=[0, 30], images=False)
+    assert all(o.context for o in recorded.observations)
+    live = build_policy(dict(POLICY), "cpu").feature_fn(recorded)
+    ref._STAGE_MEMO.clear()  # a new process: nothing followed those episodes
+    replayed = load_check_probes(spec, tmp_path, steps=[0, 30], images=False)
+    assert [o.step for o in replayed.observations] == [0, 30]
+    cold = build_policy(dict(POLICY), "cpu").feature_fn(replayed)
+    np.testing.assert_array_equal(live, cold)
+    ref._STAGE_MEMO.clear()
+    stripped = [type(o)(**{**o.__dict__, "context": {}}) for o in replayed.observations]
+    blind = build_policy(dict(POLICY), "cpu").feature_fn(type(replayed)(stripped))
+    assert not np.array_equal(blind[1], live[1]), "the test needs a probe whose stage depends on the episode"
+
+
+def test_boundary_probes_are_the_lowest_finite_and_one_per_sixteen():
+    """FidelityConfig.boundary_excuse_every: ceil(n/16) probes with the lowest finite action SQNR are excused from
+    the free-running min budgets; a probe whose actions are NaN/inf (-inf dB) never is, nor its hidden states."""
+    from evalkit.fidelity.run import _Acc, _min_without, boundary_probes
+
+    acc = _Acc(action_db=[40.0, 3.0, 35.0, -math.inf, 38.0], action_rows=[0, 1, 2, 3, 4])
+    assert boundary_probes(acc, 16) == [1]
+    assert boundary_probes(acc, 2) == [1, 2, 4]  # ceil(5/2) = 3 of the 4 finite ones, lowest first
+    assert boundary_probes(acc, 0) == []
+    assert _min_without(acc.action_db, acc.action_rows, {1}) == -math.inf  # the broken probe still counts
+    twice = _Acc(action_db=[3.0, 4.0, 30.0, 31.0] + [40.0] * 14, action_rows=[1, 1, 2, 3] + list(range(4, 18)))
+    assert boundary_probes(twice, 16) == [1, 2]  # 17 probes: two excused, probe 1's two calls count once
+    assert _min_without([40.0, 3.0, 35.0], [0, 1, 2], {1}) == 35.0
+    assert _min_without([40.0, -math.inf], [0, 1], {1}) == -math.inf
+
+
+def test_healthy_fp8_passes_on_every_quick_probe_with_its_boundary_probe_shown():
+    """All 9 held-out probes of libero_spatial_quick (3 tasks x steps 0, 30, 60): healthy fp8 passes; the action
+    check shows the excused decision-boundary probe and its SQNR, which is the lowest of all."""
+    import re
+
+    spec = get_suite("libero_spatial_quick")
+    cfg = FidelityConfig()
+    probes = check_probes(spec, cfg, images=False, cache_dir=DEFAULT_PROBE_CACHE)
+    reference = build_reference(dict(POLICY), "cpu", "bf16")
+    cand = build_policy(dict(POLICY), "cpu")
+    backend = backend_from_config({"name": "fp8", "engine": "emulated", "targets": "prefix_mlp"})
+    report = backend.apply(cand.model, calibration_set(cand, spec, cfg, cache_dir=DEFAULT_PROBE_CACHE).items)
+    cls, src = class_of_backend(backend)
+    fr = run_fidelity(reference, cand, probes, report, cfg, cls, src, denoise_steps=10, targets=backend.targets)
+    assert fr.passed, [(c.name, c.detail) for c in fr.failed()]
+    detail = fr.check("action_sqnr").detail
+    shown = re.search(r"excused as decision-boundary probes \(shown, not judged\): #(\d+) (\S+) dB", detail)
+    assert shown, detail
+    judged_min = float(re.search(r"min (\S+) dB", detail).group(1))
+    assert float(shown.group(2)) <= judged_min
+
+
+def test_state_keyed_by_shape_is_met_when_no_two_batches_share_a_shape(probes, references):
+    """Six probes whose prompts all differ in length (as libero_goal's instructions do): no two planned calls of a
+    size pad to one shape, yet the prefix memoized per input shape is caught by the repeated batch with its rows
+    swapped (split_calls)."""
+    import dataclasses
+
+    from evalkit.policies.base import ObsBatch
+
+    obs = [dataclasses.replace(o, instruction=o.instruction + " now" * i) for i, o in enumerate(probes.observations)]
+    fr = judge(references, ObsBatch(obs), {"name": "fault_state_across_calls"})
+    assert not fr.passed and {"action_sqnr", "layer_states"} & {c.name for c in fr.failed()}, fr.checks

@@ -39,6 +39,11 @@ class FidelityConfig:
     allowance_db: dict[str, float] = field(default_factory=_allowances)
     max_db: dict[str, float] = field(default_factory=_caps)
     margin_db: float = 0.0  # added to every budget (gate=strict raises it)
+    # Free-running checks (hidden states, actions) excuse from their MIN budgets one probe in every this many
+    # (rounded up): the probes whose action SQNR is lowest, where a flow policy sits at a decision boundary and
+    # amplifies any perturbation, healthy or not (docs/fidelity.md). Their p50 budgets see every probe, every probe
+    # row is still judged by the teacher-forced layer check, and a non-finite output is never excused. 0: none.
+    boundary_excuse_every: int = 16
 
     def budget(self, precision_class: str) -> Budget:
         if precision_class not in CLASSES:
@@ -66,6 +71,8 @@ class FidelityConfig:
         if cfg.calib_init_states < 1 or cfg.check_init_states < 1 or cfg.check_calls < 1 or not cfg.check_steps:
             raise BadInput("gate.fidelity: calib_init_states, check_init_states and check_calls must be >= 1, "
                            "check_steps non-empty")
+        if cfg.boundary_excuse_every < 0:
+            raise BadInput(f"gate.fidelity.boundary_excuse_every must be >= 0 (0: excuse none), got {cfg.boundary_excuse_every}")
         if any(int(s) < 0 for s in cfg.check_steps):
             raise BadInput(f"gate.fidelity.check_steps must be >= 0, got {cfg.check_steps}")
         return cfg

@@ -13,6 +13,7 @@ images. numpy stores the cache; its key hashes everything that changes an observ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,9 @@ from evalkit.policies.base import ObsBatch, Observation
 
 _FIELDS = ("state", "agentview", "wrist")
 Actor = Callable[[Observation], np.ndarray]  # observation -> action chunk [H, 7]
+# An actor may also carry `actor.context(o) -> dict[str, np.ndarray]`: what it derived from the episode so far
+# (Observation.context), recorded with each probe so a policy that follows episodes (the reference policy's planner)
+# sees a replayed probe as it saw it in the rollout, whatever ran before in the process.
 
 
 def _versions() -> dict[str, str]:
@@ -95,7 +99,8 @@ def record_rollout_probes(spec, init_states: int, steps: list[int], actor_factor
                 chunk: list[np.ndarray] = []
                 for t in range(want[-1] + 1):
                     if t in want:
-                        obs.append(o)
+                        ctx = getattr(actor, "context", None)
+                        obs.append(dataclasses.replace(o, context=ctx(o)) if ctx is not None else o)
                     if t == want[-1]:
                         break
                     if not chunk:
@@ -118,6 +123,8 @@ def save_probes(path: Path, observations: list[Observation]) -> None:
                 arrays[f"{f}/{i}"] = np.asarray(v)
         for k, v in o.privileged.items():
             arrays[f"priv/{i}/{k}"] = np.asarray(v)
+        for k, v in o.context.items():
+            arrays[f"ctx/{i}/{k}"] = np.asarray(v)
         meta.append({"instruction": o.instruction, "episode_key": o.episode_key, "step": o.step,
                      "task": {k: v for k, v in o.task.items() if isinstance(v, (str, int, float))}})
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -134,9 +141,10 @@ def read_probes(path: Path) -> list[Observation]:
         for i, m in enumerate(meta):
             vals = {f: (z[f"{f}/{i}"] if f"{f}/{i}" in z.files else None) for f in _FIELDS}
             priv = {k.split("/", 2)[2]: z[k] for k in z.files if k.startswith(f"priv/{i}/")}
+            ctx = {k.split("/", 2)[2]: z[k] for k in z.files if k.startswith(f"ctx/{i}/")}
             obs.append(Observation(state=vals["state"], instruction=m["instruction"], episode_key=m["episode_key"],
                                    step=m["step"], agentview=vals["agentview"], wrist=vals["wrist"],
-                                   privileged=priv, task=m["task"]))
+                                   privileged=priv, task=m["task"], context=ctx))
     return obs
 
 
@@ -171,7 +179,7 @@ def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], s
     ident = hashlib.sha1(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "missing"
 
     def factory() -> Actor:
-        from evalkit.policies.reference import build
+        from evalkit.policies.reference import build, stage_context
 
         try:
             policy = build({"kind": "reference"}, "cpu")
@@ -187,6 +195,16 @@ def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], s
                     pass
             return np.concatenate([rng.uniform(-0.3, 0.3, (10, 6)), -np.ones((10, 1))], axis=1)
 
+        def context(o: Observation) -> dict[str, np.ndarray]:
+            """The planner stage the rollout is in at o (before the policy acts on it: the same stage it then uses)."""
+            if policy is None:
+                return {}
+            try:
+                return stage_context(policy.feature_fn.tracker.stage(o))
+            except BadInput:
+                return {}
+
+        act.context = context
         return act
 
     return factory, ident
@@ -199,6 +217,7 @@ def load_check_probes(spec, cache_dir: str | Path, init_states: int = 1, steps: 
     steps = sorted({int(s) for s in (steps or [0])})
     if actor_factory is None:
         actor_factory, actor_id = reference_actor_factory()
-    key = probe_key(spec, init_states, kind="check", steps=steps, images=images, actor=actor_id)
+    # context=1: the probes carry the actor's Observation.context (earlier caches lack it and are not reused)
+    key = probe_key(spec, init_states, kind="check", steps=steps, images=images, actor=actor_id, context=1)
     path = Path(cache_dir) / f"{spec.name}_check_{key}.npz"
     return _cached(path, lambda: record_rollout_probes(spec, init_states, steps, actor_factory, make_env, images))

@@ -83,8 +83,10 @@ def _expert_calls(policy) -> int | None:
 def split_calls(n: int, max_calls: int) -> list[list[int]]:
     """Probe indices per predict call: reversed order (calibration runs forward) in batches of sizes 1, 1, 2, 2,
     3, 3, ...: every size comes twice with different observations, so a backend that keeps state from an earlier
-    call (even one keyed by input shape, like a stale CUDA graph) meets an observation it did not compute; the
-    last call takes what is left."""
+    call meets an observation it did not compute; the last call takes what is left. Then the first batch of two or
+    more again with its rows reversed: the same input shapes with other rows in them, so state keyed by shape
+    (a stale CUDA graph) is met even when no two batches of a size pad to the same length (prompts of different
+    lengths: libero_goal's instructions)."""
     order = list(range(n))[::-1]
     sizes: list[int] = []
     k = 1
@@ -98,6 +100,9 @@ def split_calls(n: int, max_calls: int) -> list[list[int]]:
     for size in sizes:
         out.append(order[s : s + size])
         s += size
+    first_multi = next((c for c in out if len(c) > 1), None)
+    if first_multi is not None:
+        out.append(first_multi[::-1])
     return out
 
 
@@ -160,10 +165,12 @@ class _Acc:
     upd_db: dict[str, list[float]] = field(default_factory=dict)
     upd_agree: dict[str, float] = field(default_factory=dict)
     state_db: dict[str, list[float]] = field(default_factory=dict)
+    state_rows: dict[str, list[int]] = field(default_factory=dict)  # the probe of each state_db value (-1: none)
     cand_calls: dict[str, int] = field(default_factory=dict)
     ref_calls: dict[str, int] = field(default_factory=dict)
     first_seen: dict[str, int] = field(default_factory=dict)
     action_db: list[float] = field(default_factory=list)
+    action_rows: list[int] = field(default_factory=list)  # the probe of each action_db value
     action_cos: list[float] = field(default_factory=list)
     order_problems: list[str] = field(default_factory=list)
     step_problems: list[str] = field(default_factory=list)
@@ -195,7 +202,8 @@ def _reference_pass(reference_policy, batch: ObsBatch, seed: int, watch: set[str
 
 
 def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidate_policy, watch: set[str],
-                  expected_steps: int | None, acc: _Acc) -> None:
+                  expected_steps: int | None, acc: _Acc, rows: list[int] | None = None) -> None:
+    rows = list(range(len(batch))) if rows is None else list(rows)  # the probes' indices in the whole probe set
     cand_stacks = candidate_policy.transformer_stacks()
     ref_io, ref_actions, ref_calls, ref_trace = _reference_pass(reference_policy, batch, seed, watch)
 
@@ -204,9 +212,12 @@ def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidat
         if r is None or r[1].shape != t.shape:
             acc.unmatched.append(f"call {k}: {n} #{i}")
             acc.state_db.setdefault(n, []).append(-math.inf)
+            acc.state_rows.setdefault(n, []).append(-1)
             acc.hidden_identical = False
             return
-        acc.state_db.setdefault(n, []).extend(sqnr_db_per_row(r[1], t.to(r[1].device)).tolist())
+        vals = sqnr_db_per_row(r[1], t.to(r[1].device)).tolist()
+        acc.state_db.setdefault(n, []).extend(vals)
+        acc.state_rows.setdefault(n, []).extend(rows if len(vals) == len(rows) else [-1] * len(vals))
         if acc.hidden_identical and (r[1].dtype != t.dtype or not torch.equal(r[1], t.to(r[1].device))):
             acc.hidden_identical = False
 
@@ -237,6 +248,7 @@ def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidat
         candidate_policy.model.expert_calls = mark  # the diagnostic pass is not a real predict
 
     # actions
+    acc.action_rows.extend(rows)
     if ref_actions.shape != cand_actions.shape:
         acc.action_db.extend([-math.inf] * len(batch))
         acc.action_cos.extend([0.0] * len(batch))
@@ -274,12 +286,35 @@ def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidat
         acc.ref_inputs.setdefault(name, inp)
 
 
-def _layer_checks(acc: _Acc, budget: Budget, cand_stacks) -> tuple[list[FidelityCheck], list[LayerResult], str | None]:
+def boundary_probes(acc: _Acc, every: int) -> list[int]:
+    """The probes excused from the free-running min budgets: the ceil(n / every) with the lowest finite action
+    SQNR (FidelityConfig.boundary_excuse_every). A probe whose actions are not finite is never excused."""
+    n = len(set(acc.action_rows))
+    if not every or not n:
+        return []
+    broken = {r for v, r in zip(acc.action_db, acc.action_rows) if not math.isfinite(v)}
+    picked: list[int] = []
+    for _, r in sorted((v, r) for v, r in zip(acc.action_db, acc.action_rows) if math.isfinite(v)):
+        if r not in picked and r not in broken and len(picked) < math.ceil(n / every):
+            picked.append(r)  # a probe compared twice (the repeated call) counts once
+    return picked
+
+
+def _min_without(values: list[float], rows: list[int], excused: set[int]) -> float:
+    # a NaN/inf-broken value (-inf dB) is kept even for an excused probe: no decision boundary explains it
+    kept = ([v for v, r in zip(values, rows) if r not in excused or not math.isfinite(v)]
+            if len(rows) == len(values) else values)
+    return quantiles_db(kept)[1] if kept else quantiles_db(values)[1]
+
+
+def _layer_checks(acc: _Acc, budget: Budget, cand_stacks,
+                  excused: set[int] = frozenset()) -> tuple[list[FidelityCheck], list[LayerResult], str | None]:
     order = sorted(set(acc.first_seen) | set(acc.state_db), key=lambda n: acc.first_seen.get(n, 10**6))
     layers, bad_upd, bad_state = [], [], []
     for n in order:
         up50, upmin = quantiles_db(acc.upd_db.get(n, []))
-        st50, stmin = quantiles_db(acc.state_db.get(n, []))
+        st50, _ = quantiles_db(acc.state_db.get(n, []))
+        stmin = _min_without(acc.state_db.get(n, []), acc.state_rows.get(n, []), excused)
         layers.append(LayerResult(n, acc.upd_agree.get(n, float("nan")), up50, upmin, st50, stmin,
                                   acc.cand_calls.get(n, 0), acc.ref_calls.get(n, 0), acc.first_seen.get(n, -1)))
         if up50 < budget.layer_p50 or upmin < budget.layer_min:
@@ -307,6 +342,8 @@ def _layer_checks(acc: _Acc, budget: Budget, cand_stacks) -> tuple[list[Fidelity
          f"min {bad_state[0].state_min_db:.1f} dB); " if bad_state else "every layer within budget; ")
     d += (f"the candidate's own hidden states (free running) against the reference's, budget p50 >= "
           f"{budget.state_p50:.1f} dB, min >= {budget.state_min:.1f} dB")
+    if excused:
+        d += f" (min without the decision-boundary probes {sorted(excused)})"
     if acc.unmatched:
         d += f"; {len(acc.unmatched)} layer calls without a reference counterpart (e.g. {acc.unmatched[0]})"
     checks.append(_check("layer_states", float(worst_s.state_min_db), budget.state_min,
@@ -488,7 +525,7 @@ def run_fidelity(reference_policy, candidate_policy, probes: ObsBatch, backend_r
         batch = ObsBatch([probes.observations[i] for i in idx])
         try:
             _compare_call(k, batch, int(cfg.probe_noise_seed) + k, reference_policy, candidate_policy, set(names),
-                          denoise_steps, acc)
+                          denoise_steps, acc, rows=list(idx))
         except Exception as e:  # a candidate that crashes on an observation would crash the episode too
             raised = f"call {k} ({len(batch)} probes) raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             break
@@ -496,19 +533,24 @@ def run_fidelity(reference_policy, candidate_policy, probes: ObsBatch, backend_r
                          raised or f"{len(probes)} held-out probes in {len(calls)} predict calls of sizes "
                                    f"{[len(c) for c in calls]} (reversed order), every call compared"))
 
-    a50, amin = quantiles_db(acc.action_db)
+    excused = boundary_probes(acc, int(cfg.boundary_excuse_every))
+    a50, _ = quantiles_db(acc.action_db)
+    amin = _min_without(acc.action_db, acc.action_rows, set(excused))
     if acc.action_db:
+        shown = {r: v for v, r in zip(acc.action_db, acc.action_rows) if r in excused}
+        note = ("; excused as decision-boundary probes (shown, not judged): "
+                + ", ".join(f"#{r} {shown[r]:.1f} dB" for r in excused)) if excused else ""
         checks.append(_check(
             "action_sqnr", amin, budget.action_min,
             FAIL if (a50 < budget.action_p50 or amin < budget.action_min) else PASS,
             f"action chunk SQNR per probe over {len(acc.action_db)} probes: p50 {a50:.1f} dB, min {amin:.1f} dB "
             f"(budget p50 >= {budget.action_p50:.1f}, min >= {budget.action_min:.1f}); cosine min "
-            f"{min(acc.action_cos):.5f}"))
+            f"{min(acc.action_cos):.5f}{note}"))
     else:
         checks.append(_check("action_sqnr", None, budget.action_min, FAIL if raised else SKIP, "no call completed"))
 
     cand_stacks = candidate_policy.transformer_stacks()
-    lchecks, layers, first = _layer_checks(acc, budget, cand_stacks)
+    lchecks, layers, first = _layer_checks(acc, budget, cand_stacks, set(excused))
     checks += lchecks
     checks.append(_check("execution_order", len(acc.order_problems), 0, FAIL if acc.order_problems else PASS,
                          acc.order_problems[0] + (f" (+{len(acc.order_problems) - 1} more calls)" if len(acc.order_problems) > 1 else "")

@@ -38,6 +38,10 @@ class Observation:
     # Per-observation flow-matching noise seed, set by the rollout engine from (episode seed, call index)
     # so results do not depend on how observations were batched across workers.
     noise_seed: int | None = None
+    # What a stateful policy derived from the episode before this step, kept with an observation that is replayed
+    # outside its episode (the fidelity gate's held-out probes): the reference policy's planner stage ("stage:*").
+    # Empty in live rollouts, where the policy follows the episode itself.
+    context: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass

@@ -109,6 +109,22 @@ def stage_of(plan, command) -> Stage:
                  np.concatenate([command.pos, command.rot.as_quat(), [command.grip]]).astype(np.float32))
 
 
+def stage_context(st: Stage) -> dict[str, np.ndarray]:
+    """A Stage as Observation.context arrays (the `stage:*` names the demonstrations use)."""
+    return {"stage:skill": np.array(st.skill), "stage:phase_index": np.array(st.phase, np.int16),
+            "stage:obj": np.array(st.obj), "stage:target": np.array(st.target),
+            "stage:command": np.asarray(st.command, np.float32)}
+
+
+def stage_from_context(ctx: dict[str, np.ndarray]) -> Stage:
+    missing = [k for k in ("stage:skill", "stage:phase_index", "stage:obj", "stage:target", "stage:command")
+               if k not in ctx]
+    if missing:
+        raise BadInput(f"observation context has no planner stage {missing}: re-record the probes")
+    return Stage(str(ctx["stage:skill"]), int(ctx["stage:phase_index"]), str(ctx["stage:obj"]),
+                 str(ctx["stage:target"]), np.asarray(ctx["stage:command"], np.float32))
+
+
 # Stages already computed, shared by every reference policy in the process: the fidelity gate calls the reference
 # and a candidate on the same observations in different orders, and both must see the same features.
 _STAGE_MEMO: OrderedDict[tuple, Stage] = OrderedDict()
@@ -139,12 +155,14 @@ class StageTracker:
         self.last_step.pop(episode_key, None)
 
     def stage(self, o: Observation) -> Stage:
+        if o.context:  # replayed out of its episode (a held-out probe): the stage recorded with it
+            return stage_from_context(o.context)
         key = (o.episode_key, o.step, o.task.get("bddl_file"), _digest(o))
         hit = _STAGE_MEMO.get(key)
         if hit is not None:
             _STAGE_MEMO.move_to_end(key)
             return hit
-        if o.step < self.last_step.get(o.episode_key, -1):
+        if o.step == 0 or o.step < self.last_step.get(o.episode_key, -1):  # step 0 always starts a plan
             self.reset(o.episode_key)
         self.last_step[o.episode_key] = o.step
         plan = self.planner._plan(o)
