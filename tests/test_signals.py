@@ -22,14 +22,16 @@ ARGS = ["policy=noop", "suite=libero_spatial_quick", "suite.tasks=[0]", "suite.t
         "quiet=true", "video=none", "tracking=offline", "workers=1"]
 
 
-def _marked(marker: str) -> list[int]:
-    """Processes (the run and its env workers) whose environment carries this test's marker."""
+def _marked(marker: str, workers_only: bool = False) -> list[int]:
+    """Processes (the run and its env workers) whose environment carries this test's marker; workers_only: just the
+    env workers (multiprocessing spawn children), not a short-lived `git` the run starts for its provenance."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 if f"EVALKIT_TEST_MARK={marker}".encode() in (d / "environ").read_bytes():
-                    pids.append(int(d.name))
+                    if not workers_only or b"spawn_main" in (d / "cmdline").read_bytes():
+                        pids.append(int(d.name))
             except OSError:
                 continue
     return pids
@@ -53,8 +55,8 @@ def _interrupt(tmp_path: Path, sig: int, to_group: bool, after_episodes: int):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
         if after_episodes and journal.exists() and journal.read_bytes().count(b"\n") >= after_episodes:
             break
-        if not after_episodes and len(_marked(marker)) >= 2:  # the run and its env worker
-            break
+        if not after_episodes and _marked(marker, workers_only=True):  # its env worker runs (earlier, a `git`
+            break                                                         # child could pass for one: flaky)
         time.sleep(0.05)
     (os.killpg if to_group else os.kill)(proc.pid, sig)
     out = proc.communicate(timeout=120)[0]
