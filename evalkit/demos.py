@@ -146,11 +146,10 @@ def record_episode(env, policy, seed: int) -> tuple[bool, dict[str, np.ndarray]]
 def stage_arrays(plan, stage) -> dict[str, np.ndarray]:
     """Where the scripted expert is when it plans a chunk: its skill (kind, index, phase) and what the skill
     handles (per step, since a multi-skill task changes object), plus the pose target it steers to."""
-    return {
-        "skill": np.array(stage.skill), "skill_index": np.array(plan.index, np.int16),
-        "phase": np.array(plan.current.phase_name), "phase_index": np.array(stage.phase, np.int16),
-        "obj": np.array(stage.obj), "target": np.array(stage.target), "command": stage.command,
-    }
+    from evalkit.policies.reference import stage_context
+
+    named = {k.removeprefix("stage:"): v for k, v in stage_context(stage).items()}  # what the reference reads back
+    return {**named, "skill_index": np.array(plan.index, np.int16), "phase": np.array(plan.current.phase_name)}
 
 
 def run_task(args: tuple[DemoConfig, int, int]) -> dict:

@@ -89,6 +89,7 @@ def record_rollout_probes(spec, init_states: int, steps: list[int], actor_factor
     make_env = make_env or _default_env(images)
     want = sorted({int(s) for s in steps})
     actor = actor_factory() if max(want) > 0 else None
+    context = getattr(actor, "context", None)  # what the actor derived from the episode (Actor's comment)
     obs: list[Observation] = []
     for task_id in spec.task_ids:
         env = make_env(spec, task_id)
@@ -99,8 +100,7 @@ def record_rollout_probes(spec, init_states: int, steps: list[int], actor_factor
                 chunk: list[np.ndarray] = []
                 for t in range(want[-1] + 1):
                     if t in want:
-                        ctx = getattr(actor, "context", None)
-                        obs.append(dataclasses.replace(o, context=ctx(o)) if ctx is not None else o)
+                        obs.append(dataclasses.replace(o, context=context(o)) if context is not None else o)
                     if t == want[-1]:
                         break
                     if not chunk:

@@ -202,8 +202,8 @@ def _reference_pass(reference_policy, batch: ObsBatch, seed: int, watch: set[str
 
 
 def _compare_call(k: int, batch: ObsBatch, seed: int, reference_policy, candidate_policy, watch: set[str],
-                  expected_steps: int | None, acc: _Acc, rows: list[int] | None = None) -> None:
-    rows = list(range(len(batch))) if rows is None else list(rows)  # the probes' indices in the whole probe set
+                  expected_steps: int | None, acc: _Acc, rows: list[int]) -> None:
+    """rows: the batch's probes' indices in the whole probe set (each compared value is filed under its probe)."""
     cand_stacks = candidate_policy.transformer_stacks()
     ref_io, ref_actions, ref_calls, ref_trace = _reference_pass(reference_policy, batch, seed, watch)
 
@@ -302,8 +302,7 @@ def boundary_probes(acc: _Acc, every: int) -> list[int]:
 
 def _min_without(values: list[float], rows: list[int], excused: set[int]) -> float:
     # a NaN/inf-broken value (-inf dB) is kept even for an excused probe: no decision boundary explains it
-    kept = ([v for v, r in zip(values, rows) if r not in excused or not math.isfinite(v)]
-            if len(rows) == len(values) else values)
+    kept = [v for v, r in zip(values, rows, strict=True) if r not in excused or not math.isfinite(v)]
     return quantiles_db(kept)[1] if kept else quantiles_db(values)[1]
 
 

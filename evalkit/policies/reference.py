@@ -93,12 +93,10 @@ def episode_features(d) -> np.ndarray:
     if "stage:skill" not in d.files:
         raise BadInput("episode has no planner stage (stage:* arrays): re-record it with `python -m evalkit.demos`")
     priv = {k[2:]: d[k] for k in priv_keys}
-    skill, phase, obj, target, cmd = (d["stage:skill"], d["stage:phase_index"], d["stage:obj"], d["stage:target"],
-                                      d["stage:command"])
+    stage = {k: d[k] for k in STAGE_KEYS}  # read once: an npz member is decompressed on every access
     return np.stack([
-        planner_features({k: v[t] for k, v in priv.items()},
-                         Stage(str(skill[t]), int(phase[t]), str(obj[t]), str(target[t]), cmd[t]))
-        for t in range(len(skill))
+        planner_features({k: v[t] for k, v in priv.items()}, stage_from_context({k: v[t] for k, v in stage.items()}))
+        for t in range(len(stage["stage:skill"]))
     ])
 
 
@@ -109,16 +107,19 @@ def stage_of(plan, command) -> Stage:
                  np.concatenate([command.pos, command.rot.as_quat(), [command.grip]]).astype(np.float32))
 
 
+# A Stage as arrays: the names demos record per step and Observation.context carries for a replayed probe
+STAGE_KEYS = ("stage:skill", "stage:phase_index", "stage:obj", "stage:target", "stage:command")
+
+
 def stage_context(st: Stage) -> dict[str, np.ndarray]:
-    """A Stage as Observation.context arrays (the `stage:*` names the demonstrations use)."""
+    """A Stage as STAGE_KEYS arrays (Observation.context; demos record the same per step)."""
     return {"stage:skill": np.array(st.skill), "stage:phase_index": np.array(st.phase, np.int16),
             "stage:obj": np.array(st.obj), "stage:target": np.array(st.target),
             "stage:command": np.asarray(st.command, np.float32)}
 
 
 def stage_from_context(ctx: dict[str, np.ndarray]) -> Stage:
-    missing = [k for k in ("stage:skill", "stage:phase_index", "stage:obj", "stage:target", "stage:command")
-               if k not in ctx]
+    missing = [k for k in STAGE_KEYS if k not in ctx]
     if missing:
         raise BadInput(f"observation context has no planner stage {missing}: re-record the probes")
     return Stage(str(ctx["stage:skill"]), int(ctx["stage:phase_index"]), str(ctx["stage:obj"]),
