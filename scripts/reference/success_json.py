@@ -37,6 +37,10 @@ def row(run: Path) -> dict:
         "successes": s["successes"], "episodes": s["episodes"], "rate": s["success_rate"],
         "wilson95": [s["success_ci_low"], s["success_ci_high"]],
         "per_task": {t["task_id"]: [t["successes"], t["episodes"]] for t in per_task},
+        "denoise_steps": s["params"].get("denoise_steps"),
+        "latency_ms_p50": (s.get("latency") or {}).get("latency_ms_p50"),
+        "latency_ms_p90": (s.get("latency") or {}).get("latency_ms_p90"),
+        "mean_batch": (s.get("latency") or {}).get("mean_batch"),
         "failure_reasons": s.get("failure_reasons"), "wall_time_s": s.get("wall_time_s"),
         "device": s.get("device_name"), "git_sha": s["params"].get("git_sha"), "git_dirty": s.get("git_dirty"),
         "versions": s.get("versions"),
@@ -44,7 +48,7 @@ def row(run: Path) -> dict:
 
 
 def table(doc: dict) -> str:
-    lines = ["| suite | success | 95% Wilson | per task (successes of 20, tasks 0–9) |", "| --- | --- | --- | --- |"]
+    lines = ["| suite | success | 95% Wilson | per task (successes, tasks 0–9) |", "| --- | --- | --- | --- |"]
     for r in doc["suites"]:
         lo, hi = r["wilson95"]
         tasks = ", ".join(str(v[0]) for v in r["per_task"].values())
