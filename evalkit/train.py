@@ -325,6 +325,8 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # the weights validated and saved: the EMA copy when ema_decay is set, else the trained weights themselves
     ema_decay = float(cfg.get("ema_decay") or 0)
+    if not 0 <= ema_decay <= 1:
+        raise BadInput(f"ema_decay must be in [0, 1] (0: no average), got {ema_decay}")
     ema_model = None
     if ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

@@ -96,6 +96,8 @@ def test_ema_checkpoint_is_the_moving_average_not_the_last_step(tmp_path):
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
     assert all(np.array_equal(weights["one"][k], weights["ema"][k]) for k in weights["one"])
     assert any(not np.array_equal(weights["last"][k], weights["ema"][k]) for k in weights["one"])
+    with pytest.raises(BadInput, match="ema_decay"):
+        fit({**base, "steps": 1, "ema_decay": 1.5, "out": str(tmp_path / "bad")})
 
 
 def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_path):
