@@ -48,6 +48,9 @@ class TrainConfig:
                                       "the state in the prompt; policy=reference_vision)")
     augment_shift: Optional[int] = opt(None, "images: random shift of each view by up to this many pixels (0: none)")
     amp: Optional[bool] = opt(None, "forward passes under bf16 autocast (weights and optimizer stay float32)")
+    compile: Optional[bool] = opt(None, "torch.compile the training loss (one static-shape graph; a small model's "
+                                        "eager step is launch-bound). If compiling fails, training goes on eager and "
+                                        "the log says so")
     packed: str = opt(help="packed training arrays + norm stats (built from `data` when missing)")
     repack: Optional[bool] = opt(None, "rebuild `packed` even if it exists")
     pack_only: Optional[bool] = opt(None, "only build `packed`, no training")
@@ -288,7 +291,7 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
     model.train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 1e-4),
-                            betas=(0.9, 0.95))
+                            betas=(0.9, 0.95), fused=dev.type == "cuda")  # one kernel for all parameters
     steps, warmup, bs = int(cfg["steps"]), int(cfg.get("warmup", 200)), int(cfg["batch_size"])
 
     def lr_at(s: int) -> float:
@@ -297,31 +300,42 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
         return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
 
     gen = torch.Generator(device=dev).manual_seed(seed)
-    cpu_gen = torch.Generator().manual_seed(seed + 1)
+    # Every batch has the same shapes and nothing in a step reads a value back from the device: the prompts are cut
+    # to the longest of the whole set once (not per batch, which cost two device syncs a step), batch indices and
+    # flow times are drawn on the device. A small model is launch-bound, so a step without syncs overlaps the host's
+    # launches with the device's work; static shapes also let `compile` build one graph.
+    cols = int(mask.sum(1).max())
+    tok_t, mask_t = tok_t[:, :cols].contiguous(), mask_t[:, :cols].contiguous()
+    full_prompts = bool(mask[:, :cols].all())
 
     def batch(idx: torch.Tensor, augment: bool):
         ii = idx if images else instr[idx]  # image prompts are per sample, state_tokens prompts per instruction
-        m = mask_t[ii]
-        cols = int(m.sum(1).max())  # trim the padding the whole set needs but this batch does not
-        tokens, m = tok_t[ii][:, :cols], m[:, :cols]
         inputs = {"state_features": feats[idx]} if feats is not None else {}
         if images:
             from evalkit.policies.pi05.processing import images_to_model
 
             x = images_to_model(views[idx])
             inputs["images"] = shift_views(x, shift, gen) if augment else x
-        return tokens, (None if bool(m.all()) else m), acts[chunks[idx]], inputs
+        return tok_t[ii], (None if full_prompts else mask_t[ii]), acts[chunks[idx]], inputs
 
     amp = bool(cfg.get("amp"))
 
-    def loss_on(idx: torch.Tensor, noise_gen: torch.Generator, augment: bool = True, net=None) -> torch.Tensor:
-        net = model if net is None else net
-        tokens, tmask, a, inputs = batch(idx, augment)
-        noise = torch.randn(a.shape, generator=noise_gen, device=dev)
-        t = torch.distributions.Beta(1.5, 1.0).sample((len(idx),)).to(dev) * 0.999 + 0.001
+    def flow_loss(net, tokens, tmask, a, noise, t, inputs) -> torch.Tensor:
         # bf16 autocast lets attention take the fused kernels (the vision tower's 392 image tokens a sample)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             return net.flow_matching_loss(tokens, tmask, a, noise=noise, time=t, **inputs).float()
+
+    compiled = None
+    if cfg.get("compile"):
+        compiled = torch.compile(flow_loss, dynamic=False)
+
+    def loss_on(idx: torch.Tensor, noise_gen: torch.Generator, augment: bool = True, net=None) -> torch.Tensor:
+        tokens, tmask, a, inputs = batch(idx, augment)
+        noise = torch.randn(a.shape, generator=noise_gen, device=dev)
+        # t ~ Beta(1.5, 1) (openpi's flow times) by its inverse CDF u**(1/1.5), drawn on the device
+        t = torch.rand(len(idx), generator=noise_gen, device=dev) ** (1 / 1.5) * 0.999 + 0.001
+        fn = compiled if (net is None and compiled is not None) else flow_loss
+        return fn(model if net is None else net, tokens, tmask, a, noise, t, inputs)
 
     # the weights validated and saved: the EMA copy when ema_decay is set, else the trained weights themselves
     ema_decay = float(cfg.get("ema_decay") or 0)
@@ -336,12 +350,9 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def val_loss() -> float:
         kept.eval()
-        g = torch.Generator(device=dev).manual_seed(12345)
-        state = torch.random.get_rng_state()
-        torch.manual_seed(12345)
+        g = torch.Generator(device=dev).manual_seed(12345)  # the same noise and times at every evaluation
         with torch.no_grad():
             v = float(loss_on(val_idx, g, augment=False, net=kept))
-        torch.random.set_rng_state(state)
         model.train()
         return v
 
@@ -366,10 +377,20 @@ def fit(cfg: dict[str, Any]) -> dict[str, Any]:
                 print(f"schedule: {steps} steps fit in max_seconds={max_seconds} (of {planned} configured)", flush=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(s)
-        pick = torch.randint(len(train_idx), (bs,), generator=cpu_gen).to(dev)
-        loss = loss_on(train_idx[pick], gen)
+        pick = torch.randint(len(train_idx), (bs,), generator=gen, device=dev)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:  # the first step compiles the forward and (at backward) the backward graph
+            loss = loss_on(train_idx[pick], gen)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - a compiler failure costs speed, not the session's training
+            if compiled is None or s > 0:
+                raise
+            print(f"compile=true failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); training eager",
+                  flush=True)
+            compiled = None
+            opt.zero_grad(set_to_none=True)
+            loss = loss_on(train_idx[pick], gen)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ema_model is not None:

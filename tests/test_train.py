@@ -113,7 +113,8 @@ def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_pat
     size = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
     cfg = load_config(["config=conf/train/reference_vision.yaml", f"data=[{tmp_path / 'eps'}]",
                        f"packed={tmp_path / 'p.npz'}", f"out={tmp_path / 'ckpt'}", "steps=3", "batch_size=4",
-                       "log_every=1000", "device=cpu", "val_fraction=0.25", "augment_shift=2", "amp=true"])
+                       "log_every=1000", "device=cpu", "val_fraction=0.25", "augment_shift=2", "amp=true",
+                       "compile=false"])
     cfg["model"].update(prefix=dict(size), expert=dict(size),
                         vision={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "patch_size": 8,
                                 "image_size": 32})
@@ -130,6 +131,31 @@ def test_image_training_writes_a_checkpoint_that_reference_vision_builds(tmp_pat
                       agentview=img, wrist=img)
     a = policy.predict(ObsBatch([obs]), noise_seed=0)
     assert a.shape == (1, 10, 7) and np.isfinite(a).all()
+
+
+def test_compiled_training_takes_the_eager_steps_in_one_graph(tmp_path, capsys):
+    """compile=true (conf/train/reference_vision.yaml) trains exactly what eager training trains, from one graph:
+    a recompile (a Python int on the model bumped per call, a per-batch prompt length) would be an error here,
+    where outside a test it silently costs the speed back."""
+    import torch
+
+    (tmp_path / "eps").mkdir()
+    _fake_episodes(tmp_path / "eps", n=4, steps=12, image_size=32)
+    size = {"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+    base = load_config(["config=conf/train/reference_vision.yaml", f"data=[{tmp_path / 'eps'}]",
+                        f"packed={tmp_path / 'p.npz'}", "steps=6", "batch_size=4", "log_every=2", "device=cpu",
+                        "val_fraction=0.25", "augment_shift=2", "amp=false", "ema_decay=0"])
+    base["model"].update(prefix=dict(size), expert=dict(size),
+                         vision={"width": 32, "depth": 1, "mlp_dim": 64, "num_heads": 2, "patch_size": 8,
+                                 "image_size": 32})
+    eager = fit({**base, "compile": False, "out": str(tmp_path / "eager")})
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = fit({**base, "compile": True, "out": str(tmp_path / "compiled")})
+    assert "training eager" not in capsys.readouterr().out
+    for a, b in zip(eager["log"], compiled["log"]):
+        assert a.get("loss") == pytest.approx(b.get("loss"), rel=1e-4, abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
 
 
 def test_image_training_refuses_state_only_episodes(tmp_path):

@@ -8,7 +8,8 @@
 # Here first: bash scripts/gpu_rollouts/prepare.sh (SUITE=libero_spatial) and the pack above, then
 #   run(command="bash scripts/reference/gpu_pipeline.sh start", carry=[".carry"]) and ... poll, until DONE
 #   (call again within the machine's idle release: the pipeline lives as long as the machine).
-# PARTS=vision VIS_INIT=references/reference_vision VIS_SECONDS=...: only the vision policy, resuming its weights.
+# PARTS=vision VIS_INIT=references/reference_vision VIS_SEED=... VIS_SECONDS=...: only the vision policy, resuming its
+# weights on demos of new seeds.
 set -uo pipefail
 WORK=${WORK:-/tmp/evalkit_reference}
 OUT=${OUT:-/tmp/evalkit_gpu_out}
@@ -20,6 +21,8 @@ DENOISE=${DENOISE:-"1 2 3 5 10"}
 TRIALS=${TRIALS:-20}
 PARTS=${PARTS:-"reference vision"}          # which of the two to run
 VIS_INIT=${VIS_INIT:-}                       # e.g. references/reference_vision: resume its training (init_from)
+VIS_SEED=${VIS_SEED:-100000}                 # the renderers' seed namespaces: VIS_SEED and VIS_SEED + 100000 (a
+                                             # resumed training takes new ones: new scenes, not last session's)
 
 pipeline() {
   echo "$(date +%T) start" >> "$WORK/status"
@@ -46,7 +49,7 @@ pipeline() {
     dirs=(); pids=()
     for i in 0 1; do
       python3 -m evalkit.demos suite=libero_spatial images=true episodes_per_task="$VIS_EPISODES" workers=10 \
-        seed=$((100000 + 100000 * i)) out=data/demos_images/libero_spatial_$i > "$WORK/vision_demos_$i.log" 2>&1 &
+        seed=$((VIS_SEED + 100000 * i)) out=data/demos_images/libero_spatial_$i > "$WORK/vision_demos_$i.log" 2>&1 &
       dirs+=("data/demos_images/libero_spatial_$i"); pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || exit 1; done

@@ -171,6 +171,10 @@ class Pi05Model(nn.Module):
     def denoise_step(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Velocity v(x_t, t) [B, H, action_dim] (fp32). x_t fp32 [B, H, action_dim]; t [B]."""
         self.expert_calls += 1
+        return self.velocity(cache, x_t, t)
+
+    def velocity(self, cache: PrefixCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`denoise_step` without its call counter (training's loss: a counter bump would recompile a compiled step)."""
         kv = tuple(cache.kv[i] for i in range(len(cache.kv)))
         mods = self.expert_modulations(self.time_condition(t))
         return self.expert_forward(kv, cache.key_mask, cache.valid_len, x_t, mods)
@@ -259,5 +263,5 @@ class Pi05Model(nn.Module):
         u_t = noise - actions
         embs, key_mask = self.embed_prefix(tokens, token_mask, images=images, state_features=state_features)
         cache = self.prefill(embs, key_mask)
-        v_t = self.denoise_step(cache, x_t, time.float())
+        v_t = self.velocity(cache, x_t, time.float())
         return F.mse_loss(v_t, u_t)
