@@ -106,6 +106,30 @@ def test_reference_checkpoint_loads_and_predicts(tmp_path):
     assert np.array_equal(a, policy.predict(batch, noise_seed=0))  # deterministic given the noise seed
 
 
+@pytest.mark.parametrize("kind", ["reference", "reference_vision"])
+def test_reference_rows_never_depend_on_their_batch(tmp_path, kind):
+    """The shipped references pad prompts to max_token_len (config.json), so on a CPU an observation's actions are
+    bit-identical alone and batched next to a longer prompt, in bf16 as the default backend runs them: a run's
+    results do not depend on how its workers' calls happened to batch (they did: the quick start flipped an episode
+    between 2 workers and 1)."""
+    policy = build_policy({"kind": kind, "denoise_steps": 3}, torch.device("cpu"))
+    assert policy.cfg.pad_to_max_len
+    policy.model.to(torch.bfloat16)
+    img = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
+
+    def obs(k: int, instruction: str) -> Observation:
+        o = _obs(tmp_path, k)
+        o.instruction, o.noise_seed, o.agentview, o.wrist = instruction, 100 + k, img, img[::-1].copy()
+        return o
+
+    short = obs(0, "put the bowl on the plate")
+    long = obs(1, "pick up the black bowl between the plate and the ramekin and place it on the plate")
+    alone = policy.predict(ObsBatch([short]))
+    mixed = policy.predict(ObsBatch([obs(0, short.instruction), long]))
+    assert np.array_equal(alone[0], mixed[0])
+    assert np.array_equal(policy.predict(ObsBatch([long]))[0], mixed[1])
+
+
 def test_missing_checkpoint_is_bad_input(tmp_path):
     with pytest.raises(BadInput):
         build_policy({"kind": "reference", "checkpoint": str(tmp_path)}, torch.device("cpu"))
@@ -138,3 +162,40 @@ def test_reference_acts_in_a_short_episode_of_each_suite(suite):
         assert np.linalg.norm(np.asarray(obs.privileged["robot0_eef_pos"]) - start) > 0.02
     finally:
         env.close()
+
+
+def test_reference_rollouts_are_the_same_with_one_worker_or_two(tmp_path):
+    """End to end on real envs: the bf16 reference's every action chunk is bit-identical whether the episodes ran in
+    one process or on two workers whose calls were batched together (tasks 0 and 1: prompts of different lengths)."""
+    import hashlib
+
+    from evalkit.rollout.engine import RolloutOptions, run_rollouts
+    from evalkit.rollout.journal import Journal
+    from evalkit.suites.specs import customize, get_suite
+
+    spec = customize(get_suite("libero_spatial_quick"), tasks=[0, 1], trials=1, max_steps=30)
+
+    def traced():
+        policy = build_policy({"kind": "reference", "denoise_steps": 3}, torch.device("cpu"))
+        policy.model.to(torch.bfloat16)
+        seen: dict[tuple[str, int], str] = {}
+        batch_sizes: list[int] = []
+        predict = policy.predict
+
+        def recording(batch, noise_seed=None, **kw):
+            out = predict(batch, noise_seed=noise_seed, **kw)
+            batch_sizes.append(len(batch))
+            for o, a in zip(batch.observations, out):
+                seen[(o.episode_key, o.step)] = hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+            return out
+
+        policy.predict = recording
+        return policy, seen, batch_sizes
+
+    one, seen_one, _ = traced()
+    run_rollouts(one, spec, Journal(tmp_path / "one.jsonl"), RolloutOptions(workers=0, video_mode="none"))
+    two, seen_two, sizes = traced()
+    run_rollouts(two, spec, Journal(tmp_path / "two.jsonl"),
+                 RolloutOptions(workers=2, video_mode="none", batch_window_ms=1e4))
+    assert max(sizes) == 2  # the two tasks' observations did share calls
+    assert len(seen_one) >= 12 and seen_one == seen_two

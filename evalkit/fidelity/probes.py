@@ -175,8 +175,10 @@ def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], s
     from evalkit.errors import BadInput
     from evalkit.policies.reference import DEFAULT_DIR
 
-    weights = DEFAULT_DIR / "model.safetensors"
-    ident = hashlib.sha1(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "missing"
+    # the weights and config.json (its processing settings, e.g. prompt padding, change the actions too)
+    files = [DEFAULT_DIR / "model.safetensors", DEFAULT_DIR / "config.json"]
+    ident = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12] if all(
+        f.is_file() for f in files) else "missing"
 
     def factory() -> Actor:
         from evalkit.policies.reference import build, stage_context
