@@ -43,13 +43,18 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 # -- run directory ------------------------------------------------------------------------------
 def run_key(s: RunSettings) -> dict[str, Any]:
-    """What makes two runs the same run: resuming into a dir with another key is refused."""
+    """What makes two runs the same run: resuming into a dir with another key is refused. Besides the config: the
+    code (git sha) and the checkpoint files the policy reads, so episodes of other code or other weights never
+    count as this run's (a checkpoint's config.json edited in place changes actions as surely as its weights)."""
+    from evalkit.policies.registry import checkpoint_identity
+
     spec = s.suite
     return {
         "policy": {k: v for k, v in s.policy.items() if k != "denoise_steps"}, "backend": s.backend, "suite": spec.name, "libero_name": spec.libero_name,
         "tasks": list(spec.task_ids), "trials": spec.trials, "max_steps": spec.max_steps,
         "num_steps_wait": spec.num_steps_wait, "replan_steps": spec.replan_steps, "seed": spec.seed,
         "denoise_steps": s.denoise_steps, "device": s.device, "shard": [spec.shard_index, spec.num_shards],
+        "code": git_sha()[0], "checkpoint": checkpoint_identity(s.policy),
     }
 
 
@@ -60,7 +65,7 @@ def check_run_key(run_dir: Path, key: dict) -> None:
         if old != key:
             diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             raise BadInput(f"run dir {run_dir} holds a different run (differs in: {', '.join(diff)}); "
-                           f"pick another hydra.run.dir or rerun with the same config")
+                           f"pick another hydra.run.dir or rerun with the same config, code and checkpoint")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, key, indent=2)

@@ -6,6 +6,8 @@ Builders are imported lazily so `noop` never imports torch-heavy code. Each buil
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,54 @@ def build_policy(cfg: dict[str, Any], device: torch.device):
     if kind not in BUILDERS:
         raise BadInput(f"unknown policy kind '{kind}'; valid: {', '.join(sorted(BUILDERS))}")
     return import_object(BUILDERS[kind])(cfg, device)
+
+
+# The checkpoint folder a policy kind reads when `checkpoint` is null (the references ship in the repo).
+DEFAULT_CHECKPOINTS: dict[str, str] = {
+    "reference": "evalkit.policies.reference:DEFAULT_DIR",
+    "reference_vision": "evalkit.policies.reference_vision:DEFAULT_DIR",
+}
+# What in a checkpoint folder changes the actions (a model card or training log does not)
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "assets/**/norm_stats.json", "*.model")
+HASHED_UP_TO = 64 << 20  # larger files (true-size weights): size and three 1 MiB samples, the same on every machine
+
+
+def checkpoint_dir(cfg: dict[str, Any]) -> Path | None:
+    """The checkpoint folder the policy of `cfg` reads, or None (random init, scripted, remote)."""
+    kind = cfg.get("kind") or cfg.get("name")
+    if kind == "pi05" and cfg.get("init", "random") != "checkpoint":
+        return None
+    if cfg.get("checkpoint"):
+        return Path(str(cfg["checkpoint"])).expanduser()
+    return Path(import_object(DEFAULT_CHECKPOINTS[kind])) if kind in DEFAULT_CHECKPOINTS else None
+
+
+def checkpoint_identity(cfg: dict[str, Any]) -> dict[str, str] | None:
+    """The files of the policy's checkpoint that decide its actions, each by content (sha1; a large file by its size
+    and its first, middle and last MiB): part of a run's key, so a run never resumes onto weights or settings changed
+    under it, and shards on other machines (copies of the files) still merge."""
+    folder = checkpoint_dir(cfg)
+    if folder is None:
+        return None
+    out: dict[str, str] = {}
+    for pattern in CHECKPOINT_FILES:
+        for f in sorted(folder.glob(pattern)):
+            if not f.is_file():
+                continue
+            out[str(f.relative_to(folder))] = _file_digest(f)
+    return out
+
+
+def _file_digest(f: Path) -> str:
+    size = f.stat().st_size
+    if size <= HASHED_UP_TO:
+        return hashlib.sha1(f.read_bytes()).hexdigest()[:16]
+    h, mib = hashlib.sha1(str(size).encode()), 1 << 20
+    with f.open("rb") as fh:
+        for at in (0, size // 2, size - mib):
+            fh.seek(at)
+            h.update(fh.read(mib))
+    return f"sampled:{h.hexdigest()[:16]}"
 
 
 # Policies with a heavy build check their files and settings without building (pi05: checkpoint files, config.json,
