@@ -42,10 +42,10 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 # -- run directory ------------------------------------------------------------------------------
-def run_key(s: RunSettings) -> dict[str, Any]:
+def run_key(s: RunSettings, code: str) -> dict[str, Any]:
     """What makes two runs the same run: resuming into a dir with another key is refused. Besides the config: the
-    code (git sha) and the checkpoint files the policy reads, so episodes of other code or other weights never
-    count as this run's (a checkpoint's config.json edited in place changes actions as surely as its weights)."""
+    code (`code`: the git sha) and the checkpoint files the policy reads, so episodes of other code or other weights
+    never count as this run's (a checkpoint's config.json edited in place changes actions as surely as its weights)."""
     from evalkit.policies.registry import checkpoint_identity
 
     spec = s.suite
@@ -54,7 +54,7 @@ def run_key(s: RunSettings) -> dict[str, Any]:
         "tasks": list(spec.task_ids), "trials": spec.trials, "max_steps": spec.max_steps,
         "num_steps_wait": spec.num_steps_wait, "replan_steps": spec.replan_steps, "seed": spec.seed,
         "denoise_steps": s.denoise_steps, "device": s.device, "shard": [spec.shard_index, spec.num_shards],
-        "code": git_sha()[0], "checkpoint": checkpoint_identity(s.policy),
+        "code": code, "checkpoint": checkpoint_identity(s.policy),
     }
 
 
@@ -270,7 +270,8 @@ def execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: P
 def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: Path, sweep_key: str | None) -> int:
     started_ms = int(time.time() * 1000)  # the MLflow run's start (it is created at the end, from the bundle)
     _reset_foreign_start_method()
-    key = run_key(s)
+    sha, dirty = git_sha()
+    key = run_key(s, sha)
     run_dir = find_resume_dir(s.resume, fresh_dir, key, outputs_root)
     # Everything checkable before a model is built or the run dir written (baseline, tracking store, backend,
     # calibration source, policy files): a mistake costs seconds and leaves no run folder (evalkit/validate.py).
@@ -278,7 +279,6 @@ def _execute(s: RunSettings, fresh_dir: Path, resolved_yaml: str, outputs_root: 
     check_run_key(run_dir, key)
     _run_dirs.append(run_dir)
     write_text_atomic(run_dir / "resolved_config.yaml", resolved_yaml)
-    sha, dirty = git_sha()
     versions = package_versions()
     spec = s.suite
     console.print(f"[bold]evalkit[/] {s.policy['name']} · {s.backend['name']} · {spec.name} "
