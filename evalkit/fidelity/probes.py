@@ -174,11 +174,13 @@ def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], s
     states then still differ from t = 0)."""
     from evalkit.errors import BadInput
     from evalkit.policies.reference import DEFAULT_DIR
+    from evalkit.policies.registry import checkpoint_identity
 
-    # the weights and config.json (its processing settings, e.g. prompt padding, change the actions too)
-    files = [DEFAULT_DIR / "model.safetensors", DEFAULT_DIR / "config.json"]
-    ident = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12] if all(
-        f.is_file() for f in files) else "missing"
+    # every file of the checkpoint that decides its actions (weights, config.json's settings, norm stats): the same
+    # identity a run's key holds
+    files = checkpoint_identity({"kind": "reference", "checkpoint": str(DEFAULT_DIR)})
+    ident = (hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+             if "model.safetensors" in files else "missing")
 
     def factory() -> Actor:
         from evalkit.policies.reference import build, stage_context
