@@ -173,12 +173,11 @@ def reference_actor_factory(noise_seed: int = 0) -> tuple[Callable[[], Actor], s
     Tasks the reference cannot read a goal for get seeded random actions of the same size instead (the later
     states then still differ from t = 0)."""
     from evalkit.errors import BadInput
-    from evalkit.policies.reference import DEFAULT_DIR
     from evalkit.policies.registry import checkpoint_identity
 
     # every file of the checkpoint that decides its actions (weights, config.json's settings, norm stats): the same
-    # identity a run's key holds
-    files = checkpoint_identity({"kind": "reference", "checkpoint": str(DEFAULT_DIR)})
+    # identity a run's key holds; the shipped checkpoint, as `factory` below builds
+    files = checkpoint_identity({"kind": "reference"})
     ident = (hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
              if "model.safetensors" in files else "missing")
 
