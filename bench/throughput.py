@@ -132,6 +132,9 @@ def run_row(name: str, spec, o: Options, device: str) -> tuple[dict, list]:
            "policy_build_s": round(build_s, 2), **res.stats(),
            "success": k / n if n else None, "success_ci95": [lo, hi],
            "steps_mean": float(np.mean([r.steps for r in res.records])) if n else None}
+    graphs = getattr(policy, "_graphs", None)
+    if graphs is not None:  # CUDA-graph keys captured during the row (each capture stalls every waiting worker)
+        row["graph_captures"], row["graph_capture_s"] = graphs.captures, round(graphs.capture_s, 2)
     return row, res.records
 
 

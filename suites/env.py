@@ -4,6 +4,10 @@
   render context at all (LIBERO's `ControlEnv` with `has_offscreen_renderer=False`); its physics equal a
   rendered env's bit for bit, and `render_frame` attaches a context on demand (failure videos by replay)
   without touching the physics.
+- A rendered env renders only at the steps whose images are read (`step(observe=True)`, the reset's last settle
+  step): robosuite's camera observables keep their sampling clock, but their sensor skips the render between
+  (`_LazyCamera`). Rendering never writes the physics, so trajectories and the images read are bit-identical to
+  rendering every step (tests/test_lazy_render.py); with 5-step chunks that is 1 render in 5.
 - Images: agentview + wrist at `spec.resolution`, rotated 180° (LIBERO renders upside down),
   resized with padding to `spec.image_size` (PIL bilinear; pads with black to keep aspect).
 - Proprio state: eef pos (3) + eef axis-angle (3) + gripper qpos (2), as openpi's LIBERO example.
@@ -110,7 +114,7 @@ class LiberoEnv:
     """One LIBERO task's environment, reusable across episodes of that task."""
 
     def __init__(self, spec: SuiteSpec, task_id: int, render: bool, privileged: bool = True, cheap_resets: bool = True,
-                 cameras: tuple[str, ...] = CAMERAS):
+                 cameras: tuple[str, ...] = CAMERAS, lazy_render: bool = True):
         _, _, OffScreenRenderEnv = _quiet_import_libero()
         self.spec = spec
         self.task_id = task_id
@@ -146,6 +150,9 @@ class LiberoEnv:
         self.last_reset_s: float | None = None  # seconds of the last reset(), settle steps included
         self.episode_key = ""
         self.steps = 0
+        self.lazy_render = lazy_render  # False: render at every camera sample, as robosuite does (tests compare)
+        self._render_now = True  # read by _LazyCamera: does this step's camera sample need the pixels?
+        self.renders = 0  # camera renders done (each camera counts), for benchmarks
 
     # -- episodes -----------------------------------------------------------------------------
     def reset(self, init_state_id: int | None, seed: int | None = None) -> Observation:
@@ -166,12 +173,19 @@ class LiberoEnv:
             if seed is None:
                 seed = self.spec.episode_seed(self.task_id, init_state_id if init_state_id is not None else -1)
             self.raw.seed(int(seed))
-        raw_obs = self.resets.reset(self.raw, cheap=kind == "cheap")
-        self.resets.check()
-        if init_state_id is not None:
-            raw_obs = self.raw.set_init_state(self.init_states[init_state_id])
-        for _ in range(self.spec.num_steps_wait):
-            raw_obs, _, _, _ = self.raw.step(SETTLE_ACTION)
+        wait = self.spec.num_steps_wait
+        self._render_now = wait == 0  # with settle steps, only the last one's images are read
+        try:
+            raw_obs = self.resets.reset(self.raw, cheap=kind == "cheap")
+            self.resets.check()
+            if init_state_id is not None:
+                raw_obs = self.raw.set_init_state(self.init_states[init_state_id])
+            self._wrap_cameras()  # a hard reset installs new sensors
+            for i in range(wait):
+                self._render_now = i == wait - 1
+                raw_obs, _, _, _ = self.raw.step(SETTLE_ACTION)
+        finally:
+            self._render_now = True
         self.episode_key = f"{self.spec.libero_name}/{self.task_id}/{init_state_id if init_state_id is not None else f's{seed}'}"
         self.steps = 0
         self.last_reset_kind, self.last_reset_s = kind, time.perf_counter() - t0
@@ -181,9 +195,14 @@ class LiberoEnv:
         """One env step. observe=False: the observation holds the proprio state only (no images, no privileged
         scene state): within an action chunk nobody reads the rest, and gathering the scene state costs more
         than the physics on some tasks. The simulation is the same either way."""
-        raw_obs, _, _, _ = self.raw.step(np.asarray(action, dtype=np.float64))
+        self._render_now = observe
+        try:
+            # LIBERO's step returns done = _check_success() after the step: the check is not run a second time
+            raw_obs, _, done, _ = self.raw.step(np.asarray(action, dtype=np.float64))
+        finally:
+            self._render_now = True
         self.steps += 1
-        return self._observation(raw_obs, full=observe), bool(self.raw.check_success())
+        return self._observation(raw_obs, full=observe), bool(done)
 
     def render_frame(self, size: int | None = None) -> np.ndarray:
         """Agentview frame (rotated upright) rendered on demand, for videos of state-only runs (the first call
@@ -210,6 +229,16 @@ class LiberoEnv:
         ctx = sim._render_context_offscreen
         ctx.vopt.geomgroup[0] = 1 if inner.render_collision_mesh else 0  # as robosuite's _reset_internal sets them
         ctx.vopt.geomgroup[1] = 1 if inner.render_visual_mesh else 0
+
+    def _wrap_cameras(self) -> None:
+        """Put a _LazyCamera around each camera observable's sensor that is not wrapped yet."""
+        if not self.render:
+            return
+        observables = self.raw.env._observables
+        for cam in self.cameras:
+            obs = observables[f"{_CAMERA_NAMES[cam]}_image"]
+            if not isinstance(obs._sensor, _LazyCamera):
+                obs._sensor = _LazyCamera(obs._sensor, self)
 
     def close(self) -> None:
         try:
@@ -246,6 +275,27 @@ class LiberoEnv:
             }
             obs.privileged.update(_scene_state(self.raw.env, obs.privileged))
         return obs
+
+
+class _LazyCamera:
+    """A robosuite camera sensor that renders only when its env is about to be observed.
+
+    robosuite samples every observable once per control step, at a fixed substep of that step (its sampling clock
+    runs in whole periods of 25 substeps from the reset), and a camera sample is a render. Between observed steps the
+    sample keeps the clock and returns the last frame; nothing reads it (the env's observation then holds the state
+    only). Our own code, no library hook: robosuite has none for skipping a sensor but keeping its clock."""
+
+    def __init__(self, sensor, env: LiberoEnv) -> None:
+        self.sensor = sensor
+        self.env = env
+        self.last = None
+        self.__modality__ = sensor.__modality__  # robosuite's @sensor decorator tags the function
+
+    def __call__(self, obs_cache: dict):
+        if self.env._render_now or not self.env.lazy_render or self.last is None:
+            self.last = self.sensor(obs_cache)
+            self.env.renders += 1
+        return self.last
 
 
 def _scene_state(env, have: dict) -> dict[str, np.ndarray]:

@@ -55,6 +55,27 @@ def test_byte_tokenizer_is_explicit_and_deterministic():
     assert tokens.shape == (1, 3) and mask.all()
 
 
+def test_graph_buckets_bound_the_shapes():
+    """Under CUDA graphs batches pad to the next power of two with copies of their first row: the keys a rollout of
+    16 workers can capture are 1, 2, 4, 8 and 16."""
+    from evalkit.policies.pi05.graphs import batch_bucket, pad_batch
+
+    assert [batch_bucket(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 32]
+    x = {"a": torch.arange(6.0).reshape(3, 2), "b": None}
+    padded = pad_batch(x, 4)
+    assert padded["b"] is None and padded["a"].tolist() == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    assert pad_batch(x, 3)["a"] is x["a"]
+
+
+def test_cuda_graph_policy_pads_prompts_to_max_len():
+    """The graph key does not depend on the prompts: under graphs every prompt pads to max_token_len."""
+    policy = build({**TINY}, torch.device("cpu"))
+    policy._graphs = object()  # what preprocess reads; no GPU needed to check the host-side shapes
+    for seeds, text in (((0,), "ab"), ((1, 2), "a much longer instruction than the first one")):
+        tokens = policy.preprocess(batch(*seeds, instruction=text))["tokens"]
+        assert tokens.shape == (len(seeds), policy.cfg.max_token_len)
+
+
 def test_sentencepiece_from_checkpoint_dir(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     buf = io.BytesIO()

@@ -1,29 +1,61 @@
 #!/usr/bin/env bash
-# Rollout throughput on the lent GPU machine (issue: a full evaluation night on one GPU box), results under $OUT.
+# Rollout throughput on the lent GPU machine (issue: a full evaluation night on one GPU box), as one detached
+# pipeline (it outlives a device call while the machine stays warm; `poll` copies results to $OUT).
 #
 # Here first (CPU machine): bash scripts/gpu_rollouts/prepare.sh
-# Then: run(command="bash scripts/gpu_rollouts/throughput.sh", carry=[".carry"])
-# PART=main     noop and reference rows, 10 tasks x TRIALS (default 20) each, 16 workers, state-only
-# PART=render   a still robot rendering both cameras: 1 worker, then 16 workers with the driver's default
-#               yield and with __GL_YIELD=USLEEP (EGL under contention)
-# PART=pi05     true-size π0.5 (random weights, bf16, CUDA graphs, 2 cameras), 10 tasks x TRIALS_PI05
+# Then: run(command="WAIT=560 bash scripts/gpu_rollouts/throughput.sh start", carry=[".carry"]),
+#       and run(command="WAIT=560 bash scripts/gpu_rollouts/throughput.sh poll", carry=[".carry"]) until DONE.
+# PARTS (default "scaling rows tests"):
+#   scaling  bench/step_scaling.py: ms per still step with 1, 4, 8, 12, 16 processes stepping at once
+#   rows     bench/throughput.py, one run: noop, reference (CUDA graphs) and true-size π0.5 (random weights, bf16,
+#            CUDA graphs, 2 cameras), 10 tasks x TRIALS (default 20) each, one worker per core
+#   tests    the GPU tests of the π0.5 graph keys and the decode kernel's whole-call check
+#   wide     the reference row again with WIDE_WORKERS (default 20) workers: more workers than cores
+#   render   a still robot rendering both cameras every step: 1 worker, then one per core (EGL under contention)
 set -uo pipefail
+WORK=${WORK:-/tmp/evalkit_throughput}
 OUT=${OUT:-/tmp/evalkit_gpu_out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/throughput_log.txt") 2>&1
-source scripts/gpu_rollouts/setup.sh || exit 2
-W=${WORKERS:-$(nproc)}
-T=${TRIALS:-20}
-B="python3 bench/throughput.py suite=libero_spatial tasks=[] workers=$W device=cuda"
-for part in ${PART:-main render pi05}; do
-  echo "== $part ($(( $(date +%s) - t0 )) s)"
-  case $part in
-    main)   timeout ${MAIN_TIMEOUT:-330} $B rows=[noop,reference] trials=$T out=$OUT/throughput_gpu.json ;;
-    render) R="rows=[noop:needs_images=true] trials=${TRIALS_RENDER:-2}"
-            timeout 200 $B $R workers=1 tasks=[0] out=$OUT/throughput_render_1w.json
-            timeout 200 $B $R out=$OUT/throughput_render_16w.json
-            __GL_YIELD=USLEEP timeout 200 $B $R out=$OUT/throughput_render_16w_usleep.json ;;
-    pi05)   timeout ${PI05_TIMEOUT:-400} $B rows=[pi05] trials=${TRIALS_PI05:-10} out=$OUT/throughput_gpu_pi05.json ;;
-  esac
-done
-echo "total: $(( $(date +%s) - t0 )) s"
+
+pipeline() {
+  echo "$(date +%T) start" >> "$WORK/status"
+  source scripts/gpu_rollouts/setup.sh || { echo "setup failed" >> "$WORK/status"; touch "$WORK/DONE"; exit 2; }
+  lscpu > "$WORK/lscpu.txt"
+  W=${WORKERS:-$(nproc)}
+  T=${TRIALS:-20}
+  B="python3 bench/throughput.py suite=libero_spatial tasks=[] device=cuda trials=$T"
+  for part in ${PARTS:-scaling rows tests}; do
+    echo "$(date +%T) $part" >> "$WORK/status"
+    case $part in
+      scaling) python3 bench/step_scaling.py procs=[1,4,8,12,16] steps=200 out=$WORK/step_scaling_gpu.json ;;
+      rows)    $B workers=$W rows=[noop,reference:cuda_graph=true,pi05] out=$WORK/throughput_gpu.json ;;
+      tests)   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pi05_graphs_gpu.py \
+                 "tests/test_decode_attention_gpu.py::test_pi05_actions_match_sdpa" ;;
+      wide)    $B workers=${WIDE_WORKERS:-20} rows=[reference:cuda_graph=true] out=$WORK/throughput_gpu_wide.json ;;
+      render)  R="rows=[noop:needs_images=true] trials=2"
+               $B $R workers=1 tasks=[0] out=$WORK/throughput_render_1w.json
+               $B $R workers=$W out=$WORK/throughput_render_16w.json ;;
+    esac > "$WORK/$part.log" 2>&1
+    rc=$?; echo "$(date +%T) $part: exit $rc" >> "$WORK/status"
+  done
+  touch "$WORK/DONE"
+}
+
+collect() {
+  mkdir -p "$OUT"
+  cp "$WORK"/*.json "$OUT"/ 2>/dev/null
+  (cd "$WORK" && tar -cf "$OUT/logs.tar" status ./*.log lscpu.txt 2>/dev/null)
+  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt"
+  tail -n 12 "$WORK"/*.log 2>/dev/null | cut -c1-300
+  cat "$WORK/status" 2>/dev/null
+}
+
+case ${1:-poll} in
+  start)
+    rm -rf "$WORK"; mkdir -p "$WORK"
+    setsid bash "$0" pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
+    sleep "${WAIT:-560}"; collect ;;
+  pipeline) pipeline ;;
+  poll)
+    for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/DONE" ] && break; sleep 1; done
+    collect ;;
+esac

@@ -2,11 +2,15 @@
 
 Three graphs instead of one keep per-stage timing possible; each replay is one launch, so the call costs
 three launches plus the copies of its inputs into the static buffers. Graphs are keyed by input shapes
-and the number of denoise steps; the first call of a new key captures (a few warm-up runs first).
+and the number of denoise steps; the first call of a new key captures (a few warm-up runs first, ~0.6 s at
+true size). A batch is padded to the next power of two (copies of its first row, dropped from the output), and
+the policy pads prompts to `max_token_len` under graphs, so a night of batches of 1..16 captures at most five
+keys instead of one per (batch size, longest prompt) pair.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,8 @@ class GraphedSampler:
         self.model = model
         self.device = device
         self._cache: dict[tuple, _Captured] = {}
+        self.captures = 0  # keys captured so far, and the seconds that took (warm-ups included)
+        self.capture_s = 0.0
 
     @staticmethod
     def _key(inputs: dict[str, torch.Tensor | None], steps: int) -> tuple:
@@ -72,10 +78,16 @@ class GraphedSampler:
         """inputs: tokens, token_mask, images, state_features, noise (None where absent). Returns a view of
         the static output: copy it before the next call."""
         timer = timer or NullTimer()
+        rows = inputs["noise"].shape[0]
+        inputs = pad_batch(inputs, batch_bucket(rows))
         key = self._key(inputs, steps)
         cap = self._cache.get(key)
         if cap is None:
+            t0 = time.perf_counter()
             cap = self._cache[key] = self._capture(inputs, steps)
+            torch.cuda.synchronize(self.device)
+            self.captures += 1
+            self.capture_s += time.perf_counter() - t0
         with timer.stage("encode"):
             for k, v in inputs.items():
                 if v is not None:
@@ -86,4 +98,20 @@ class GraphedSampler:
         with timer.stage("denoise"):
             cap.graphs["denoise"].replay()
         self.model.expert_calls += steps
-        return cap.output
+        return cap.output[:rows]
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch a graph is captured for: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+def pad_batch(inputs: dict[str, torch.Tensor | None], rows: int) -> dict[str, torch.Tensor | None]:
+    """Every input padded along its batch dim to `rows` with copies of its first row."""
+    out: dict[str, torch.Tensor | None] = {}
+    for k, v in inputs.items():
+        if v is None or v.shape[0] == rows:
+            out[k] = v
+        else:
+            out[k] = torch.cat([v, v[:1].expand(rows - v.shape[0], *v.shape[1:])])
+    return out

@@ -167,9 +167,10 @@ class Pi05Policy(TorchPolicy):
             raise BadInput("pi05 predict got an empty batch")
         state = batch.stacked_state()
         norm_state = self.norm_stats.state.normalize(state) if self.norm_stats.state is not None else state
+        # under CUDA graphs prompts are padded to max_token_len (as openpi pads them): one graph key per batch bucket
         tokens, mask = proc.tokenize_batch(
             self.tokenizer, batch.instructions, norm_state if self.cfg.state_in_prompt else None,
-            self.cfg.max_token_len, self.cfg.pad_to_max_len,
+            self.cfg.max_token_len, self.cfg.pad_to_max_len or self._graphs is not None,
         )
         out: dict[str, np.ndarray | None] = {"tokens": tokens, "token_mask": None if mask.all() else mask,
                                              "images": None, "state_features": None}
@@ -222,6 +223,10 @@ class Pi05Policy(TorchPolicy):
                 cache = m.prefill(embs, key_mask)
             x = m.denoise(cache, inputs["noise"], self.denoise_steps, timer=timer)
         with timer.stage("post"):
+            if x.is_cuda:  # sleep until the GPU is done instead of spinning a core the env workers need
+                done = torch.cuda.Event(blocking=True)
+                done.record()
+                done.synchronize()
             actions = x.float().cpu().numpy()
             out = proc.actions_to_env(actions, self.norm_stats, self.cfg.env_action_dim)
         return out
