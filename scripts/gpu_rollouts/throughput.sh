@@ -44,18 +44,8 @@ collect() {
   mkdir -p "$OUT"
   cp "$WORK"/*.json "$OUT"/ 2>/dev/null
   (cd "$WORK" && tar -cf "$OUT/logs.tar" status ./*.log lscpu.txt 2>/dev/null)
-  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt"
-  tail -n 12 "$WORK"/*.log 2>/dev/null | cut -c1-300
-  cat "$WORK/status" 2>/dev/null
+  report 12
 }
 
-case ${1:-poll} in
-  start)
-    rm -rf "$WORK"; mkdir -p "$WORK"
-    setsid bash "$0" pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
-    sleep "${WAIT:-560}"; collect ;;
-  pipeline) pipeline ;;
-  poll)
-    for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/DONE" ] && break; sleep 1; done
-    collect ;;
-esac
+source scripts/gpu_rollouts/detached.sh
+detached_main "$@"

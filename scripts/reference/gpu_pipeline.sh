@@ -72,18 +72,8 @@ collect() {  # one tar (the device tool returns a limited number of files): chec
   mkdir -p "$OUT"
   (cd "$WORK" && tar -cf "$OUT/results.tar" status ./*.log ./*.summary.json reference_policy reference_vision \
     runs/*/summary.json runs/*/episodes.csv 2>/dev/null)
-  nvidia-smi --query-gpu=name --format=csv,noheader > "$OUT/device.txt"
-  tail -n 3 "$WORK"/*.log 2>/dev/null | cut -c1-300
-  cat "$WORK/status" 2>/dev/null
+  report 3
 }
 
-case ${1:-poll} in
-  start)
-    rm -rf "$WORK"; mkdir -p "$WORK"
-    setsid bash "$0" pipeline > "$WORK/pipeline.log" 2>&1 < /dev/null &
-    sleep "${WAIT:-560}"; collect ;;
-  pipeline) pipeline ;;
-  poll)
-    for _ in $(seq "${WAIT:-560}"); do [ -f "$WORK/DONE" ] && break; sleep 1; done
-    collect ;;
-esac
+source scripts/gpu_rollouts/detached.sh
+detached_main "$@"
