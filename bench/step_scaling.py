@@ -24,16 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from evalkit.cli_args import opt, parse  # noqa: E402
-
-STILL = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
-
 
 @dataclass
 class Options:
@@ -46,7 +41,7 @@ class Options:
 
 def _stepper(args) -> float:
     suite, task, steps, render, barrier = args
-    from evalkit.suites.env import LiberoEnv
+    from evalkit.suites.env import SETTLE_ACTION, LiberoEnv
     from evalkit.suites.specs import get_suite
 
     env = LiberoEnv(get_suite(suite), task, render=render, privileged=False)
@@ -55,7 +50,7 @@ def _stepper(args) -> float:
         barrier.wait()
         t = time.perf_counter()
         for _ in range(steps):
-            env.step(STILL, observe=render)
+            env.step(SETTLE_ACTION, observe=render)  # the still robot of the settle steps
         return (time.perf_counter() - t) * 1000 / steps
     finally:
         env.close()
@@ -85,20 +80,24 @@ def _lscpu() -> dict:
 def main(argv: list[str] | None = None) -> None:
     o = parse(Options, sys.argv[1:] if argv is None else argv, prog="python bench/step_scaling.py",
               about=__doc__.splitlines()[0])
-    from evalkit.provenance import package_versions
+    from evalkit.config import resolve_device
+    from evalkit.provenance import device_name, package_versions
 
     rows = []
     for n in o.procs:
         rows.append(measure(o, n))
         r = rows[-1]
-        print(f"{n:3d} procs: {r['ms_per_step_median']:6.1f} ms/step (min {r['ms_per_step_min']}, max "
-              f"{r['ms_per_step_max']}), {r['steps_per_s']:7.1f} steps/s", flush=True)
-    gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or Path("/dev/nvidia0").exists()
-    out = Path(o.out or REPO / "bench" / "results" / f"step_scaling_{'gpu' if gpu else 'cpu'}.json")
+        print(f"{n:3d} procs: {r['ms_per_step_median']:6.1f} ms/step (min {r['ms_per_step_min']}, "
+              f"max {r['ms_per_step_max']}), {r['steps_per_s']:7.1f} steps/s", flush=True)
+    device = resolve_device("auto")  # names the machine (and the default file) as bench/throughput.py does
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    out = Path(o.out or REPO / "bench" / "results" / f"step_scaling_{kind}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "benchmark": "step_scaling", "command": " ".join(["python", "bench/step_scaling.py", *(argv or sys.argv[1:])]),
-        "host": platform.node(), "cpu_count": os.cpu_count(), "lscpu": _lscpu(), "versions": package_versions(),
+        "benchmark": "step_scaling",
+        "command": " ".join(["python", "bench/step_scaling.py", *(argv or sys.argv[1:])]),
+        "device": device_name(device), "host": platform.node(), "cpu_count": os.cpu_count(), "lscpu": _lscpu(),
+        "versions": package_versions(),
         "env": {"MUJOCO_GL": os.environ.get("MUJOCO_GL")}, "options": asdict(o), "rows": rows,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }, indent=2))

@@ -152,7 +152,7 @@ class LiberoEnv:
         self.steps = 0
         self.lazy_render = lazy_render  # False: render at every camera sample, as robosuite does (tests compare)
         self._render_now = True  # read by _LazyCamera: does this step's camera sample need the pixels?
-        self.renders = 0  # camera renders done (each camera counts), for benchmarks
+        self.renders = 0  # camera renders done (each camera counts): tests check which ones were skipped
 
     # -- episodes -----------------------------------------------------------------------------
     def reset(self, init_state_id: int | None, seed: int | None = None) -> Observation:

@@ -2,9 +2,10 @@
 
 Two rendered envs of one task run the same episodes (a hard reset, then a cheap one) with the same pseudo-random
 actions: one renders at every camera sample, as robosuite does on its own (`lazy_render=False`, observing every
-step), the other observes only the last step of each 5-step chunk, as the rollout worker does. After every step they must agree exactly on
-`qpos`, `qvel`, `qacc_warmstart`, `act` and the proprio state; at the reset and at every chunk end also on both
-camera images. The lazy env must skip the renders of the unobserved steps, settle steps and resets included.
+step), the other observes only the last step of each 5-step chunk, as the rollout worker does. After every step
+they must agree exactly on `qpos`, `qvel`, `qacc_warmstart`, `act` and the proprio state; at the reset and at every
+chunk end also on both camera images. The lazy env must skip the renders of the unobserved steps, settle steps and
+resets included.
 """
 
 from __future__ import annotations
